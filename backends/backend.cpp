@@ -1,0 +1,176 @@
+#include "backends/backend.hpp"
+
+#include <cmath>
+
+#include "backends/c/hybrit_c.h"
+
+namespace hybrit {
+
+const char* to_string(BackendKind kind) {
+  switch (kind) {
+    case BackendKind::c: return "c";
+    case BackendKind::tbb: return "tbb";
+    case BackendKind::cuda: return "cuda";
+  }
+  return "?";
+}
+
+BackendKind parse_backend(const std::string& text, const std::string& what) {
+  if (text == "c") return BackendKind::c;
+  if (text == "tbb") return BackendKind::tbb;
+  if (text == "cuda") return BackendKind::cuda;
+  fail(ErrorKind::invalid_argument, what, ": expected c, tbb or cuda, got '", text, "'");
+}
+
+static const char* kOpNames[kOpCount] = {"quantize_ternary", "quantize_int8_rows", "pack_ternary", "unpack_ternary",
+                                          "matmul", "kmeans_assign", "kmeans_update"};
+
+const char* to_string(Op op) { return kOpNames[static_cast<int>(op)]; }
+
+Op parse_op(const std::string& text, const std::string& what) {
+  for (int i = 0; i < kOpCount; ++i)
+    if (text == kOpNames[i]) return static_cast<Op>(i);
+  std::string all;
+  for (const char* name : kOpNames) all += std::string(all.empty() ? "" : ", ") + name;
+  fail(ErrorKind::invalid_argument, what, ": unknown op '", text, "' (expected one of ", all, ")");
+}
+
+std::pair<int64_t, int64_t> as_matrix(const Tensor& t) {
+  if (t.ndim() == 0) return {1, 1};
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < t.ndim(); ++i) rows *= t.shape()[i];
+  return {rows, t.shape().back()};
+}
+
+void raise_kernel_status(int status, Op op, int64_t bad_index, const float* values) {
+  switch (status) {
+    case HYBRIT_C_OK: return;
+    case HYBRIT_C_NOMEM: fail(ErrorKind::out_of_memory, to_string(op), ": out of memory for scratch buffers");
+    case HYBRIT_C_NONFINITE: {
+      if (op == Op::quantize_int8_rows) fail(ErrorKind::invalid_argument, to_string(op), ": row ", bad_index, " contains NaN or Inf");
+      if (op == Op::kmeans_assign && bad_index < 0)
+        fail(ErrorKind::invalid_argument, to_string(op), ": centroid ", -1 - bad_index, " contains NaN or Inf, or its squared norm overflows float");
+      if (op == Op::kmeans_assign || op == Op::kmeans_update)
+        fail(ErrorKind::invalid_argument, to_string(op), ": point ", bad_index, " contains NaN or Inf, or its squared norm overflows float");
+      const char* what = values && bad_index >= 0 ? (std::isnan(values[bad_index]) ? "NaN" : "Inf") : "NaN or Inf";
+      fail(ErrorKind::invalid_argument, to_string(op), ": input element ", bad_index, " is ", what);
+    }
+    case HYBRIT_C_BADVALUE:
+      if (op == Op::pack_ternary) fail(ErrorKind::invalid_argument, to_string(op), ": element ", bad_index, " is not -1, 0 or +1");
+      if (op == Op::unpack_ternary) fail(ErrorKind::corrupt_data, to_string(op), ": weight ", bad_index, " has the invalid code 0b11");
+      fail(ErrorKind::invalid_argument, to_string(op), ": label of point ", bad_index, " is outside [0, k)");
+    default: fail(ErrorKind::invalid_argument, to_string(op), ": kernel failed with status ", status);
+  }
+}
+
+void Backend::check_device(const Tensor& t, const char* op, const char* name) const {
+  if (computes_on_host() && !t.device().is_cpu())
+    fail(ErrorKind::invalid_argument, op, ": ", name, " is on ", t.device().str(), " but the ", to_string(kind()),
+         " backend computes on the host; copy it with .to(cpu)");
+}
+
+namespace {
+void expect(bool ok, const char* op, const std::string& message) {
+  if (!ok) fail(ErrorKind::invalid_argument, op, ": ", message);
+}
+std::string desc(const Tensor& t) { return cat(dtype_name(t.dtype()), " ", shape_str(t.shape())); }
+}  // namespace
+
+float Backend::quantize_ternary(const Tensor& w, Tensor& q) {
+  const char* op = "quantize_ternary";
+  expect(w.dtype() == DType::f32, op, cat("weights must be f32, got ", desc(w)));
+  expect(q.dtype() == DType::i8 && q.numel() == w.numel(), op, cat("output must be i8 with ", w.numel(), " elements, got ", desc(q)));
+  check_device(w, op, "weights");
+  check_device(q, op, "output");
+  return run_quantize_ternary(w, q);
+}
+
+void Backend::quantize_int8_rows(const Tensor& x, Tensor& q, Tensor& scales) {
+  const char* op = "quantize_int8_rows";
+  expect(x.dtype() == DType::f32 && x.ndim() >= 1, op, cat("input must be f32 with at least one axis, got ", desc(x)));
+  const auto [rows, cols] = as_matrix(x);
+  expect(q.dtype() == DType::i8 && q.numel() == x.numel(), op, cat("output must be i8 with ", x.numel(), " elements, got ", desc(q)));
+  expect(scales.dtype() == DType::f32 && scales.numel() == rows, op, cat("scales must be f32 with ", rows, " elements, got ", desc(scales)));
+  check_device(x, op, "input");
+  check_device(q, op, "output");
+  check_device(scales, op, "scales");
+  run_quantize_int8_rows(x, rows, cols, q, scales);
+}
+
+void Backend::pack_ternary(const Tensor& q, Tensor& packed) {
+  const char* op = "pack_ternary";
+  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, cat("input must be i8 with at least one axis, got ", desc(q)));
+  const auto [rows, cols] = as_matrix(q);
+  expect((packed.dtype() == DType::ternary2 || packed.dtype() == DType::u8) && packed.numel() == rows * hybrit_packed_cols(cols), op,
+         cat("output must be ternary2 with ", rows, " x ", hybrit_packed_cols(cols), " bytes, got ", desc(packed)));
+  check_device(q, op, "input");
+  check_device(packed, op, "output");
+  run_pack_ternary(q, rows, cols, packed);
+}
+
+void Backend::unpack_ternary(const Tensor& packed, Tensor& q) {
+  const char* op = "unpack_ternary";
+  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, cat("output must be i8 with at least one axis, got ", desc(q)));
+  const auto [rows, cols] = as_matrix(q);
+  expect((packed.dtype() == DType::ternary2 || packed.dtype() == DType::u8) && packed.numel() == rows * hybrit_packed_cols(cols), op,
+         cat("packed input must hold ", rows, " x ", hybrit_packed_cols(cols), " bytes for an output of shape ", shape_str(q.shape()), ", got ", desc(packed)));
+  check_device(packed, op, "input");
+  check_device(q, op, "output");
+  run_unpack_ternary(packed, rows, cols, q);
+}
+
+void Backend::matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulArgs& args) {
+  const char* op = "matmul";
+  expect(a.dtype() == DType::f32 && a.ndim() == 2, op, cat("a must be a 2-D f32 matrix, got ", desc(a)));
+  expect(b.dtype() == DType::f32 && b.ndim() == 2, op, cat("b must be a 2-D f32 matrix, got ", desc(b)));
+  const int64_t m = args.trans_a ? a.dim(1) : a.dim(0), k = args.trans_a ? a.dim(0) : a.dim(1);
+  const int64_t kb = args.trans_b ? b.dim(1) : b.dim(0), n = args.trans_b ? b.dim(0) : b.dim(1);
+  expect(k == kb, op, cat("inner dimensions differ: op(a) is ", m, " x ", k, ", op(b) is ", kb, " x ", n));
+  expect(c.dtype() == DType::f32 && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n, op,
+         cat("c must be f32 (", m, ", ", n, "), got ", desc(c)));
+  check_device(a, op, "a");
+  check_device(b, op, "b");
+  check_device(c, op, "c");
+  run_matmul(a, b, c, m, n, k, args);
+}
+
+void Backend::kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist) {
+  const char* op = "kmeans_assign";
+  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, cat("points must be a 2-D f32 matrix, got ", desc(x)));
+  expect(centroids.dtype() == DType::f32 && centroids.ndim() == 2, op, cat("centroids must be a 2-D f32 matrix, got ", desc(centroids)));
+  expect(centroids.dim(1) == x.dim(1), op, cat("points have ", x.dim(1), " dimensions but centroids have ", centroids.dim(1)));
+  expect(x.dim(0) == 0 || (centroids.dim(0) > 0 && x.dim(1) > 0), op,
+         cat("need at least one centroid and one dimension, got k = ", centroids.dim(0), ", d = ", x.dim(1)));
+  expect(centroids.dim(0) <= INT32_MAX, op, "more than 2^31 - 1 centroids");
+  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, cat("labels must be i32 with ", x.dim(0), " elements, got ", desc(labels)));
+  expect(dist.dtype() == DType::f32 && dist.numel() == x.dim(0), op, cat("distances must be f32 with ", x.dim(0), " elements, got ", desc(dist)));
+  check_device(x, op, "points");
+  check_device(centroids, op, "centroids");
+  check_device(labels, op, "labels");
+  check_device(dist, op, "distances");
+  run_kmeans_assign(x, centroids, labels, dist);
+}
+
+void Backend::kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) {
+  const char* op = "kmeans_update";
+  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, cat("points must be a 2-D f32 matrix, got ", desc(x)));
+  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, cat("labels must be i32 with ", x.dim(0), " elements, got ", desc(labels)));
+  expect(sums.dtype() == DType::f64 && sums.ndim() == 2 && sums.dim(1) == x.dim(1), op, cat("sums must be f64 (k, ", x.dim(1), "), got ", desc(sums)));
+  expect(counts.dtype() == DType::i64 && counts.numel() == sums.dim(0), op, cat("counts must be i64 with ", sums.dim(0), " elements, got ", desc(counts)));
+  check_device(x, op, "points");
+  check_device(labels, op, "labels");
+  check_device(sums, op, "sums");
+  check_device(counts, op, "counts");
+  run_kmeans_update(x, labels, sums, counts);
+}
+
+const HardwareInfo& hardware() {
+  static const HardwareInfo hw = [] {
+    HardwareInfo h = cpu_hardware();
+    probe_cuda(h);
+    return h;
+  }();
+  return hw;
+}
+
+}  // namespace hybrit

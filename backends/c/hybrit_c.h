@@ -1,0 +1,89 @@
+/* The plain-C backend: single thread, a scalar reference plus AVX2 and AVX-512 variants of the
+ * inner kernels, one of which is selected at run time (never by compiler flags alone) and passed
+ * to each entry point as its kernel table.
+ *
+ * Numerical contract shared by every backend (see backends/README.md):
+ *  - rounding is round-half-to-even (IEEE default; rintf, _mm*_round_ps, CUDA rintf);
+ *  - sum |w| for the ternary scale is accumulated in double in a canonical order: chunks of
+ *    HYBRIT_SUM_CHUNK elements, within a chunk element i goes to lane i % HYBRIT_SUM_LANES, the
+ *    lanes are folded by halving (v[i] += v[i + h], h = 8, 4, 2, 1), and the chunk sums are folded
+ *    by hybrit_c_fold_sums. Any order that reproduces this gives the same bits.
+ */
+#ifndef HYBRIT_C_H
+#define HYBRIT_C_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define HYBRIT_SUM_CHUNK 4096
+#define HYBRIT_SUM_LANES 16
+
+/* Return codes. */
+#define HYBRIT_C_OK 0
+#define HYBRIT_C_NONFINITE (-1) /* a NaN or Inf in the input; *bad_index says where */
+#define HYBRIT_C_BADVALUE (-2)  /* a value outside its domain (label, ternary code); *bad_index */
+#define HYBRIT_C_NOMEM (-3)
+
+typedef enum { HYBRIT_ISA_SCALAR = 0, HYBRIT_ISA_AVX2 = 1, HYBRIT_ISA_AVX512 = 2 } hybrit_isa;
+
+/* The kernels that differ per ISA. */
+typedef struct {
+  hybrit_isa isa;
+  /* Canonical |x| sums of each chunk of x (n elements): out has ceil(n / HYBRIT_SUM_CHUNK) slots. */
+  void (*chunk_abs_sums)(const float* x, int64_t n, double* out);
+  /* q[i] = clamp(rint(w[i] / s), -1, 1). t = hybrit_c_ternary_threshold(s) is the smallest
+   * positive w with rint(w / s) >= 1, so the formula is exactly q = (w >= t) - (w <= -t): the
+   * SIMD variants compare instead of dividing; the scalar reference divides. */
+  void (*ternary_pass)(const float* w, int64_t n, float s, float t, int8_t* q);
+  /* max |x| over n values; *finite = 0 if any value is NaN or Inf. */
+  float (*absmax)(const float* x, int64_t n, int* finite);
+  /* q[i] = clamp(rint(x[i] * s), -128, 127). */
+  void (*int8_pass)(const float* x, int64_t n, float s, int8_t* q);
+  /* GEMM micro-kernel: C[m x n] += alpha * Ap * Bp, Ap packed MR-tall, Bp packed NR-wide. */
+  int mr, nr, mc, kc, nc;
+  void (*gemm_ukr)(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m, int n);
+} hybrit_c_kernels;
+
+/* Kernel table of a given ISA. Calling an ISA the CPU lacks is the caller's mistake: the C++
+ * side only selects what the hardware probe reports. */
+const hybrit_c_kernels* hybrit_c_kernels_for(hybrit_isa isa);
+
+/* In-place fold of m chunk sums: for (s = 1; s < m; s *= 2) a[i] += a[i + s] for i = 0, 2s, ...
+ * Returns a[0] (0 when m == 0). */
+double hybrit_c_fold_sums(double* a, int64_t m);
+int64_t hybrit_c_first_nonfinite(const float* x, int64_t n);
+float hybrit_c_ternary_threshold(float s);
+/* The ternary scale from the canonical |w| sum of n elements: max(sum / n, 1e-5) in float. */
+float hybrit_c_ternary_scale(double abs_sum, int64_t n);
+
+/* BitNet b1.58 absmean: s = max(mean|w|, 1e-5); q = clamp(rint(w / s), -1, 1). */
+int hybrit_c_quantize_ternary(const hybrit_c_kernels* kr, const float* w, int64_t n, int8_t* q, float* scale, int64_t* bad_index);
+/* absmax per row: s = 127 / max(max|x|, 1e-5); q = clamp(rint(x * s), -128, 127). */
+int hybrit_c_quantize_int8_rows(const hybrit_c_kernels* kr, const float* x, int64_t rows, int64_t cols, int8_t* q, float* scales, int64_t* bad_index);
+/* Row by row, 4 weights per byte, weight j of a row in bits 2*(j%4) of byte j/4, as the code q + 1:
+ * -1 -> 0b00, 0 -> 0b01, +1 -> 0b10 (0b11 is invalid). Unsigned codes let a later int8 kernel
+ * compute sum((q + 1) * x) - sum(x) with u8 x s8 dot products. Padding slots hold 0b01 (zero). */
+int hybrit_c_pack_ternary(const int8_t* q, int64_t rows, int64_t cols, uint8_t* packed, int64_t* bad_index);
+int hybrit_c_unpack_ternary(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* q, int64_t* bad_index);
+static inline int64_t hybrit_packed_cols(int64_t cols) { return (cols + 3) / 4; }
+
+/* Row-major C[M x N] = alpha * op(A) * op(B) + beta * C; op(A) is M x K. With beta == 0, C is not
+ * read (a NaN there does not leak), as in BLAS. */
+int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+/* Nearest centroid (squared Euclidean, GEMM form |x|^2 - 2 x.c + |c|^2, clamped at 0); ties go to
+ * the lowest index. bad_index: the first point (or -1 - centroid) with a non-finite norm. */
+int hybrit_c_kmeans_assign(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const float* C, int64_t k, int32_t* labels,
+                           float* dist, int64_t* bad_index);
+/* Per-cluster sums (double, in point order) and counts; labels must lie in [0, k). */
+int hybrit_c_kmeans_update(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const int32_t* labels, int64_t k, double* sums,
+                           int64_t* counts, int64_t* bad_index);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

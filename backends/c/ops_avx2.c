@@ -1,0 +1,134 @@
+/* AVX2 + FMA variants. Compiled with -mavx2 -mfma; only called when the probe reports both. */
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+
+#include "hybrit_c.h"
+
+static void chunk_abs_sums_avx2(const float* x, int64_t n, double* out) {
+  const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+  for (int64_t c0 = 0; c0 < n; c0 += HYBRIT_SUM_CHUNK) {
+    const int64_t len = n - c0 < HYBRIT_SUM_CHUNK ? n - c0 : HYBRIT_SUM_CHUNK;
+    const float* p = x + c0;
+    /* a0..a3 hold lanes 0-3, 4-7, 8-11, 12-15 of the canonical order. */
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      a0 = _mm256_add_pd(a0, _mm256_and_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i)), abs_mask));
+      a1 = _mm256_add_pd(a1, _mm256_and_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i + 4)), abs_mask));
+      a2 = _mm256_add_pd(a2, _mm256_and_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i + 8)), abs_mask));
+      a3 = _mm256_add_pd(a3, _mm256_and_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + i + 12)), abs_mask));
+    }
+    double lane[HYBRIT_SUM_LANES];
+    _mm256_storeu_pd(lane, a0);
+    _mm256_storeu_pd(lane + 4, a1);
+    _mm256_storeu_pd(lane + 8, a2);
+    _mm256_storeu_pd(lane + 12, a3);
+    for (; i < len; ++i) lane[i % HYBRIT_SUM_LANES] += fabs((double)p[i]);
+    for (int h = HYBRIT_SUM_LANES / 2; h >= 1; h /= 2)
+      for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+    out[c0 / HYBRIT_SUM_CHUNK] = lane[0];
+  }
+}
+
+/* Four vectors of eight int32 in [-128, 127] -> 32 int8 in order. */
+static inline __m256i narrow_32(__m256i r0, __m256i r1, __m256i r2, __m256i r3) {
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
+  return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline __m256i ternary8(const float* w, __m256 pos, __m256 neg) {
+  const __m256 v = _mm256_loadu_ps(w);
+  const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, pos, _CMP_GE_OQ));
+  const __m256i le = _mm256_castps_si256(_mm256_cmp_ps(v, neg, _CMP_LE_OQ));
+  return _mm256_sub_epi32(le, ge); /* masks are -1 where true */
+}
+
+static void ternary_pass_avx2(const float* w, int64_t n, float s, float t, int8_t* q) {
+  const __m256 pos = _mm256_set1_ps(t), neg = _mm256_set1_ps(-t);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm256_storeu_si256((__m256i*)(q + i), narrow_32(ternary8(w + i, pos, neg), ternary8(w + i + 8, pos, neg),
+                                                     ternary8(w + i + 16, pos, neg), ternary8(w + i + 24, pos, neg)));
+  for (; i < n; ++i) q[i] = (int8_t)((w[i] >= t) - (w[i] <= -t));
+  (void)s;
+}
+
+static float absmax_avx2(const float* x, int64_t n, int* finite) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+  __m256 m = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, big, _CMP_LE_OQ));
+    m = _mm256_max_ps(m, a);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  float best = 0.0f;
+  for (int l = 0; l < 8; ++l) best = lanes[l] > best ? lanes[l] : best;
+  int all_ok = _mm256_movemask_ps(ok) == 0xff;
+  for (; i < n; ++i) {
+    const float a = fabsf(x[i]);
+    all_ok &= a <= FLT_MAX;
+    best = a > best ? a : best;
+  }
+  *finite = all_ok;
+  return best;
+}
+
+static inline __m256i int8x8(const float* x, __m256 s) {
+  __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
+  return _mm256_cvtps_epi32(v);
+}
+
+static void int8_pass_avx2(const float* x, int64_t n, float s, int8_t* q) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm256_storeu_si256((__m256i*)(q + i),
+                        narrow_32(int8x8(x + i, vs), int8x8(x + i + 8, vs), int8x8(x + i + 16, vs), int8x8(x + i + 24, vs)));
+  for (; i < n; ++i) {
+    const float r = rintf(x[i] * s);
+    q[i] = (int8_t)(r > 127.0f ? 127 : (r < -128.0f ? -128 : (int)r));
+  }
+}
+
+enum { MR = 6, NR = 16 };
+
+static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m,
+                          int n) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < kc; ++p, ap += MR, bp += NR) {
+    const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(ap + i);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  if (m == MR && n == NR) {
+    for (int i = 0; i < MR; ++i) {
+      float* row = c + i * ldc;
+      _mm256_storeu_ps(row, _mm256_fmadd_ps(va, acc[i][0], _mm256_loadu_ps(row)));
+      _mm256_storeu_ps(row + 8, _mm256_fmadd_ps(va, acc[i][1], _mm256_loadu_ps(row + 8)));
+    }
+    return;
+  }
+  float tile[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(tile[i], _mm256_mul_ps(va, acc[i][0]));
+    _mm256_storeu_ps(tile[i] + 8, _mm256_mul_ps(va, acc[i][1]));
+  }
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) c[i * ldc + j] += tile[i][j];
+}
+
+static const hybrit_c_kernels avx2_kernels = {
+    HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, MR, NR, 144, 256, 2048,
+    gemm_ukr_avx2};
+
+const hybrit_c_kernels* hybrit_c_kernels_avx2(void) { return &avx2_kernels; }

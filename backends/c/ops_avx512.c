@@ -1,0 +1,111 @@
+/* AVX-512 (F, BW, VL, DQ) variants. Only called when the probe reports all four. */
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+
+#include "hybrit_c.h"
+
+static void chunk_abs_sums_avx512(const float* x, int64_t n, double* out) {
+  for (int64_t c0 = 0; c0 < n; c0 += HYBRIT_SUM_CHUNK) {
+    const int64_t len = n - c0 < HYBRIT_SUM_CHUNK ? n - c0 : HYBRIT_SUM_CHUNK;
+    const float* p = x + c0;
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0; /* lanes 0-7 and 8-15 */
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      a0 = _mm512_add_pd(a0, _mm512_abs_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i))));
+      a1 = _mm512_add_pd(a1, _mm512_abs_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8))));
+    }
+    double lane[HYBRIT_SUM_LANES];
+    _mm512_storeu_pd(lane, a0);
+    _mm512_storeu_pd(lane + 8, a1);
+    for (; i < len; ++i) lane[i % HYBRIT_SUM_LANES] += fabs((double)p[i]);
+    for (int h = HYBRIT_SUM_LANES / 2; h >= 1; h /= 2)
+      for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+    out[c0 / HYBRIT_SUM_CHUNK] = lane[0];
+  }
+}
+
+static void ternary_pass_avx512(const float* w, int64_t n, float s, float t, int8_t* q) {
+  const __m512 pos = _mm512_set1_ps(t), neg = _mm512_set1_ps(-t);
+  const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(w + i);
+    const __mmask16 ge = _mm512_cmp_ps_mask(v, pos, _CMP_GE_OQ), le = _mm512_cmp_ps_mask(v, neg, _CMP_LE_OQ);
+    const __m512i r = _mm512_mask_mov_epi32(_mm512_maskz_mov_epi32(ge, one), le, minus_one);
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtepi32_epi8(r));
+  }
+  for (; i < n; ++i) q[i] = (int8_t)((w[i] >= t) - (w[i] <= -t));
+  (void)s;
+}
+
+static float absmax_avx512(const float* x, int64_t n, int* finite) {
+  const __m512 big = _mm512_set1_ps(FLT_MAX);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 ok = 0xffff;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    ok &= _mm512_cmp_ps_mask(a, big, _CMP_LE_OQ);
+    m = _mm512_max_ps(m, a);
+  }
+  float best = _mm512_reduce_max_ps(m);
+  int all_ok = ok == 0xffff;
+  for (; i < n; ++i) {
+    const float a = fabsf(x[i]);
+    all_ok &= a <= FLT_MAX;
+    best = a > best ? a : best;
+  }
+  *finite = all_ok;
+  return best;
+}
+
+static void int8_pass_avx512(const float* x, int64_t n, float s, int8_t* q) {
+  const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; i < n; ++i) {
+    const float r = rintf(x[i] * s);
+    q[i] = (int8_t)(r > 127.0f ? 127 : (r < -128.0f ? -128 : (int)r));
+  }
+}
+
+enum { MR = 12, NR = 32 };
+
+static void gemm_ukr_avx512(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m,
+                            int n) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kc; ++p, ap += MR, bp += NR) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(ap[i]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int i = 0; i < m; ++i) {
+    float* row = c + i * ldc;
+    if (n == NR) {
+      _mm512_storeu_ps(row, _mm512_fmadd_ps(va, acc[i][0], _mm512_loadu_ps(row)));
+      _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(va, acc[i][1], _mm512_loadu_ps(row + 16)));
+    } else {
+      /* Masked edges: lanes past n are neither read nor written. */
+      const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+      const __mmask16 m1 = n >= 32 ? 0xffff : (n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1));
+      _mm512_mask_storeu_ps(row, m0, _mm512_fmadd_ps(va, acc[i][0], _mm512_maskz_loadu_ps(m0, row)));
+      _mm512_mask_storeu_ps(row + 16, m1, _mm512_fmadd_ps(va, acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16)));
+    }
+  }
+}
+
+static const hybrit_c_kernels avx512_kernels = {
+    HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, MR, NR, 144, 256,
+    2048, gemm_ukr_avx512};
+
+const hybrit_c_kernels* hybrit_c_kernels_avx512(void) { return &avx512_kernels; }

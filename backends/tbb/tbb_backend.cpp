@@ -1,0 +1,229 @@
+// The oneTBB backend. Element-wise ops and k-means run the C backend's kernels over fixed chunks
+// in parallel: the partition depends only on the sizes, so results are bit-identical to the C
+// backend whatever the thread count. Matmul runs Eigen's GEMM, one block of C per task.
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "backends/backend.hpp"
+#include "backends/c/hybrit_c.h"
+
+namespace hybrit {
+
+using EigenGemm = void (*)(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                           float, float*, int64_t);
+void eigen_sgemm_generic(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*, int64_t);
+void eigen_sgemm_avx2(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*, int64_t);
+void eigen_sgemm_avx512(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float, float*, int64_t);
+
+namespace {
+
+constexpr int64_t kElementGrain = 1 << 16;  // elements per task for streaming ops
+constexpr int64_t kAssignGrain = 1024;       // points per task; a multiple of the C kernel's block
+
+// Runs body(begin, end) over [0, n) in pieces of `grain` (the last may be shorter). Each piece
+// has fixed bounds, so which thread runs it does not change any result.
+template <class Body>
+void for_chunks(int64_t n, int64_t grain, const Body& body) {
+  const int64_t pieces = (n + grain - 1) / grain;
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, pieces, 1), [&](const tbb::blocked_range<int64_t>& r) {
+    for (int64_t p = r.begin(); p != r.end(); ++p) body(p * grain, std::min(n, (p + 1) * grain));
+  }, tbb::simple_partitioner());
+}
+
+class TbbBackend final : public Backend {
+ public:
+  TbbBackend(SimdLevel level, int threads)
+      : level_(level), threads_(threads), arena_(threads), kr_(hybrit_c_kernels_for(static_cast<hybrit_isa>(level))) {
+    gemm_ = level == SimdLevel::avx512 ? eigen_sgemm_avx512 : level == SimdLevel::avx2 ? eigen_sgemm_avx2 : eigen_sgemm_generic;
+  }
+  BackendKind kind() const override { return BackendKind::tbb; }
+  std::string describe() const override { return cat("tbb (", threads_, " threads, kernels and Eigen for ", to_string(level_), ")"); }
+  bool computes_on_host() const override { return true; }
+
+ protected:
+  float run_quantize_ternary(const Tensor& wt, Tensor& qt) override {
+    const float* w = wt.data<float>();
+    int8_t* q = qt.data<int8_t>();
+    const int64_t n = wt.numel(), chunks = (n + HYBRIT_SUM_CHUNK - 1) / HYBRIT_SUM_CHUNK;
+    std::vector<double> sums(std::max<int64_t>(chunks, 1));
+    const int64_t chunks_per_task = kElementGrain / HYBRIT_SUM_CHUNK;
+    arena_.execute([&] {
+      for_chunks(chunks, chunks_per_task, [&](int64_t c0, int64_t c1) {
+        kr_->chunk_abs_sums(w + c0 * HYBRIT_SUM_CHUNK, std::min(n, c1 * HYBRIT_SUM_CHUNK) - c0 * HYBRIT_SUM_CHUNK, sums.data() + c0);
+      });
+    });
+    const double total = hybrit_c_fold_sums(sums.data(), chunks);
+    if (!std::isfinite(total)) raise_kernel_status(HYBRIT_C_NONFINITE, Op::quantize_ternary, hybrit_c_first_nonfinite(w, n), w);
+    const float s = hybrit_c_ternary_scale(total, n), t = hybrit_c_ternary_threshold(s);
+    arena_.execute([&] { for_chunks(n, kElementGrain, [&](int64_t i0, int64_t i1) { kr_->ternary_pass(w + i0, i1 - i0, s, t, q + i0); }); });
+    return s;
+  }
+
+  void run_quantize_int8_rows(const Tensor& xt, int64_t rows, int64_t cols, Tensor& qt, Tensor& st) override {
+    const float* x = xt.data<float>();
+    int8_t* q = qt.data<int8_t>();
+    float* scales = st.data<float>();
+    const int64_t rows_per_task = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1));
+    std::vector<int64_t> bad_rows((rows + rows_per_task - 1) / rows_per_task, -1);
+    arena_.execute([&] {
+      for_chunks(rows, rows_per_task, [&](int64_t r0, int64_t r1) {
+        int64_t bad = -1;
+        if (hybrit_c_quantize_int8_rows(kr_, x + r0 * cols, r1 - r0, cols, q + r0 * cols, scales + r0, &bad) != HYBRIT_C_OK)
+          bad_rows[r0 / rows_per_task] = r0 + bad;
+      });
+    });
+    for (int64_t bad : bad_rows)
+      if (bad >= 0) raise_kernel_status(HYBRIT_C_NONFINITE, Op::quantize_int8_rows, bad);
+  }
+
+  // Packing is split into groups of whole rows, or a long row into column blocks of a multiple of 4.
+  void run_pack_ternary(const Tensor& qt, int64_t rows, int64_t cols, Tensor& pt) override {
+    run_packing(rows, cols, Op::pack_ternary, [&](int64_t r, int64_t nr, int64_t j0, int64_t nc, int64_t* bad) {
+      return hybrit_c_pack_ternary(qt.data<int8_t>() + r * cols + j0, nr, nc, pt.data<uint8_t>() + r * hybrit_packed_cols(cols) + j0 / 4, bad);
+    });
+  }
+  void run_unpack_ternary(const Tensor& pt, int64_t rows, int64_t cols, Tensor& qt) override {
+    run_packing(rows, cols, Op::unpack_ternary, [&](int64_t r, int64_t nr, int64_t j0, int64_t nc, int64_t* bad) {
+      return hybrit_c_unpack_ternary(pt.data<uint8_t>() + r * hybrit_packed_cols(cols) + j0 / 4, nr, nc, qt.data<int8_t>() + r * cols + j0, bad);
+    });
+  }
+
+  void run_matmul(const Tensor& at, const Tensor& bt, Tensor& ct, int64_t m, int64_t n, int64_t k, const MatmulArgs& args) override {
+    const float* a = at.data<float>();
+    const float* b = bt.data<float>();
+    float* c = ct.data<float>();
+    const int64_t lda = at.dim(1), ldb = bt.dim(1);
+    // Blocks of C: enough for every thread (x2 for balance), none thinner than 32 rows/columns.
+    const int64_t want = 2 * threads_;
+    int64_t mb = std::clamp<int64_t>(m / 32, 1, want), nb = std::clamp<int64_t>(want / mb, 1, std::max<int64_t>(1, n / 64));
+    if (2.0 * double(m) * n * k < 2e6) mb = nb = 1;  // too small to repay a task
+    const int64_t bm = (m + mb - 1) / mb, bn = (n + nb - 1) / nb;
+    arena_.execute([&] {
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, mb * nb, 1), [&](const tbb::blocked_range<int64_t>& r) {
+        for (int64_t blk = r.begin(); blk != r.end(); ++blk) {
+          const int64_t i0 = (blk / nb) * bm, j0 = (blk % nb) * bn;
+          const int64_t mi = std::min(bm, m - i0), nj = std::min(bn, n - j0);
+          if (mi <= 0 || nj <= 0) continue;
+          const float* ab = args.trans_a ? a + i0 : a + i0 * lda;
+          const float* bb = args.trans_b ? b + j0 * ldb : b + j0;
+          gemm_(args.trans_a, args.trans_b, mi, nj, k, args.alpha, ab, lda, bb, ldb, args.beta, c + i0 * n + j0, n);
+        }
+      }, tbb::simple_partitioner());
+    });
+  }
+
+  void run_kmeans_assign(const Tensor& xt, const Tensor& ct, Tensor& lt, Tensor& dt) override {
+    const int64_t n = xt.dim(0), d = xt.dim(1), k = ct.dim(0);
+    std::vector<int64_t> bad_points((n + kAssignGrain - 1) / kAssignGrain, INT64_MIN);
+    arena_.execute([&] {
+      for_chunks(n, kAssignGrain, [&](int64_t i0, int64_t i1) {
+        int64_t bad = -1;
+        if (hybrit_c_kmeans_assign(kr_, xt.data<float>() + i0 * d, i1 - i0, d, ct.data<float>(), k, lt.data<int32_t>() + i0,
+                                   dt.data<float>() + i0, &bad) != HYBRIT_C_OK)
+          bad_points[i0 / kAssignGrain] = bad < 0 ? bad : i0 + bad;
+      });
+    });
+    for (int64_t bad : bad_points)
+      if (bad != INT64_MIN) raise_kernel_status(HYBRIT_C_NONFINITE, Op::kmeans_assign, bad);
+  }
+
+  // Every (cluster, dimension) sum runs over its points in point order, exactly as in the C
+  // backend, so the result is bit-identical whatever the partition. Wide points are split by
+  // column slices (each task streams all rows, reading only its slice); narrow ones are bucketed
+  // by label with a stable counting sort and split by cluster.
+  void run_kmeans_update(const Tensor& xt, const Tensor& lt, Tensor& st, Tensor& ctt) override {
+    const float* x = xt.data<float>();
+    const int32_t* labels = lt.data<int32_t>();
+    double* sums = st.data<double>();
+    int64_t* counts = ctt.data<int64_t>();
+    const int64_t n = xt.dim(0), d = xt.dim(1), k = st.dim(0);
+    std::fill(counts, counts + k, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (labels[i] < 0 || labels[i] >= k) raise_kernel_status(HYBRIT_C_BADVALUE, Op::kmeans_update, i);
+      ++counts[labels[i]];
+    }
+    std::fill(sums, sums + k * d, 0.0);
+    if (d >= 16) {
+      // Slices of whole cache lines of sums (8 doubles), one or more per thread.
+      const int64_t width = std::max<int64_t>(8, ((d + threads_ - 1) / threads_ + 7) / 8 * 8), slices = (d + width - 1) / width;
+      arena_.execute([&] {
+        for_chunks(slices, 1, [&](int64_t s, int64_t) {
+          const int64_t j0 = s * width, j1 = std::min(d, j0 + width);
+          for (int64_t i = 0; i < n; ++i) {
+            double* acc = sums + int64_t(labels[i]) * d;
+            const float* row = x + i * d;
+            for (int64_t j = j0; j < j1; ++j) acc[j] += double(row[j]);
+          }
+        });
+      });
+    } else {
+      std::vector<int64_t> start(k + 1, 0);
+      for (int64_t c = 0; c < k; ++c) start[c + 1] = start[c] + counts[c];
+      std::vector<int64_t> order(n), next(start.begin(), start.end() - 1);
+      for (int64_t i = 0; i < n; ++i) order[next[labels[i]]++] = i;
+      arena_.execute([&] {
+        tbb::parallel_for(tbb::blocked_range<int64_t>(0, k), [&](const tbb::blocked_range<int64_t>& r) {
+          for (int64_t c = r.begin(); c != r.end(); ++c) {
+            double* acc = sums + c * d;
+            for (int64_t p = start[c]; p < start[c + 1]; ++p) {
+              const float* row = x + order[p] * d;
+              for (int64_t j = 0; j < d; ++j) acc[j] += double(row[j]);
+            }
+          }
+        });
+      });
+    }
+    for (int64_t i = 0; i < k * d; ++i)
+      if (!std::isfinite(sums[i]))
+        raise_kernel_status(HYBRIT_C_NONFINITE, Op::kmeans_update, hybrit_c_first_nonfinite(x, n * d) / std::max<int64_t>(d, 1));
+  }
+
+ private:
+  // kernel(first_row, rows, first_col, cols, &bad) works on a sub-block; a block of several rows
+  // always spans whole rows, so the kernel's row strides stay those of the full matrix.
+  template <class Kernel>
+  void run_packing(int64_t rows, int64_t cols, Op op, const Kernel& kernel) {
+    if (rows == 0 || cols == 0) return;
+    const bool split_rows = cols >= kElementGrain;
+    const int64_t col_block = split_rows ? kElementGrain : cols;  // kElementGrain is a multiple of 4
+    const int64_t per_row = (cols + col_block - 1) / col_block;
+    const int64_t rows_per_task = split_rows ? 1 : std::max<int64_t>(1, kElementGrain / cols);
+    const int64_t tasks = split_rows ? rows * per_row : (rows + rows_per_task - 1) / rows_per_task;
+    std::vector<int64_t> bad_at(tasks, -1);
+    arena_.execute([&] {
+      for_chunks(tasks, 1, [&](int64_t t, int64_t) {
+        const int64_t r = split_rows ? t / per_row : t * rows_per_task;
+        const int64_t nr = split_rows ? 1 : std::min(rows_per_task, rows - r);
+        const int64_t j0 = split_rows ? (t % per_row) * col_block : 0, nc = std::min(col_block, cols - j0);
+        int64_t bad = -1;
+        if (kernel(r, nr, j0, nc, &bad) != HYBRIT_C_OK) bad_at[t] = (r + bad / nc) * cols + j0 + bad % nc;
+      });
+    });
+    for (int64_t bad : bad_at)
+      if (bad >= 0) raise_kernel_status(HYBRIT_C_BADVALUE, op, bad);
+  }
+
+  SimdLevel level_;
+  int threads_;
+  tbb::task_arena arena_;
+  const hybrit_c_kernels* kr_;
+  EigenGemm gemm_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_tbb_backend(SimdLevel level, int threads) {
+  const SimdLevel best = cpu_hardware().best_simd();
+  if (static_cast<int>(level) > static_cast<int>(best))
+    fail(ErrorKind::unsupported, "SIMD level ", to_string(level), " requested but this CPU supports at most ", to_string(best));
+  if (threads <= 0) threads = cpu_hardware().granted_cpus;
+  return std::make_unique<TbbBackend>(level, threads);
+}
+
+}  // namespace hybrit

@@ -1,0 +1,127 @@
+// The `hybrit` command line. Parsing and printing only: the work lives in the libraries.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/log.hpp"
+#include "dispatch/dispatcher.hpp"
+#include "dispatch/report.hpp"
+
+namespace {
+
+using namespace hybrit;
+
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+nlohmann::json hardware_json(const HardwareInfo& hw) {
+  nlohmann::json gpus = nlohmann::json::array();
+  for (const auto& d : hw.cuda_devices)
+    gpus.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
+                    {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
+  return {{"cpu", hw.cpu_model},
+          {"isa", {{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw}, {"avx512vl", hw.avx512vl},
+                   {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}}},
+          {"simd", to_string(hw.best_simd())},
+          {"logical_cpus", hw.logical_cpus},
+          {"physical_cores", hw.physical_cores},
+          {"granted_cpus", hw.granted_cpus},
+          {"cache_bytes", {{"l1d", hw.l1d_bytes}, {"l2", hw.l2_bytes}, {"l3", hw.l3_bytes}}},
+          {"memory_bytes", {{"total", hw.memory_total_bytes}, {"available", hw.memory_available_bytes}}},
+          {"cuda_devices", gpus},
+          {"cuda_status", hw.cuda_status},
+          {"cuda_backend_built", cuda_backend_built()},
+          {"fingerprint", hw.fingerprint()}};
+}
+
+void print_info(const HardwareInfo& hw) {
+  std::string isa;
+  for (auto [name, on] : {std::pair{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw},
+                          {"avx512vl", hw.avx512vl}, {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}})
+    if (on) isa += std::string(isa.empty() ? "" : " ") + name;
+  std::printf("CPU            %s\n", hw.cpu_model.c_str());
+  std::printf("ISA            %s (kernels use %s)\n", isa.empty() ? "baseline x86-64 only" : isa.c_str(), to_string(hw.best_simd()));
+  std::printf("cores          %d granted to this process (%d physical cores, %d logical CPUs)\n", hw.granted_cpus, hw.physical_cores, hw.logical_cpus);
+  std::printf("caches         L1d %s, L2 %s, L3 %s\n", format_bytes(double(hw.l1d_bytes)).c_str(), format_bytes(double(hw.l2_bytes)).c_str(),
+              format_bytes(double(hw.l3_bytes)).c_str());
+  std::printf("memory         %s total, %s available\n", format_bytes(double(hw.memory_total_bytes)).c_str(),
+              format_bytes(double(hw.memory_available_bytes)).c_str());
+  if (hw.cuda_devices.empty()) std::printf("CUDA           none: %s\n", hw.cuda_status.c_str());
+  for (const auto& d : hw.cuda_devices)
+    std::printf("CUDA           cuda:%d %s, compute %d.%d, %s, %d SMs\n", d.index, d.name.c_str(), d.compute_major, d.compute_minor,
+                format_bytes(double(d.memory_bytes)).c_str(), d.multiprocessors);
+  std::printf("fingerprint    %s\n", hw.fingerprint().c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"hybrit: train and serve 1.58-bit (ternary) transformer language models"};
+  app.require_subcommand(1);
+  std::string config, backend;
+  app.add_option("--config", config, "YAML file whose `dispatch:` section sets backends, SIMD level, threads, profile")->check(CLI::ExistingFile);
+  app.add_option("--backend", backend, "force one backend for every op: c, tbb, cuda or auto (overrides HYBRIT_BACKEND)");
+
+  bool info_json = false;
+  CLI::App* info = app.add_subcommand("info", "print what the hardware probe found: CPU, ISA, cores granted, caches, memory, GPUs");
+  info->add_flag("--json", info_json, "machine-readable output");
+
+  bool quick = false, report_json = false;
+  std::string save_path, ops_text;
+  CLI::App* report = app.add_subcommand("dispatch-report", "time every op on every backend and say what the dispatcher does with it");
+  report->add_flag("--quick", quick, "smaller ladders and shorter timings (about 30 s on 2 cores)");
+  report->add_flag("--json", report_json, "print the report as JSON");
+  report->add_option("--save", save_path, "write the measurements as the dispatch profile to PATH (the default profile path is " + default_profile_path() + ")");
+  report->add_option("--ops", ops_text, "comma-separated ops to measure (default: all)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+
+  try {
+    DispatcherOptions options;
+    options.config_path = config;
+    if (!backend.empty() && backend != "auto") {
+      options.overrides.backend = parse_backend(backend, "--backend");
+      options.overrides.source = "--backend";
+    }
+    if (*info) {
+      const HardwareInfo& hw = hardware();
+      if (info_json) std::cout << hardware_json(hw).dump(2) << "\n";
+      else print_info(hw);
+      return 0;
+    }
+    if (*report) {
+      ReportOptions ro;
+      ro.quick = quick;
+      for (const auto& name : split_commas(ops_text)) ro.ops.push_back(parse_op(name, "--ops"));
+      Dispatcher dispatcher(options);
+      const nlohmann::json r = run_dispatch_report(dispatcher, ro);
+      if (report_json) std::cout << r.dump(2) << "\n";
+      else std::cout << format_report(r);
+      if (!save_path.empty()) {
+        save_profile(profile_from_report(r, dispatcher.policy().profile), save_path);
+        std::cerr << "hybrit: saved the measured dispatch profile to " << save_path
+                  << (save_path == default_profile_path() ? " (loaded automatically from now on)\n" : " (use it with HYBRIT_PROFILE or dispatch.profile)\n");
+      }
+      return 0;
+    }
+  } catch (const Error& e) {
+    std::fprintf(stderr, "hybrit: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hybrit: internal error: %s\n", e.what());
+    return 3;
+  }
+  return 0;
+}

@@ -1,0 +1,144 @@
+#include "core/hardware.hpp"
+
+#include <cpuinfo.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.hpp"
+
+namespace hybrit {
+
+const char* to_string(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::scalar: return "scalar";
+    case SimdLevel::avx2: return "avx2";
+    case SimdLevel::avx512: return "avx512";
+  }
+  return "?";
+}
+
+SimdLevel parse_simd_level(const std::string& text, const std::string& what) {
+  if (text == "scalar") return SimdLevel::scalar;
+  if (text == "avx2") return SimdLevel::avx2;
+  if (text == "avx512") return SimdLevel::avx512;
+  fail(ErrorKind::invalid_argument, what, ": expected scalar, avx2 or avx512, got '", text, "'");
+}
+
+SimdLevel HardwareInfo::best_simd() const {
+  if (avx512f && avx512bw && avx512vl && avx512dq && fma) return SimdLevel::avx512;
+  if (avx2 && fma) return SimdLevel::avx2;
+  return SimdLevel::scalar;
+}
+
+std::string HardwareInfo::fingerprint() const {
+  std::ostringstream s;
+  s << cpu_model << "|simd=" << to_string(best_simd()) << "|cpus=" << granted_cpus;
+  for (const auto& d : cuda_devices) s << "|gpu=" << d.name << ":" << d.compute_major << d.compute_minor;
+  // FNV-1a: short, stable across runs and compilers, readable in a file name.
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s.str()) h = (h ^ c) * 1099511628211ull;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
+std::string format_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) { bytes /= 1024; ++u; }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+  return buf;
+}
+
+namespace {
+
+// cgroup v2 "max 100000" / "200000 100000": a container may be granted fewer CPUs than its
+// affinity mask shows.
+int cgroup_cpu_limit() {
+  std::ifstream f("/sys/fs/cgroup/cpu.max");
+  std::string quota, period;
+  if (!(f >> quota >> period) || quota == "max") return 0;
+  double q = std::atof(quota.c_str()), p = std::atof(period.c_str());
+  return p > 0 ? std::max(1, static_cast<int>(std::ceil(q / p))) : 0;
+}
+
+size_t meminfo_kib(const std::string& key) {
+  std::ifstream f("/proc/meminfo");
+  std::string name;
+  size_t value = 0;
+  std::string unit;
+  while (f >> name >> value >> unit)
+    if (name == key + ":") return value * 1024;
+  return 0;
+}
+
+size_t cgroup_memory_limit() {
+  std::ifstream f("/sys/fs/cgroup/memory.max");
+  std::string v;
+  if (!(f >> v) || v == "max") return 0;
+  return static_cast<size_t>(std::atoll(v.c_str()));
+}
+
+HardwareInfo probe_cpu() {
+  HardwareInfo hw;
+  if (cpuinfo_initialize()) {
+    if (const cpuinfo_package* pkg = cpuinfo_get_package(0)) hw.cpu_model = pkg->name;
+    hw.avx2 = cpuinfo_has_x86_avx2();
+    hw.fma = cpuinfo_has_x86_fma3();
+    hw.avx512f = cpuinfo_has_x86_avx512f();
+    hw.avx512bw = cpuinfo_has_x86_avx512bw();
+    hw.avx512vl = cpuinfo_has_x86_avx512vl();
+    hw.avx512dq = cpuinfo_has_x86_avx512dq();
+    hw.avx512vnni = cpuinfo_has_x86_avx512vnni();
+    hw.logical_cpus = static_cast<int>(cpuinfo_get_processors_count());
+    hw.physical_cores = static_cast<int>(cpuinfo_get_cores_count());
+    if (cpuinfo_get_l1d_caches_count()) hw.l1d_bytes = cpuinfo_get_l1d_cache(0)->size;
+    if (cpuinfo_get_l2_caches_count()) hw.l2_bytes = cpuinfo_get_l2_cache(0)->size;
+    if (cpuinfo_get_l3_caches_count()) hw.l3_bytes = cpuinfo_get_l3_cache(0)->size;
+  }
+  if (hw.cpu_model.empty()) {
+    // cpuinfo leaves the package name empty on some virtual CPUs; /proc/cpuinfo still has it.
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("model name", 0) == 0) { hw.cpu_model = line.substr(line.find(':') + 2); break; }
+  }
+  if (hw.cpu_model.empty()) hw.cpu_model = "unknown CPU";
+  // cpuinfo (2022) does not know AVX-VNNI; it matters only for a later int8 kernel, so read the flag.
+  {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("flags", 0) == 0) { hw.avxvnni = line.find(" avx_vnni") != std::string::npos; break; }
+  }
+
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  int affinity = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : hw.logical_cpus;
+  hw.granted_cpus = std::max(1, affinity);
+  if (int quota = cgroup_cpu_limit(); quota > 0) hw.granted_cpus = std::min(hw.granted_cpus, quota);
+
+  hw.memory_total_bytes = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  hw.memory_available_bytes = meminfo_kib("MemAvailable");
+  if (size_t limit = cgroup_memory_limit(); limit > 0) {
+    hw.memory_total_bytes = std::min(hw.memory_total_bytes, limit);
+    hw.memory_available_bytes = std::min(hw.memory_available_bytes, limit);
+  }
+  return hw;
+}
+
+}  // namespace
+
+const HardwareInfo& cpu_hardware() {
+  static const HardwareInfo hw = probe_cpu();
+  return hw;
+}
+
+}  // namespace hybrit

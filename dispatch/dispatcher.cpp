@@ -1,0 +1,482 @@
+#include "dispatch/dispatcher.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/log.hpp"
+
+namespace hybrit {
+
+namespace {
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+std::string format_seconds(double s) {
+  char buf[32];
+  if (!std::isfinite(s)) return "n/a";
+  if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1f us", s * 1e6);
+  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
+  else std::snprintf(buf, sizeof buf, "%.2f s", s);
+  return buf;
+}
+}  // namespace
+
+// ------------------------------------------------------------------ sizes
+
+bool is_compute_bound(Op op) { return op == Op::matmul || op == Op::kmeans_assign; }
+
+OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
+  OpSize s;
+  s.op = op;
+  const double A = double(a), B = double(b), C = double(c);
+  switch (op) {
+    case Op::quantize_ternary:  // two reads (|w| sum, then quantize) and one int8 write
+      s.work = A, s.transfer_bytes = 5 * A, s.touched_bytes = 9 * A, s.label = std::to_string(a);
+      break;
+    case Op::quantize_int8_rows:
+      s.work = A * B, s.transfer_bytes = 5 * A * B + 4 * A, s.touched_bytes = 9 * A * B + 4 * A, s.label = cat(a, "x", b);
+      break;
+    case Op::pack_ternary:
+    case Op::unpack_ternary:
+      s.work = A * B, s.transfer_bytes = s.touched_bytes = A * B + A * std::ceil(B / 4), s.label = cat(a, "x", b);
+      break;
+    case Op::matmul:  // (m, n, k)
+      s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = 4 * (A * C + C * B + A * B);
+      s.label = cat(a, "x", b, "x", c);
+      break;
+    case Op::kmeans_assign:  // (n, k, d)
+      s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = 4 * (A * C + B * C + 2 * A);
+      s.label = cat("n=", a, " k=", b, " d=", c);
+      break;
+    case Op::kmeans_update:  // (n, k, d)
+      s.work = A * C, s.transfer_bytes = s.touched_bytes = 4 * A * C + 4 * A + 8 * B * C + 8 * B;
+      s.label = cat("n=", a, " k=", b, " d=", c);
+      break;
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------ profile
+
+double Profile::predict(Op op, BackendKind backend, double work) const {
+  const auto it = points.find({op, backend});
+  if (it == points.end() || it->second.empty()) return kNaN;
+  const auto& p = it->second;
+  if (work <= p.front().work) return p.front().seconds;  // overhead-dominated: no cheaper than the smallest
+  if (work >= p.back().work) return p.back().seconds * work / p.back().work;  // throughput-dominated
+  size_t i = 1;
+  while (p[i].work < work) ++i;
+  if (p[i].work == work) return p[i].seconds;  // a measured size: the measurement itself
+  const double x0 = std::log(p[i - 1].work), x1 = std::log(p[i].work);
+  const double y0 = std::log(p[i - 1].seconds), y1 = std::log(p[i].seconds);
+  return std::exp(y0 + (y1 - y0) * (std::log(work) - x0) / (x1 - x0));
+}
+
+Profile default_profile(const HardwareInfo& hw) {
+  Profile prof;
+  const int threads = std::max(1, hw.granted_cpus);
+  const SimdLevel simd = hw.best_simd();
+  const double core_gbps = simd == SimdLevel::scalar ? 6e9 : 12e9;
+  const double core_flops = simd == SimdLevel::avx512 ? 80e9 : simd == SimdLevel::avx2 ? 45e9 : 6e9;
+  struct Model { BackendKind kind; double overhead, bandwidth, flops; };
+  std::vector<Model> models = {{BackendKind::c, 0.5e-6, core_gbps, core_flops},
+                               {BackendKind::tbb, 15e-6, core_gbps * std::min(threads, 4) * 0.8, core_flops * threads * 0.85}};
+  // A nominal data-centre GPU; a measured profile replaces it.
+  models.push_back({BackendKind::cuda, 15e-6, 1.5e12, 25e12});
+  for (int o = 0; o < kOpCount; ++o) {
+    const Op op = Op(o);
+    for (const Model& m : models) {
+      std::vector<ProfilePoint> pts;
+      for (double work = 1e2; work <= 1e12; work *= 10) {
+        // touched bytes and flops per unit of work, from op_size at a representative shape
+        const OpSize unit = op == Op::matmul || op == Op::kmeans_assign ? op_size(op, 1024, 256, 64) : op_size(op, 1024, 1024, 64);
+        const double seconds = is_compute_bound(op) ? unit.flops / unit.work * work / m.flops
+                                                    : unit.touched_bytes / unit.work * work / m.bandwidth;
+        pts.push_back({work, m.overhead + seconds});
+      }
+      prof.points[{op, m.kind}] = std::move(pts);
+    }
+  }
+  return prof;
+}
+
+std::string default_profile_path() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return std::string(xdg) + "/hybrit/profile.json";
+  if (const char* home = std::getenv("HOME"); home && *home) return std::string(home) + "/.cache/hybrit/profile.json";
+  return ".hybrit-profile.json";
+}
+
+namespace {
+constexpr const char* kProfileFormat = "hybrit-dispatch-profile";
+constexpr int kProfileVersion = 1;
+}  // namespace
+
+Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw) {
+  Profile prof = default_profile(hw);
+  auto reject = [&](ErrorKind kind, const std::string& why) -> Profile {
+    if (named_explicitly) fail(kind, "dispatch profile ", path, ": ", why);
+    log_warn("dispatch profile ", path, ": ", why, "; using built-in defaults");
+    return default_profile(hw);
+  };
+  std::ifstream in(path);
+  if (!in) {
+    if (named_explicitly) fail(ErrorKind::io, "dispatch profile ", path, ": cannot open (does it exist?)");
+    return prof;
+  }
+  nlohmann::json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    return reject(ErrorKind::corrupt_data, cat("not valid JSON (", e.what(), ")"));
+  }
+  try {
+    if (j.value("format", "") != kProfileFormat) return reject(ErrorKind::corrupt_data, cat("not a hybrit profile (format is not '", kProfileFormat, "')"));
+    if (j.value("version", 0) != kProfileVersion)
+      return reject(ErrorKind::corrupt_data, cat("profile version ", j.value("version", 0), ", this build reads version ", kProfileVersion));
+    const std::string fp = j.value("fingerprint", "");
+    if (fp != hw.fingerprint()) {
+      log_warn("dispatch profile ", path, " was measured on other hardware (", j.value("hardware", std::string("unknown")), ", fingerprint ", fp,
+               "; this machine is ", hw.fingerprint(), "): ignored; run `hybrit dispatch-report --save ", path, "` to measure this one");
+      return prof;
+    }
+    prof.fingerprint = fp;
+    prof.source = path;
+    prof.transfer_gbps = j.value("transfer_gbps", prof.transfer_gbps);
+    for (const auto& [op_name, per_backend] : j.at("points").items()) {
+      const Op op = parse_op(op_name, cat("dispatch profile ", path, ": points"));
+      for (const auto& [backend_name, list] : per_backend.items()) {
+        const BackendKind kind = parse_backend(backend_name, cat("dispatch profile ", path, ": points.", op_name));
+        std::vector<ProfilePoint> pts;
+        for (const auto& pair : list) {
+          const double work = pair.at(0).get<double>(), seconds = pair.at(1).get<double>();
+          if (!(work > 0) || !(seconds > 0) || (!pts.empty() && work <= pts.back().work))
+            return reject(ErrorKind::corrupt_data, cat("points.", op_name, ".", backend_name, " must be increasing sizes with positive times"));
+          pts.push_back({work, seconds});
+        }
+        if (!pts.empty()) prof.points[{op, kind}] = std::move(pts);
+      }
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    return reject(ErrorKind::corrupt_data, cat("malformed (", e.what(), ")"));
+  }
+  return prof;
+}
+
+void save_profile(const Profile& profile, const std::string& path) {
+  nlohmann::json j;
+  j["format"] = kProfileFormat;
+  j["version"] = kProfileVersion;
+  j["fingerprint"] = profile.fingerprint;
+  j["hardware"] = hardware().cpu_model;
+  j["transfer_gbps"] = profile.transfer_gbps;
+  nlohmann::json points = nlohmann::json::object();
+  for (const auto& [key, pts] : profile.points) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& p : pts) list.push_back({p.work, p.seconds});
+    points[to_string(key.first)][to_string(key.second)] = list;
+  }
+  j["points"] = points;
+  const std::filesystem::path target(path);
+  if (target.has_parent_path()) {
+    std::error_code ec;
+    std::filesystem::create_directories(target.parent_path(), ec);
+  }
+  // Written beside the target and renamed, so a crash never leaves half a profile.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << j.dump(1) << "\n";
+    if (!out) fail(ErrorKind::io, "cannot write dispatch profile ", tmp);
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, target, ec);
+  if (ec) fail(ErrorKind::io, "cannot move ", tmp, " to ", path, ": ", ec.message());
+}
+
+// ------------------------------------------------------------------ overrides
+
+void Overrides::merge(const Overrides& higher) {
+  if (higher.backend) backend = higher.backend;
+  for (const auto& [op, kind] : higher.per_op) per_op[op] = kind;
+  if (higher.simd) simd = higher.simd;
+  if (higher.threads > 0) threads = higher.threads;
+  if (!higher.profile_path.empty()) profile_path = higher.profile_path;
+  if (!higher.source.empty() && (higher.backend || !higher.per_op.empty() || higher.simd || higher.threads > 0 || !higher.profile_path.empty()))
+    source = higher.source;
+}
+
+namespace {
+std::optional<BackendKind> parse_backend_or_auto(const std::string& text, const std::string& what) {
+  if (text == "auto" || text.empty()) return std::nullopt;
+  if (text == "c" || text == "tbb" || text == "cuda") return parse_backend(text, what);
+  fail(ErrorKind::invalid_argument, what, ": expected c, tbb, cuda or auto, got '", text, "'");
+}
+
+int parse_threads(const std::string& text, const std::string& what) {
+  char* end = nullptr;
+  const long v = std::strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end || v < 0 || v > 4096) fail(ErrorKind::invalid_argument, what, ": expected a thread count 0..4096, got '", text, "'");
+  return int(v);
+}
+}  // namespace
+
+Overrides overrides_from_env() {
+  Overrides o;
+  o.source = "environment";
+  if (const char* v = std::getenv("HYBRIT_BACKEND")) o.backend = parse_backend_or_auto(v, "HYBRIT_BACKEND");
+  if (const char* v = std::getenv("HYBRIT_SIMD"); v && *v) o.simd = parse_simd_level(v, "HYBRIT_SIMD");
+  if (const char* v = std::getenv("HYBRIT_THREADS"); v && *v) o.threads = parse_threads(v, "HYBRIT_THREADS");
+  if (const char* v = std::getenv("HYBRIT_PROFILE"); v && *v) o.profile_path = v;
+  return o;
+}
+
+namespace {
+const char* node_kind(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Null: return "nothing";
+    default: return "a scalar";
+  }
+}
+}  // namespace
+
+Overrides overrides_from_yaml(const std::string& yaml_text, const std::string& file) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    fail(ErrorKind::invalid_argument, file, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
+  }
+  Overrides o;
+  if (!root.IsMap() || !root["dispatch"]) return o;
+  const YAML::Node d = root["dispatch"];
+  auto where = [&](const YAML::Node& n) { return cat(file, ":", n.Mark().line + 1, ": "); };
+  if (!d.IsMap()) fail(ErrorKind::invalid_argument, where(d), "dispatch: expected a mapping, got ", node_kind(d));
+  o.source = cat(file, " (dispatch section)");
+  auto scalar = [&](const YAML::Node& n, const std::string& key) {
+    if (!n.IsScalar()) fail(ErrorKind::invalid_argument, where(n), key, ": expected a single value, got ", node_kind(n));
+    return n.as<std::string>();
+  };
+  for (const auto& kv : d) {
+    const std::string key = kv.first.as<std::string>();
+    const YAML::Node& value = kv.second;
+    const std::string at = where(value);
+    if (key == "backend") {
+      o.backend = parse_backend_or_auto(scalar(value, "dispatch.backend"), at + "dispatch.backend");
+    } else if (key == "simd") {
+      o.simd = parse_simd_level(scalar(value, "dispatch.simd"), at + "dispatch.simd");
+    } else if (key == "threads") {
+      o.threads = parse_threads(scalar(value, "dispatch.threads"), at + "dispatch.threads");
+    } else if (key == "profile") {
+      o.profile_path = scalar(value, "dispatch.profile");
+    } else if (key == "ops") {
+      if (!value.IsMap()) fail(ErrorKind::invalid_argument, at, "dispatch.ops: expected a mapping of op: backend, got ", node_kind(value));
+      for (const auto& op_kv : value) {
+        const std::string op_name = op_kv.first.as<std::string>();
+        const std::string op_at = where(op_kv.second) + "dispatch.ops." + op_name;
+        const Op op = parse_op(op_name, where(op_kv.first) + "dispatch.ops");
+        if (auto kind = parse_backend_or_auto(scalar(op_kv.second, "dispatch.ops." + op_name), op_at)) o.per_op[op] = *kind;
+      }
+    } else {
+      fail(ErrorKind::invalid_argument, where(kv.first), "dispatch.", key, ": unknown key (expected backend, ops, simd, threads or profile)");
+    }
+  }
+  return o;
+}
+
+Overrides overrides_from_yaml_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(ErrorKind::io, path, ": cannot open config file");
+  std::stringstream text;
+  text << in.rdbuf();
+  return overrides_from_yaml(text.str(), path);
+}
+
+// ------------------------------------------------------------------ policy
+
+void Policy::validate() const {
+  auto check = [&](BackendKind kind, const std::string& what) {
+    if (!available[int(kind)])
+      fail(ErrorKind::unsupported, what, " forces the ", to_string(kind), " backend, which is not available: ", unavailable_reason[int(kind)]);
+  };
+  if (overrides.backend) check(*overrides.backend, cat(overrides.source.empty() ? "an override" : overrides.source));
+  for (const auto& [op, kind] : overrides.per_op) check(kind, cat(overrides.source.empty() ? "an override" : overrides.source, " (op ", to_string(op), ")"));
+}
+
+Decision Policy::choose(const OpSize& size, Device data) const {
+  Decision d;
+  d.predicted_seconds.fill(kNaN);
+  for (int b = 0; b < kBackendCount; ++b) {
+    if (!available[b]) continue;
+    double t = profile.predict(size.op, BackendKind(b), size.work);
+    // A GPU computing on host data pays the trip there and back; CPU backends cannot read device
+    // memory at all, so device data stays where it is.
+    if (BackendKind(b) == BackendKind::cuda && data.is_cpu()) t += size.transfer_bytes / (profile.transfer_gbps * 1e9) + 2 * profile.transfer_latency_s;
+    if (BackendKind(b) != BackendKind::cuda && data.is_cuda()) t = kNaN;
+    d.predicted_seconds[b] = t;
+  }
+  std::optional<BackendKind> forced;
+  if (auto it = overrides.per_op.find(size.op); it != overrides.per_op.end()) forced = it->second;
+  else if (overrides.backend) forced = overrides.backend;
+  if (forced) {
+    if (!available[int(*forced)]) fail(ErrorKind::unsupported, to_string(size.op), ": the ", to_string(*forced), " backend is forced but not available: ", unavailable_reason[int(*forced)]);
+    if (data.is_cuda() && *forced != BackendKind::cuda)
+      fail(ErrorKind::invalid_argument, to_string(size.op), ": data is on ", data.str(), " but the ", to_string(*forced), " backend is forced, and it computes on the host");
+    d.backend = *forced;
+    d.reason = cat("forced by ", overrides.source.empty() ? "an override" : overrides.source);
+    return d;
+  }
+  if (data.is_cuda()) {
+    if (!available[int(BackendKind::cuda)]) fail(ErrorKind::unsupported, to_string(size.op), ": data is on ", data.str(), " but the CUDA backend is not available");
+    d.backend = BackendKind::cuda;
+    d.reason = cat("data is on ", data.str());
+    return d;
+  }
+  int best = -1;
+  for (int b = 0; b < kBackendCount; ++b)
+    if (std::isfinite(d.predicted_seconds[b]) && (best < 0 || d.predicted_seconds[b] < d.predicted_seconds[best])) best = b;
+  if (best < 0) fail(ErrorKind::unsupported, to_string(size.op), ": no backend available");
+  d.backend = BackendKind(best);
+  std::string why = "predicted";
+  for (int b = 0; b < kBackendCount; ++b)
+    why += available[b] ? cat(" ", to_string(BackendKind(b)), " ", format_seconds(d.predicted_seconds[b]), b == int(BackendKind::cuda) && data.is_cpu() ? " incl. transfer" : "")
+                        : cat(" (", to_string(BackendKind(b)), " unavailable)");
+  d.reason = why + cat(" [profile: ", profile.source, "]");
+  return d;
+}
+
+// ------------------------------------------------------------------ metrics
+
+void Metrics::record(Op op, BackendKind backend, double elements, double bytes, double seconds) {
+  std::lock_guard lock(mutex_);
+  MetricsRow& r = rows_[int(op)][int(backend)];
+  r.calls += 1;
+  r.elements += elements;
+  r.bytes += bytes;
+  r.seconds += seconds;
+}
+
+MetricsRow Metrics::get(Op op, BackendKind backend) const {
+  std::lock_guard lock(mutex_);
+  return rows_[int(op)][int(backend)];
+}
+
+void Metrics::reset() {
+  std::lock_guard lock(mutex_);
+  rows_ = {};
+}
+
+std::string Metrics::table() const {
+  std::lock_guard lock(mutex_);
+  std::string out;
+  char line[200];
+  for (int o = 0; o < kOpCount; ++o)
+    for (int b = 0; b < kBackendCount; ++b) {
+      const MetricsRow& r = rows_[o][b];
+      if (!r.calls) continue;
+      if (out.empty()) {
+        std::snprintf(line, sizeof line, "%-20s %-5s %8s %12s %12s %10s\n", "op", "backend", "calls", "elements", "bytes", "seconds");
+        out += line;
+      }
+      std::snprintf(line, sizeof line, "%-20s %-5s %8lld %12.4g %12.4g %10.4f\n", to_string(Op(o)), to_string(BackendKind(b)),
+                    static_cast<long long>(r.calls), r.elements, r.bytes, r.seconds);
+      out += line;
+    }
+  return out;
+}
+
+// ------------------------------------------------------------------ dispatcher
+
+Dispatcher::Dispatcher(const DispatcherOptions& options) {
+  Overrides ov;
+  if (!options.config_path.empty()) ov.merge(overrides_from_yaml_file(options.config_path));
+  if (options.use_environment) ov.merge(overrides_from_env());
+  Overrides api = options.overrides;
+  if (api.source.empty()) api.source = "argument";
+  ov.merge(api);
+
+  policy_.hardware = hardware();
+  policy_.overrides = ov;
+  const SimdLevel simd = ov.simd.value_or(policy_.hardware.best_simd());
+  backends_[int(BackendKind::c)] = make_c_backend(simd);
+  backends_[int(BackendKind::tbb)] = make_tbb_backend(simd, ov.threads);
+  std::string why;
+  backends_[int(BackendKind::cuda)] = make_cuda_backend(&why);
+  for (int b = 0; b < kBackendCount; ++b) policy_.available[b] = backends_[b] != nullptr;
+  policy_.unavailable_reason[int(BackendKind::cuda)] = why;
+  policy_.profile = load_profile(ov.profile_path.empty() ? default_profile_path() : ov.profile_path, !ov.profile_path.empty(), policy_.hardware);
+  policy_.validate();
+  if (verbose())
+    log_info("dispatcher: c = ", backends_[0]->describe(), "; tbb = ", backends_[1]->describe(), "; cuda = ",
+             backends_[2] ? backends_[2]->describe() : "unavailable (" + why + ")", "; profile: ", policy_.profile.source);
+}
+
+Backend& Dispatcher::backend(BackendKind kind) {
+  if (!backends_[int(kind)]) fail(ErrorKind::unsupported, "the ", to_string(kind), " backend is not available: ", policy_.unavailable_reason[int(kind)]);
+  return *backends_[int(kind)];
+}
+
+template <class Run>
+auto Dispatcher::route(const OpSize& size, Device data, const Run& run) {
+  const Decision d = policy_.choose(size, data);
+  if (verbose()) log_info("dispatch ", to_string(size.op), " ", size.label, " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
+  Backend& b = *backends_[int(d.backend)];
+  Timer timer;
+  if constexpr (std::is_void_v<decltype(run(b))>) {
+    run(b);
+    metrics_.record(size.op, d.backend, size.work, size.touched_bytes, timer.seconds());
+  } else {
+    auto result = run(b);
+    metrics_.record(size.op, d.backend, size.work, size.touched_bytes, timer.seconds());
+    return result;
+  }
+}
+
+float Dispatcher::quantize_ternary(const Tensor& w, Tensor& q) {
+  return route(op_size(Op::quantize_ternary, w.numel()), w.device(), [&](Backend& b) { return b.quantize_ternary(w, q); });
+}
+
+void Dispatcher::quantize_int8_rows(const Tensor& x, Tensor& q, Tensor& scales) {
+  const auto [rows, cols] = as_matrix(x);
+  route(op_size(Op::quantize_int8_rows, rows, cols), x.device(), [&](Backend& b) { b.quantize_int8_rows(x, q, scales); });
+}
+
+void Dispatcher::pack_ternary(const Tensor& q, Tensor& packed) {
+  const auto [rows, cols] = as_matrix(q);
+  route(op_size(Op::pack_ternary, rows, cols), q.device(), [&](Backend& b) { b.pack_ternary(q, packed); });
+}
+
+void Dispatcher::unpack_ternary(const Tensor& packed, Tensor& q) {
+  const auto [rows, cols] = as_matrix(q);
+  route(op_size(Op::unpack_ternary, rows, cols), packed.device(), [&](Backend& b) { b.unpack_ternary(packed, q); });
+}
+
+void Dispatcher::matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulArgs& args) {
+  const auto [ar, ac] = as_matrix(a);
+  const auto [br, bc] = as_matrix(b);
+  const int64_t m = args.trans_a ? ac : ar, k = args.trans_a ? ar : ac, n = args.trans_b ? br : bc;
+  route(op_size(Op::matmul, m, n, k), a.device(), [&](Backend& be) { be.matmul(a, b, c, args); });
+}
+
+void Dispatcher::kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist) {
+  const auto [n, d] = as_matrix(x);
+  route(op_size(Op::kmeans_assign, n, as_matrix(centroids).first, d), x.device(), [&](Backend& b) { b.kmeans_assign(x, centroids, labels, dist); });
+}
+
+void Dispatcher::kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) {
+  const auto [n, d] = as_matrix(x);
+  route(op_size(Op::kmeans_update, n, as_matrix(sums).first, d), x.device(), [&](Backend& b) { b.kmeans_update(x, labels, sums, counts); });
+}
+
+}  // namespace hybrit

@@ -1,0 +1,149 @@
+// The dispatcher: for each call, which backend runs it. The choice is a pure function of the
+// hardware probe, a cost profile and the user's overrides (Policy::choose), so it can be tested
+// without timing anything. Dispatcher wraps a Policy with the live backends and the metrics.
+#pragma once
+#include <array>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backends/backend.hpp"
+
+namespace hybrit {
+
+// The size of one call. `work` indexes the profile: elements for quantize/pack ops, m*n*k for
+// matmul, n*k*d for kmeans_assign, n*d for kmeans_update. `transfer_bytes` is what a round trip
+// host -> GPU -> host moves; `touched_bytes` and `flops` give the rates reports print.
+struct OpSize {
+  Op op = Op::matmul;
+  double work = 0;
+  double transfer_bytes = 0;
+  double touched_bytes = 0;
+  double flops = 0;
+  std::string label;  // e.g. "1024x1024x1024"
+};
+// Dimensions per op: quantize_ternary (n); quantize_int8_rows, pack/unpack (rows, cols);
+// matmul (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).
+OpSize op_size(Op op, int64_t a, int64_t b = 1, int64_t c = 1);
+bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, kmeans_assign), else GB/s
+
+struct ProfilePoint {
+  double work = 0;
+  double seconds = 0;
+};
+
+// Seconds per call, by op and backend, at a ladder of sizes; predictions interpolate in log-log
+// and extrapolate at the end point's throughput.
+struct Profile {
+  std::string fingerprint;  // hardware fingerprint; empty for built-in defaults
+  std::string source = "built-in defaults";
+  std::map<std::pair<Op, BackendKind>, std::vector<ProfilePoint>> points;
+  double transfer_gbps = 12.0;       // host <-> GPU (PCIe, pageable memory)
+  double transfer_latency_s = 20e-6;  // per direction, plus synchronisation
+
+  double predict(Op op, BackendKind backend, double work) const;  // NaN without points
+};
+
+// Defaults from the probe alone: per-core bandwidth and FLOP rate by SIMD level, task overhead
+// for tbb, launch latency and a nominal GPU rate for cuda.
+Profile default_profile(const HardwareInfo& hw);
+// Where a measured profile lives when no path is given: $HYBRIT_PROFILE, else
+// $XDG_CACHE_HOME/hybrit/profile.json, else ~/.cache/hybrit/profile.json.
+std::string default_profile_path();
+// Reads a saved profile. A missing file at the default path is silent; a missing or damaged file
+// named explicitly is an Error; a file from other hardware is ignored with a warning. Always
+// returns a usable profile (the defaults, overlaid with the file's points when it is valid).
+Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw);
+void save_profile(const Profile& profile, const std::string& path);
+
+struct Overrides {
+  std::optional<BackendKind> backend;   // every op
+  std::map<Op, BackendKind> per_op;     // wins over `backend` for its op
+  std::optional<SimdLevel> simd;        // C and tbb kernels; default: the best the CPU has
+  int threads = 0;                      // tbb threads; 0: the CPUs granted to this process
+  std::string profile_path;             // measured profile to load
+  std::string source;                   // where the overrides came from, for messages
+
+  // Fields set in `higher` replace those here.
+  void merge(const Overrides& higher);
+};
+// HYBRIT_BACKEND, HYBRIT_SIMD, HYBRIT_THREADS, HYBRIT_PROFILE.
+Overrides overrides_from_env();
+// The `dispatch:` section of a YAML config (keys: backend, ops, simd, threads, profile); errors
+// name the file, line and key.
+Overrides overrides_from_yaml(const std::string& yaml_text, const std::string& file_name);
+Overrides overrides_from_yaml_file(const std::string& path);
+
+struct Decision {
+  BackendKind backend = BackendKind::c;
+  std::array<double, kBackendCount> predicted_seconds{};  // NaN for unavailable backends
+  std::string reason;
+};
+
+struct Policy {
+  HardwareInfo hardware;
+  Profile profile;
+  Overrides overrides;
+  std::array<bool, kBackendCount> available{};
+  std::array<std::string, kBackendCount> unavailable_reason;
+
+  // Throws Error(unsupported) when the overrides force a backend that is not available.
+  void validate() const;
+  Decision choose(const OpSize& size, Device data) const;
+};
+
+struct MetricsRow {
+  int64_t calls = 0;
+  double elements = 0, bytes = 0, seconds = 0;
+};
+
+class Metrics {
+ public:
+  void record(Op op, BackendKind backend, double elements, double bytes, double seconds);
+  MetricsRow get(Op op, BackendKind backend) const;
+  void reset();
+  std::string table() const;  // one line per (op, backend) that ran
+
+ private:
+  mutable std::mutex mutex_;
+  std::array<std::array<MetricsRow, kBackendCount>, kOpCount> rows_{};
+};
+
+struct DispatcherOptions {
+  Overrides overrides;            // the API argument: wins over the environment and the config
+  std::string config_path;        // YAML file whose `dispatch:` section applies (optional)
+  bool use_environment = true;
+};
+
+class Dispatcher {
+ public:
+  explicit Dispatcher(const DispatcherOptions& options = {});
+
+  const Policy& policy() const { return policy_; }
+  bool available(BackendKind kind) const { return policy_.available[int(kind)]; }
+  Backend& backend(BackendKind kind);
+  Decision choose(const OpSize& size, Device data) const { return policy_.choose(size, data); }
+  Metrics& metrics() { return metrics_; }
+  const Metrics& metrics() const { return metrics_; }
+
+  // The op table, routed. Outputs are allocated by the caller, on the inputs' device.
+  float quantize_ternary(const Tensor& w, Tensor& q);
+  void quantize_int8_rows(const Tensor& x, Tensor& q, Tensor& scales);
+  void pack_ternary(const Tensor& q, Tensor& packed);
+  void unpack_ternary(const Tensor& packed, Tensor& q);
+  void matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulArgs& args = {});
+  void kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist);
+  void kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts);
+
+ private:
+  template <class Run>
+  auto route(const OpSize& size, Device data, const Run& run);
+
+  Policy policy_;
+  std::array<std::unique_ptr<Backend>, kBackendCount> backends_;
+  Metrics metrics_;
+};
+
+}  // namespace hybrit

@@ -1,0 +1,382 @@
+#include "dispatch/report.hpp"
+
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <tbb/parallel_reduce.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+
+#include "core/log.hpp"
+#include "core/rng.hpp"
+
+namespace hybrit {
+
+namespace {
+
+using json = nlohmann::json;
+
+// Median of repeated timings after one warm-up call: at least 3 runs, until `budget` seconds.
+double time_median(const std::function<void()>& fn, double budget) {
+  fn();
+  std::vector<double> t;
+  Timer total;
+  while (t.size() < 3 || (total.seconds() < budget && t.size() < 50)) {
+    Timer one;
+    fn();
+    t.push_back(one.seconds());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+Tensor random_tensor(Shape shape, uint64_t stream, float lo = -1.0f, float hi = 1.0f) {
+  Tensor t = Tensor::empty(std::move(shape), DType::f32);
+  Rng rng(20261121, stream);
+  float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = rng.uniform(lo, hi);
+  return t;
+}
+
+// One prepared call of an op at one size, runnable on any backend.
+struct Case {
+  OpSize size;
+  std::function<void(Backend&)> run;
+};
+
+Case make_case(Op op, int64_t a, int64_t b, int64_t c) {
+  Case cs{op_size(op, a, b, c), {}};
+  switch (op) {
+    case Op::quantize_ternary: {
+      auto w = std::make_shared<Tensor>(random_tensor({a}, 1));
+      auto q = std::make_shared<Tensor>(Tensor::empty({a}, DType::i8));
+      cs.run = [w, q](Backend& be) { be.quantize_ternary(*w, *q); };
+      break;
+    }
+    case Op::quantize_int8_rows: {
+      auto x = std::make_shared<Tensor>(random_tensor({a, b}, 2));
+      auto q = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::i8));
+      auto s = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
+      cs.run = [x, q, s](Backend& be) { be.quantize_int8_rows(*x, *q, *s); };
+      break;
+    }
+    case Op::pack_ternary:
+    case Op::unpack_ternary: {
+      auto q = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::i8));
+      Rng rng(7, 3);
+      for (int64_t i = 0; i < q->numel(); ++i) q->data<int8_t>()[i] = int8_t(int(rng.below(3)) - 1);
+      auto p = std::make_shared<Tensor>(Tensor::zeros({a, (b + 3) / 4}, DType::ternary2));
+      if (op == Op::pack_ternary) cs.run = [q, p](Backend& be) { be.pack_ternary(*q, *p); };
+      else cs.run = [q, p](Backend& be) { be.unpack_ternary(*p, *q); };
+      break;
+    }
+    case Op::matmul: {
+      auto x = std::make_shared<Tensor>(random_tensor({a, c}, 4));
+      auto y = std::make_shared<Tensor>(random_tensor({c, b}, 5));
+      auto z = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::f32));
+      cs.run = [x, y, z](Backend& be) { be.matmul(*x, *y, *z, {}); };
+      break;
+    }
+    case Op::kmeans_assign:
+    case Op::kmeans_update: {
+      auto x = std::make_shared<Tensor>(random_tensor({a, c}, 6));
+      auto cen = std::make_shared<Tensor>(random_tensor({b, c}, 7));
+      auto labels = std::make_shared<Tensor>(Tensor::empty({a}, DType::i32));
+      Rng rng(9, 9);
+      for (int64_t i = 0; i < a; ++i) labels->data<int32_t>()[i] = int32_t(rng.below(uint64_t(b)));
+      if (op == Op::kmeans_assign) {
+        auto dist = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
+        cs.run = [x, cen, labels, dist](Backend& be) { be.kmeans_assign(*x, *cen, *labels, *dist); };
+      } else {
+        auto sums = std::make_shared<Tensor>(Tensor::empty({b, c}, DType::f64));
+        auto counts = std::make_shared<Tensor>(Tensor::empty({b}, DType::i64));
+        cs.run = [x, labels, sums, counts](Backend& be) { be.kmeans_update(*x, *labels, *sums, *counts); };
+      }
+      break;
+    }
+  }
+  return cs;
+}
+
+struct Dims { int64_t a, b, c; };
+
+std::vector<Dims> ladder(Op op, bool quick) {
+  switch (op) {
+    case Op::quantize_ternary:
+      return quick ? std::vector<Dims>{{4096, 1, 1}, {65536, 1, 1}, {1 << 20, 1, 1}, {1 << 24, 1, 1}}
+                   : std::vector<Dims>{{1024, 1, 1}, {16384, 1, 1}, {262144, 1, 1}, {1 << 22, 1, 1}, {1 << 24, 1, 1}, {1 << 26, 1, 1}};
+    case Op::quantize_int8_rows:
+      return quick ? std::vector<Dims>{{1, 4096, 1}, {16, 4096, 1}, {256, 4096, 1}, {2048, 4096, 1}}
+                   : std::vector<Dims>{{1, 4096, 1}, {8, 4096, 1}, {64, 4096, 1}, {512, 4096, 1}, {4096, 4096, 1}};
+    case Op::pack_ternary:
+    case Op::unpack_ternary:
+      return quick ? std::vector<Dims>{{1, 4096, 1}, {64, 4096, 1}, {1024, 4096, 1}, {4096, 4096, 1}}
+                   : std::vector<Dims>{{1, 4096, 1}, {16, 4096, 1}, {256, 4096, 1}, {4096, 4096, 1}, {16384, 4096, 1}};
+    case Op::matmul:
+      return quick ? std::vector<Dims>{{32, 32, 32}, {64, 64, 64}, {128, 128, 128}, {256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}}
+                   : std::vector<Dims>{{16, 16, 16}, {32, 32, 32}, {64, 64, 64}, {128, 128, 128}, {256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}, {2048, 2048, 2048}};
+    case Op::kmeans_assign:
+      return quick ? std::vector<Dims>{{256, 256, 64}, {4096, 256, 64}, {65536, 256, 64}}
+                   : std::vector<Dims>{{256, 256, 64}, {4096, 256, 64}, {65536, 256, 64}, {262144, 256, 64}};
+    case Op::kmeans_update:
+      return quick ? std::vector<Dims>{{1024, 256, 64}, {16384, 256, 64}, {262144, 256, 64}}
+                   : std::vector<Dims>{{1024, 256, 64}, {16384, 256, 64}, {262144, 256, 64}, {1 << 20, 256, 64}};
+  }
+  return {};
+}
+
+// Machine ceilings, measured on all granted CPUs: streaming read and copy bandwidth over a buffer
+// well past the last-level cache, and the best GEMM rate among the CPU backends.
+json measure_ceilings(Dispatcher& dispatcher, bool quick, const HardwareInfo& hw) {
+  const size_t bytes = std::max<size_t>(quick ? (256ull << 20) : (512ull << 20), 4 * hw.l3_bytes);
+  const size_t words = bytes / 8;
+  std::vector<uint64_t> src(words), dst(words);
+  tbb::task_arena arena(hw.granted_cpus);
+  arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, words), [&](const auto& r) {
+      for (size_t i = r.begin(); i != r.end(); ++i) src[i] = i * 0x9E3779B97F4A7C15ull, dst[i] = 0;
+    });
+  });
+  const double budget = quick ? 0.4 : 1.5;
+  volatile uint64_t sink = 0;
+  const double read_s = time_median([&] {
+    arena.execute([&] {
+      sink = tbb::parallel_reduce(tbb::blocked_range<size_t>(0, words, 1 << 16), uint64_t(0), [&](const auto& r, uint64_t acc) {
+        for (size_t i = r.begin(); i != r.end(); ++i) acc += src[i];
+        return acc;
+      }, std::plus<uint64_t>());
+    });
+  }, budget);
+  const double copy_s = time_median([&] {
+    arena.execute([&] {
+      tbb::parallel_for(tbb::blocked_range<size_t>(0, words, 1 << 16), [&](const auto& r) {
+        std::memcpy(dst.data() + r.begin(), src.data() + r.begin(), (r.end() - r.begin()) * 8);
+      });
+    });
+  }, budget);
+  const double read_gbps = bytes / read_s / 1e9, copy_gbps = 2.0 * bytes / copy_s / 1e9;
+  const int64_t n = quick ? 768 : 1024;
+  Case gemm = make_case(Op::matmul, n, n, n);
+  double best_gflops = 0;
+  std::string gemm_backend;
+  for (BackendKind kind : {BackendKind::c, BackendKind::tbb}) {
+    const double t = time_median([&] { gemm.run(dispatcher.backend(kind)); }, budget);
+    if (gemm.size.flops / t / 1e9 > best_gflops) best_gflops = gemm.size.flops / t / 1e9, gemm_backend = to_string(kind);
+  }
+  return {{"buffer_bytes", bytes}, {"read_gbps", read_gbps}, {"copy_gbps", copy_gbps}, {"memory_gbps", std::max(read_gbps, copy_gbps)},
+          {"gemm_gflops", best_gflops}, {"gemm_size", n}, {"gemm_backend", gemm_backend}};
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+std::string pretty_seconds(double s) {
+  if (s < 1e-3) return fmt("%.1f us", s * 1e6);
+  if (s < 1) return fmt("%.2f ms", s * 1e3);
+  return fmt("%.2f s", s);
+}
+
+}  // namespace
+
+json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
+  const HardwareInfo& hw = dispatcher.policy().hardware;
+  std::vector<Op> ops = options.ops;
+  if (ops.empty())
+    for (int o = 0; o < kOpCount; ++o) ops.push_back(Op(o));
+  std::vector<BackendKind> backends;
+  json backends_json = json::object();
+  for (int b = 0; b < kBackendCount; ++b) {
+    if (dispatcher.available(BackendKind(b))) {
+      backends.push_back(BackendKind(b));
+      backends_json[to_string(BackendKind(b))] = dispatcher.backend(BackendKind(b)).describe();
+    } else {
+      backends_json[to_string(BackendKind(b))] = "unavailable: " + dispatcher.policy().unavailable_reason[b];
+    }
+  }
+
+  json report;
+  json cuda = json::array();
+  for (const auto& d : hw.cuda_devices)
+    cuda.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
+                    {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
+  report["hardware"] = {{"cpu", hw.cpu_model}, {"simd", to_string(hw.best_simd())}, {"granted_cpus", hw.granted_cpus},
+                        {"physical_cores", hw.physical_cores}, {"l2_bytes", hw.l2_bytes}, {"l3_bytes", hw.l3_bytes},
+                        {"memory_bytes", hw.memory_total_bytes}, {"cuda_devices", cuda}, {"cuda_status", hw.cuda_status},
+                        {"fingerprint", hw.fingerprint()}};
+  report["backends"] = backends_json;
+  report["quick"] = options.quick;
+  report["profile_in_force"] = dispatcher.policy().profile.source;
+
+  size_t cells = 0;
+  for (Op op : ops) cells += ladder(op, options.quick).size() * backends.size();
+  ProgressBar bar("dispatch-report", int64_t(cells) + 1);
+  if (!options.progress) bar.finish();
+  bar.update(0, "measuring ceilings");
+  const json ceilings = measure_ceilings(dispatcher, options.quick, hw);
+  report["ceilings"] = ceilings;
+  const double cell_budget = options.quick ? 0.06 : 0.3;
+
+  int64_t done = 1;
+  json ops_json = json::array();
+  for (Op op : ops) {
+    const bool compute = is_compute_bound(op);
+    const double ceiling = compute ? ceilings["gemm_gflops"].get<double>() : ceilings["memory_gbps"].get<double>();
+    json rows = json::array();
+    for (const Dims& dims : ladder(op, options.quick)) {
+      Case cs = make_case(op, dims.a, dims.b, dims.c);
+      json times = json::object(), rates = json::object(), shares = json::object();
+      double best = INFINITY;
+      std::string winner;
+      for (BackendKind kind : backends) {
+        bar.update(done++, cat(to_string(op), " ", cs.size.label, " on ", to_string(kind)));
+        const double t = time_median([&] { cs.run(dispatcher.backend(kind)); }, cell_budget);
+        const double rate = compute ? cs.size.flops / t / 1e9 : cs.size.touched_bytes / t / 1e9;
+        times[to_string(kind)] = t;
+        rates[to_string(kind)] = rate;
+        shares[to_string(kind)] = ceiling > 0 ? rate / ceiling : 0.0;
+        if (t < best) best = t, winner = to_string(kind);
+      }
+      const Decision chosen = dispatcher.choose(cs.size, Device::cpu());
+      rows.push_back({{"size", cs.size.label}, {"work", cs.size.work}, {"seconds", times}, {"rate", rates}, {"share_of_ceiling", shares},
+                      {"winner", winner}, {"auto", to_string(chosen.backend)}});
+    }
+    // Crossovers: the first ladder size at which the winner changes.
+    json crossovers = json::array();
+    for (size_t i = 1; i < rows.size(); ++i)
+      if (rows[i]["winner"] != rows[i - 1]["winner"])
+        crossovers.push_back({{"from", rows[i - 1]["winner"]}, {"to", rows[i]["winner"]}, {"between", rows[i - 1]["size"]}, {"and", rows[i]["size"]}});
+    ops_json.push_back({{"op", to_string(op)}, {"unit", compute ? "GFLOP/s" : "GB/s"}, {"rows", rows}, {"crossovers", crossovers}});
+  }
+  bar.finish();
+  report["ops"] = ops_json;
+
+  // ---- recommendations, in plain words
+  json recs = json::array();
+  int mismatches = 0;
+  double worst_loss = 1.0;
+  std::string worst_case;
+  for (const auto& o : ops_json)
+    for (const auto& r : o["rows"]) {
+      if (r["auto"] == r["winner"]) continue;
+      const double t_auto = r["seconds"].value(r["auto"].get<std::string>(), INFINITY), t_best = r["seconds"][r["winner"].get<std::string>()].get<double>();
+      ++mismatches;
+      if (t_auto / t_best > worst_loss) worst_loss = t_auto / t_best, worst_case = cat(o["op"].get<std::string>(), " ", r["size"].get<std::string>());
+    }
+  if (mismatches == 0)
+    recs.push_back(cat("Automatic routing with the profile in force (", dispatcher.policy().profile.source, ") picks the measured winner at every size."));
+  else
+    recs.push_back(cat("With the profile in force (", dispatcher.policy().profile.source, "), automatic routing misses the measured winner at ", mismatches,
+                       " sizes (worst: ", worst_case, ", ", fmt("%.2f", worst_loss), "x slower). Run `hybrit dispatch-report --save ",
+                       default_profile_path(), "` so it follows these measurements."));
+  for (const auto& o : ops_json) {
+    std::string line = cat(o["op"].get<std::string>(), ": ");
+    if (o["crossovers"].empty()) line += cat(o["rows"].back()["winner"].get<std::string>(), " wins at every measured size");
+    for (const auto& c : o["crossovers"])
+      line += cat(c["from"].get<std::string>(), " up to ", c["between"].get<std::string>(), ", ", c["to"].get<std::string>(), " from ",
+                  c["and"].get<std::string>(), "; ");
+    recs.push_back(line);
+  }
+  // Scaling: how far tbb gets beyond one core on the largest compute-bound case.
+  for (const auto& o : ops_json) {
+    if (o["op"] != "matmul") continue;
+    const auto& last = o["rows"].back();
+    if (last["seconds"].contains("c") && last["seconds"].contains("tbb")) {
+      const double speedup = last["seconds"]["c"].get<double>() / last["seconds"]["tbb"].get<double>();
+      recs.push_back(cat("Cores: tbb runs matmul ", last["size"].get<std::string>(), " ", fmt("%.2f", speedup), "x faster than one core on ", hw.granted_cpus,
+                         " threads (", fmt("%.0f", 100 * speedup / hw.granted_cpus), "% parallel efficiency, counting Eigen's and the C kernel's different speeds); "
+                         "compute-bound ops (matmul, kmeans_assign) would scale with more cores, memory-bound ones (quantize, pack) are held by memory bandwidth (",
+                         fmt("%.1f", ceilings["memory_gbps"].get<double>()), " GB/s measured)."));
+    }
+  }
+  if (!dispatcher.available(BackendKind::cuda)) {
+    // What a GPU would take, by the built-in GPU model and the transfer cost on host data.
+    Profile gpu = default_profile(hw);
+    std::string moves;
+    for (const auto& o : ops_json) {
+      const Op op = parse_op(o["op"].get<std::string>(), "report");
+      for (const auto& r : o["rows"]) {
+        const double work = r["work"].get<double>();
+        double cpu_best = INFINITY;
+        for (const auto& [k, v] : r["seconds"].items()) cpu_best = std::min(cpu_best, v.get<double>());
+        const Dims d = ladder(op, options.quick)[&r - &o["rows"][0]];
+        const OpSize sz = op_size(op, d.a, d.b, d.c);
+        const double gpu_t = gpu.predict(op, BackendKind::cuda, work) + sz.transfer_bytes / (gpu.transfer_gbps * 1e9) + 2 * gpu.transfer_latency_s;
+        if (gpu_t < cpu_best) {
+          moves += cat(o["op"].get<std::string>(), " from ", r["size"].get<std::string>(), ", ");
+          break;
+        }
+      }
+    }
+    recs.push_back(cat("CUDA: ", hw.cuda_status, ". With a GPU, by the built-in GPU model (",
+                       "PCIe transfers included, data starting on the host): ", moves.empty() ? std::string("nothing measured here would move") : "would move " + moves.substr(0, moves.size() - 2),
+                       "; memory-bound ops on host data stay on the CPU, because the trip over PCIe costs more than the work."));
+  }
+  report["recommendations"] = recs;
+  return report;
+}
+
+std::string format_report(const json& r) {
+  std::string out;
+  const auto& hw = r["hardware"];
+  out += cat("hybrit dispatch-report", r["quick"].get<bool>() ? " (quick)" : "", "\n\n");
+  out += cat("CPU      ", hw["cpu"].get<std::string>(), ", ", hw["simd"].get<std::string>(), ", ", hw["granted_cpus"].get<int>(), " CPUs granted, L3 ",
+             format_bytes(hw["l3_bytes"].get<double>()), ", memory ", format_bytes(hw["memory_bytes"].get<double>()), "\n");
+  out += cat("CUDA     ", hw["cuda_status"].get<std::string>(), "\n");
+  for (const auto& [name, text] : r["backends"].items()) out += cat("backend  ", name, ": ", text.get<std::string>(), "\n");
+  const auto& c = r["ceilings"];
+  out += cat("ceilings memory ", fmt("%.1f", c["memory_gbps"].get<double>()), " GB/s (read ", fmt("%.1f", c["read_gbps"].get<double>()), ", copy ",
+             fmt("%.1f", c["copy_gbps"].get<double>()), ", all granted CPUs, ", format_bytes(c["buffer_bytes"].get<double>()), " buffer); GEMM ",
+             fmt("%.1f", c["gemm_gflops"].get<double>()), " GFLOP/s (", c["gemm_backend"].get<std::string>(), ", n = ", c["gemm_size"].get<int>(), ")\n");
+  out += cat("profile  ", r["profile_in_force"].get<std::string>(), "\n");
+  for (const auto& o : r["ops"]) {
+    const std::string unit = o["unit"].get<std::string>();
+    out += cat("\n", o["op"].get<std::string>(), "  (rate in ", unit, ", % of the measured ceiling)\n");
+    std::vector<std::string> names;
+    for (const auto& [name, _] : o["rows"][0]["seconds"].items()) names.push_back(name);
+    char line[256];
+    std::snprintf(line, sizeof line, "  %-22s", "size");
+    out += line;
+    for (const auto& n : names) {
+      std::snprintf(line, sizeof line, " %26s", (n + " time / rate / %").c_str());
+      out += line;
+    }
+    out += "  winner  auto\n";
+    for (const auto& row : o["rows"]) {
+      std::snprintf(line, sizeof line, "  %-22s", row["size"].get<std::string>().c_str());
+      out += line;
+      for (const auto& n : names) {
+        std::snprintf(line, sizeof line, " %10s %8.2f %5.0f%%", pretty_seconds(row["seconds"][n].get<double>()).c_str(), row["rate"][n].get<double>(),
+                      100 * row["share_of_ceiling"][n].get<double>());
+        out += line;
+      }
+      std::snprintf(line, sizeof line, "  %-6s  %-5s%s\n", row["winner"].get<std::string>().c_str(), row["auto"].get<std::string>().c_str(),
+                    row["winner"] == row["auto"] ? "" : "  <- differs");
+      out += line;
+    }
+  }
+  out += "\nRecommendations\n";
+  for (const auto& rec : r["recommendations"]) out += cat("  - ", rec.get<std::string>(), "\n");
+  return out;
+}
+
+Profile profile_from_report(const json& report, const Profile& base) {
+  Profile p = base;
+  p.fingerprint = report["hardware"]["fingerprint"].get<std::string>();
+  for (const auto& o : report["ops"]) {
+    const Op op = parse_op(o["op"].get<std::string>(), "report");
+    std::map<BackendKind, std::vector<ProfilePoint>> measured;
+    for (const auto& row : o["rows"])
+      for (const auto& [name, t] : row["seconds"].items()) measured[parse_backend(name, "report")].push_back({row["work"].get<double>(), t.get<double>()});
+    for (auto& [kind, pts] : measured) p.points[{op, kind}] = std::move(pts);
+  }
+  return p;
+}
+
+}  // namespace hybrit

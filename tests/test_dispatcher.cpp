@@ -1,0 +1,269 @@
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "core/log.hpp"
+#include "dispatch/dispatcher.hpp"
+#include "dispatch/report.hpp"
+#include "test_support.hpp"
+
+namespace hybrit::test {
+namespace {
+
+// A synthetic machine: c costs 1 us + 1 ns per unit of work, tbb 20 us + 0.25 ns, and a GPU
+// 10 us + 0.01 ns; the crossovers are then known exactly.
+Policy synthetic_policy(bool with_cuda) {
+  Policy p;
+  p.hardware.cpu_model = "test CPU";
+  p.hardware.granted_cpus = 4;
+  auto line = [](double overhead, double per_unit) {
+    std::vector<ProfilePoint> pts;
+    for (double w = 1e2; w <= 1e10; w *= 10) pts.push_back({w, overhead + per_unit * w});
+    return pts;
+  };
+  for (int o = 0; o < kOpCount; ++o) {
+    p.profile.points[{Op(o), BackendKind::c}] = line(1e-6, 1e-9);
+    p.profile.points[{Op(o), BackendKind::tbb}] = line(20e-6, 0.25e-9);
+    p.profile.points[{Op(o), BackendKind::cuda}] = line(10e-6, 0.01e-9);
+  }
+  p.profile.transfer_gbps = 10;
+  p.profile.transfer_latency_s = 0;
+  p.available = {true, true, with_cuda};
+  p.unavailable_reason[2] = "no GPU in this test";
+  return p;
+}
+
+OpSize work_of(Op op, double work, double transfer_bytes) {
+  OpSize s;
+  s.op = op;
+  s.work = work;
+  s.transfer_bytes = transfer_bytes;
+  return s;
+}
+
+TEST(Policy, PicksTheCheapestBackendBySize) {
+  const Policy p = synthetic_policy(false);
+  // c: 1 us + w ns; tbb: 20 us + w/4 ns; equal at w = 19e-6 / 0.75e-9 = 25333.
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 1e3, 0), Device::cpu()).backend, BackendKind::c);
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 2e4, 0), Device::cpu()).backend, BackendKind::c);
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 3e4, 0), Device::cpu()).backend, BackendKind::tbb);
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 1e9, 0), Device::cpu()).backend, BackendKind::tbb);
+  const Decision d = p.choose(work_of(Op::matmul, 1e9, 0), Device::cpu());
+  EXPECT_TRUE(std::isnan(d.predicted_seconds[2]));
+  EXPECT_NE(d.reason.find("cuda unavailable"), std::string::npos) << d.reason;
+}
+
+TEST(Policy, ChargesTheTripToTheGpuForHostData) {
+  const Policy p = synthetic_policy(true);
+  // Memory-bound: 1e8 units moving 5e8 bytes; the GPU kernel takes 1 ms but the trip 50 ms.
+  const OpSize stream = work_of(Op::quantize_ternary, 1e8, 5e8);
+  EXPECT_EQ(p.choose(stream, Device::cpu()).backend, BackendKind::tbb);
+  // Compute-bound: 1e10 units moving 1e7 bytes; the trip is 1 ms, the CPU 2.5 s.
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 1e10, 1e7), Device::cpu()).backend, BackendKind::cuda);
+  // Data already on the GPU stays there, whatever the size.
+  EXPECT_EQ(p.choose(work_of(Op::quantize_ternary, 10, 40), Device::cuda(0)).backend, BackendKind::cuda);
+}
+
+TEST(Policy, IsAPureFunctionOfItsInputs) {
+  const Policy a = synthetic_policy(true), b = synthetic_policy(true);
+  for (double w = 10; w < 1e11; w *= 3) {
+    const OpSize s = work_of(Op::kmeans_assign, w, w / 10);
+    EXPECT_EQ(a.choose(s, Device::cpu()).backend, b.choose(s, Device::cpu()).backend);
+    EXPECT_EQ(a.choose(s, Device::cpu()).reason, a.choose(s, Device::cpu()).reason);
+  }
+}
+
+TEST(Policy, OverridesWinAndAMissingBackendIsAnError) {
+  Policy p = synthetic_policy(false);
+  p.overrides.backend = BackendKind::c;
+  p.overrides.per_op[Op::matmul] = BackendKind::tbb;
+  p.overrides.source = "test";
+  EXPECT_EQ(p.choose(work_of(Op::quantize_ternary, 1e9, 0), Device::cpu()).backend, BackendKind::c);
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 10, 0), Device::cpu()).backend, BackendKind::tbb);
+  EXPECT_NE(p.choose(work_of(Op::matmul, 10, 0), Device::cpu()).reason.find("forced by test"), std::string::npos);
+  p.overrides.backend = BackendKind::cuda;
+  try {
+    p.validate();
+    FAIL() << "forcing an absent backend must fail";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+    EXPECT_NE(std::string(e.what()).find("no GPU in this test"), std::string::npos) << e.what();
+  }
+  Policy q = synthetic_policy(true);
+  q.overrides.backend = BackendKind::tbb;
+  EXPECT_THROW(q.choose(work_of(Op::matmul, 10, 0), Device::cuda(0)), Error);  // CPU backend, device data
+}
+
+TEST(Profile, InterpolatesInLogLogAndExtrapolatesByThroughput) {
+  Profile p;
+  p.points[{Op::matmul, BackendKind::c}] = {{1e3, 1e-6}, {1e5, 1e-4}, {1e7, 4e-3}};
+  EXPECT_DOUBLE_EQ(p.predict(Op::matmul, BackendKind::c, 10), 1e-6);        // below: the smallest
+  EXPECT_NEAR(p.predict(Op::matmul, BackendKind::c, 1e4), 1e-5, 1e-12);     // on the line t = w / 1e9
+  EXPECT_NEAR(p.predict(Op::matmul, BackendKind::c, 1e8), 4e-2, 1e-12);     // beyond: same rate
+  EXPECT_TRUE(std::isnan(p.predict(Op::matmul, BackendKind::tbb, 1e4)));
+}
+
+std::vector<std::string> g_warnings;
+void capture(LogLevel level, const std::string& line) {
+  if (level == LogLevel::warn) g_warnings.push_back(line);
+}
+
+struct TempDir {
+  std::filesystem::path path = std::filesystem::temp_directory_path() / cat("hybrit-test-", getpid(), "-", run_seed() % 100000);
+  TempDir() { std::filesystem::create_directories(path); }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+TEST(Profile, SavesLoadsAndRejectsStaleOrDamagedFiles) {
+  TempDir dir;
+  const HardwareInfo& hw = hardware();
+  Profile p = default_profile(hw);
+  p.fingerprint = hw.fingerprint();
+  p.points[{Op::matmul, BackendKind::tbb}] = {{1e3, 2e-6}, {1e6, 3e-4}};
+  save_profile(p, dir.file("profile.json"));
+  const Profile back = load_profile(dir.file("profile.json"), true, hw);
+  EXPECT_EQ(back.source, dir.file("profile.json"));
+  EXPECT_DOUBLE_EQ(back.predict(Op::matmul, BackendKind::tbb, 1e6), 3e-4);
+
+  // Another machine's profile: ignored with a warning naming the file.
+  Profile other = p;
+  other.fingerprint = "0123456789abcdef";
+  save_profile(other, dir.file("other.json"));
+  set_log_sink(capture);
+  g_warnings.clear();
+  const Profile ignored = load_profile(dir.file("other.json"), true, hw);
+  set_log_sink(nullptr);
+  EXPECT_EQ(ignored.source, "built-in defaults");
+  ASSERT_EQ(g_warnings.size(), 1u);
+  EXPECT_NE(g_warnings[0].find("other hardware"), std::string::npos) << g_warnings[0];
+
+  // Damaged: an error when named explicitly, a warning at the default location.
+  std::ofstream(dir.file("bad.json")) << "{\"format\": \"hybrit-dispatch-profile\", \"version\": 1, ";
+  EXPECT_THROW(load_profile(dir.file("bad.json"), true, hw), Error);
+  set_log_sink(capture);
+  g_warnings.clear();
+  EXPECT_EQ(load_profile(dir.file("bad.json"), false, hw).source, "built-in defaults");
+  set_log_sink(nullptr);
+  EXPECT_EQ(g_warnings.size(), 1u);
+  try {
+    load_profile(dir.file("missing.json"), true, hw);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::io);
+  }
+  EXPECT_EQ(load_profile(dir.file("missing.json"), false, hw).source, "built-in defaults");
+}
+
+TEST(Overrides, YamlSectionIsParsedAndCheckedWithLineNumbers) {
+  const Overrides o = overrides_from_yaml("model: {dim: 8}\ndispatch:\n  backend: tbb\n  threads: 3\n  ops:\n    matmul: c\n", "run.yaml");
+  EXPECT_EQ(o.backend, BackendKind::tbb);
+  EXPECT_EQ(o.threads, 3);
+  EXPECT_EQ(o.per_op.at(Op::matmul), BackendKind::c);
+  auto error_of = [](const std::string& text) {
+    try {
+      overrides_from_yaml(text, "run.yaml");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(error_of("dispatch:\n  backend: gpu\n"), "run.yaml:2: dispatch.backend: expected c, tbb, cuda or auto, got 'gpu'");
+  EXPECT_EQ(error_of("dispatch:\n  backend: c\n  thread: 2\n"), "run.yaml:3: dispatch.thread: unknown key (expected backend, ops, simd, threads or profile)");
+  EXPECT_NE(error_of("dispatch:\n  ops:\n    matmull: c\n").find("run.yaml:3: dispatch.ops: unknown op 'matmull'"), std::string::npos);
+  EXPECT_EQ(error_of("dispatch:\n  threads: [1, 2]\n"), "run.yaml:2: dispatch.threads: expected a single value, got a list");
+  EXPECT_EQ(error_of("dispatch:\n  threads: -1\n"), "run.yaml:2: dispatch.threads: expected a thread count 0..4096, got '-1'");
+  EXPECT_NE(error_of("dispatch: [\n").find("run.yaml:2: YAML syntax error"), std::string::npos) << error_of("dispatch: [\n");
+  EXPECT_FALSE(overrides_from_yaml("train: {steps: 3}\n", "x.yaml").backend.has_value());
+}
+
+TEST(Overrides, EnvironmentIsCheckedAndHasItsPlaceInTheOrder) {
+  setenv("HYBRIT_BACKEND", "gpu", 1);
+  EXPECT_THROW(overrides_from_env(), Error);
+  setenv("HYBRIT_BACKEND", "c", 1);
+  Overrides env = overrides_from_env();
+  Overrides yaml = overrides_from_yaml("dispatch: {backend: tbb, threads: 2}\n", "x.yaml");
+  yaml.merge(env);  // environment over config
+  EXPECT_EQ(yaml.backend, BackendKind::c);
+  EXPECT_EQ(yaml.threads, 2);
+  setenv("HYBRIT_THREADS", "lots", 1);
+  EXPECT_THROW(overrides_from_env(), Error);
+  unsetenv("HYBRIT_THREADS");
+  unsetenv("HYBRIT_BACKEND");
+}
+
+TEST(Dispatcher, ForcingAnAbsentCudaBackendIsAnError) {
+  if (make_cuda_backend(nullptr)) GTEST_SKIP() << "a CUDA device is present; nothing to refuse";
+  DispatcherOptions o;
+  o.overrides.backend = BackendKind::cuda;
+  o.use_environment = false;
+  try {
+    Dispatcher d(o);
+    FAIL() << "no silent fallback";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+    EXPECT_NE(std::string(e.what()).find("cuda"), std::string::npos);
+  }
+}
+
+std::vector<std::string> g_info;
+void capture_info(LogLevel level, const std::string& line) {
+  if (level == LogLevel::info) g_info.push_back(line);
+}
+
+TEST(Dispatcher, RoutesRecordsMetricsAndExplainsItself) {
+  DispatcherOptions o;
+  o.use_environment = false;
+  o.overrides.per_op[Op::quantize_ternary] = BackendKind::c;
+  Dispatcher d(o);
+  Tensor w = random_f32({1000}, 1), q = Tensor::empty({1000}, DType::i8);
+  set_verbose(true);
+  set_log_sink(capture_info);
+  g_info.clear();
+  d.quantize_ternary(w, q);
+  Tensor a = random_f32({64, 64}, 2), c = Tensor::empty({64, 64}, DType::f32);
+  d.matmul(a, a, c);
+  set_log_sink(nullptr);
+  set_verbose(false);
+  ASSERT_EQ(g_info.size(), 2u);
+  EXPECT_NE(g_info[0].find("dispatch quantize_ternary 1000 (data on cpu) -> c: forced by argument"), std::string::npos) << g_info[0];
+  EXPECT_NE(g_info[1].find("dispatch matmul 64x64x64"), std::string::npos) << g_info[1];
+  EXPECT_NE(g_info[1].find("predicted"), std::string::npos) << g_info[1];
+  const MetricsRow r = d.metrics().get(Op::quantize_ternary, BackendKind::c);
+  EXPECT_EQ(r.calls, 1);
+  EXPECT_EQ(r.elements, 1000);
+  EXPECT_EQ(r.bytes, 9000);
+  EXPECT_GT(r.seconds, 0);
+  EXPECT_NE(d.metrics().table().find("quantize_ternary"), std::string::npos);
+}
+
+TEST(Report, MeasuresEveryBackendAndBecomesAProfile) {
+  DispatcherOptions o;
+  o.use_environment = false;
+  Dispatcher d(o);
+  ReportOptions ro;
+  ro.ops = {Op::quantize_int8_rows};
+  ro.progress = false;
+  const auto r = run_dispatch_report(d, ro);
+  ASSERT_EQ(r["ops"].size(), 1u);
+  const auto& rows = r["ops"][0]["rows"];
+  ASSERT_GE(rows.size(), 3u);
+  for (const auto& row : rows) {
+    EXPECT_TRUE(row["seconds"].contains("c") && row["seconds"].contains("tbb"));
+    EXPECT_GT(row["seconds"]["c"].get<double>(), 0);
+    const double winner_time = row["seconds"][row["winner"].get<std::string>()].get<double>();
+    for (const auto& [name, t] : row["seconds"].items()) EXPECT_LE(winner_time, t.get<double>());
+  }
+  EXPECT_GT(r["ceilings"]["memory_gbps"].get<double>(), 0.1);
+  EXPECT_GT(r["ceilings"]["gemm_gflops"].get<double>(), 0.1);
+  EXPECT_FALSE(r["recommendations"].empty());
+  const Profile p = profile_from_report(r, d.policy().profile);
+  EXPECT_EQ(p.fingerprint, hardware().fingerprint());
+  const double w = rows[1]["work"].get<double>();
+  EXPECT_DOUBLE_EQ(p.predict(Op::quantize_int8_rows, BackendKind::tbb, w), rows[1]["seconds"]["tbb"].get<double>());
+  EXPECT_NE(format_report(r).find("quantize_int8_rows"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace hybrit::test
