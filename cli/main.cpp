@@ -22,26 +22,6 @@ std::vector<std::string> split_commas(const std::string& text) {
   return out;
 }
 
-nlohmann::json hardware_json(const HardwareInfo& hw) {
-  nlohmann::json gpus = nlohmann::json::array();
-  for (const auto& d : hw.cuda_devices)
-    gpus.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
-                    {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
-  return {{"cpu", hw.cpu_model},
-          {"isa", {{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw}, {"avx512vl", hw.avx512vl},
-                   {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}}},
-          {"simd", to_string(hw.best_simd())},
-          {"logical_cpus", hw.logical_cpus},
-          {"physical_cores", hw.physical_cores},
-          {"granted_cpus", hw.granted_cpus},
-          {"cache_bytes", {{"l1d", hw.l1d_bytes}, {"l2", hw.l2_bytes}, {"l3", hw.l3_bytes}}},
-          {"memory_bytes", {{"total", hw.memory_total_bytes}, {"available", hw.memory_available_bytes}}},
-          {"cuda_devices", gpus},
-          {"cuda_status", hw.cuda_status},
-          {"cuda_backend_built", cuda_backend_built()},
-          {"fingerprint", hw.fingerprint()}};
-}
-
 void print_info(const HardwareInfo& hw) {
   std::string isa;
   for (auto [name, on] : {std::pair{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw},

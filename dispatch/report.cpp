@@ -185,6 +185,26 @@ std::string pretty_seconds(double s) {
 
 }  // namespace
 
+json hardware_json(const HardwareInfo& hw) {
+  json gpus = json::array();
+  for (const auto& d : hw.cuda_devices)
+    gpus.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
+                    {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
+  return {{"cpu", hw.cpu_model},
+          {"isa", {{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw}, {"avx512vl", hw.avx512vl},
+                   {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}}},
+          {"simd", to_string(hw.best_simd())},
+          {"logical_cpus", hw.logical_cpus},
+          {"physical_cores", hw.physical_cores},
+          {"granted_cpus", hw.granted_cpus},
+          {"cache_bytes", {{"l1d", hw.l1d_bytes}, {"l2", hw.l2_bytes}, {"l3", hw.l3_bytes}}},
+          {"memory_bytes", {{"total", hw.memory_total_bytes}, {"available", hw.memory_available_bytes}}},
+          {"cuda_devices", gpus},
+          {"cuda_status", hw.cuda_status},
+          {"cuda_backend_built", cuda_backend_built()},
+          {"fingerprint", hw.fingerprint()}};
+}
+
 json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   const HardwareInfo& hw = dispatcher.policy().hardware;
   std::vector<Op> ops = options.ops;
@@ -202,14 +222,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   }
 
   json report;
-  json cuda = json::array();
-  for (const auto& d : hw.cuda_devices)
-    cuda.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
-                    {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
-  report["hardware"] = {{"cpu", hw.cpu_model}, {"simd", to_string(hw.best_simd())}, {"granted_cpus", hw.granted_cpus},
-                        {"physical_cores", hw.physical_cores}, {"l2_bytes", hw.l2_bytes}, {"l3_bytes", hw.l3_bytes},
-                        {"memory_bytes", hw.memory_total_bytes}, {"cuda_devices", cuda}, {"cuda_status", hw.cuda_status},
-                        {"fingerprint", hw.fingerprint()}};
+  report["hardware"] = hardware_json(hw);
   report["backends"] = backends_json;
   report["quick"] = options.quick;
   report["profile_in_force"] = dispatcher.policy().profile.source;
@@ -275,24 +288,26 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
     recs.push_back(cat("With the profile in force (", dispatcher.policy().profile.source, "), automatic routing misses the measured winner at ", mismatches,
                        " sizes (worst: ", worst_case, ", ", fmt("%.2f", worst_loss), "x slower). Run `hybrit dispatch-report --save ",
                        default_profile_path(), "` so it follows these measurements."));
-  for (const auto& o : ops_json) {
-    std::string line = cat(o["op"].get<std::string>(), ": ");
-    if (o["crossovers"].empty()) line += cat(o["rows"].back()["winner"].get<std::string>(), " wins at every measured size");
-    for (const auto& c : o["crossovers"])
-      line += cat(c["from"].get<std::string>(), " up to ", c["between"].get<std::string>(), ", ", c["to"].get<std::string>(), " from ",
-                  c["and"].get<std::string>(), "; ");
-    recs.push_back(line);
-  }
+  // Thresholds, measured and in force: where the winner (or auto's pick) changes along the ladder.
+  auto thresholds = [](const json& rows, const char* field) {
+    std::string text = cat(rows[0][field].get<std::string>());
+    for (size_t i = 1; i < rows.size(); ++i)
+      if (rows[i][field] != rows[i - 1][field])
+        text += cat(" up to ", rows[i - 1]["size"].get<std::string>(), ", ", rows[i][field].get<std::string>(), " from ", rows[i]["size"].get<std::string>());
+    return text == rows[0][field].get<std::string>() ? text + " at every size" : text;
+  };
+  for (const auto& o : ops_json)
+    recs.push_back(cat(o["op"].get<std::string>(), ": measured ", thresholds(o["rows"], "winner"), "; auto now uses ", thresholds(o["rows"], "auto"), "."));
   // Scaling: how far tbb gets beyond one core on the largest compute-bound case.
   for (const auto& o : ops_json) {
     if (o["op"] != "matmul") continue;
     const auto& last = o["rows"].back();
     if (last["seconds"].contains("c") && last["seconds"].contains("tbb")) {
       const double speedup = last["seconds"]["c"].get<double>() / last["seconds"]["tbb"].get<double>();
-      recs.push_back(cat("Cores: tbb runs matmul ", last["size"].get<std::string>(), " ", fmt("%.2f", speedup), "x faster than one core on ", hw.granted_cpus,
-                         " threads (", fmt("%.0f", 100 * speedup / hw.granted_cpus), "% parallel efficiency, counting Eigen's and the C kernel's different speeds); "
-                         "compute-bound ops (matmul, kmeans_assign) would scale with more cores, memory-bound ones (quantize, pack) are held by memory bandwidth (",
-                         fmt("%.1f", ceilings["memory_gbps"].get<double>()), " GB/s measured)."));
+      recs.push_back(cat("Cores: matmul ", last["size"].get<std::string>(), " runs ", fmt("%.2f", speedup), "x faster on tbb (Eigen, ", hw.granted_cpus,
+                         " threads) than on the single-thread C backend; compute-bound ops (matmul, kmeans_assign) grow with more cores, while "
+                         "memory-bound ones (quantize, pack) are held by memory bandwidth (", fmt("%.1f", ceilings["memory_gbps"].get<double>()),
+                         " GB/s measured), which more cores raise only up to the memory channels' limit."));
     }
   }
   if (!dispatcher.available(BackendKind::cuda)) {
@@ -327,7 +342,7 @@ std::string format_report(const json& r) {
   const auto& hw = r["hardware"];
   out += cat("hybrit dispatch-report", r["quick"].get<bool>() ? " (quick)" : "", "\n\n");
   out += cat("CPU      ", hw["cpu"].get<std::string>(), ", ", hw["simd"].get<std::string>(), ", ", hw["granted_cpus"].get<int>(), " CPUs granted, L3 ",
-             format_bytes(hw["l3_bytes"].get<double>()), ", memory ", format_bytes(hw["memory_bytes"].get<double>()), "\n");
+             format_bytes(hw["cache_bytes"]["l3"].get<double>()), ", memory ", format_bytes(hw["memory_bytes"]["total"].get<double>()), "\n");
   out += cat("CUDA     ", hw["cuda_status"].get<std::string>(), "\n");
   for (const auto& [name, text] : r["backends"].items()) out += cat("backend  ", name, ": ", text.get<std::string>(), "\n");
   const auto& c = r["ceilings"];

@@ -15,6 +15,9 @@ struct ReportOptions {
   bool progress = true;       // progress bar on a terminal
 };
 
+// The hardware probe as JSON (what `hybrit info --json` and hybrit.info() return).
+nlohmann::json hardware_json(const HardwareInfo& hw);
+
 // The whole report as JSON (hardware, backends, ceilings, per-op tables, crossovers,
 // recommendations, and the measured profile).
 nlohmann::json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options);

@@ -414,7 +414,9 @@ void probe_cuda(HardwareInfo& hw) {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
-    hw.cuda_status = cat("no usable CUDA device: ", cudaGetErrorString(status));
+    hw.cuda_status = status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver
+                         ? cat("no NVIDIA GPU or driver on this machine (CUDA runtime: ", cudaGetErrorString(status), ")")
+                         : cat("no usable CUDA device: ", cudaGetErrorString(status));
     return;
   }
   if (count == 0) {

@@ -1,0 +1,33 @@
+"""hybrit: train and serve 1.58-bit (ternary, BitNet b1.58-style) transformer language models.
+
+The native core lives in ``hybrit._hybrit``; this package re-exports it:
+
+    >>> import numpy as np, hybrit
+    >>> d = hybrit.Dispatcher()                 # backend per call, by size and hardware
+    >>> q, s = d.quantize_ternary(np.random.randn(4096).astype(np.float32))
+    >>> d.metrics()                             # calls, elements, bytes, seconds per op/backend
+
+Arrays must be C-contiguous with the documented dtype (float32 for values); those are used
+without copying. Anything else raises TypeError (wrong type or dtype) or ValueError (layout,
+shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
+(corrupt data, unsupported) and MemoryError.
+"""
+from ._hybrit import Dispatcher, default_profile_path, dispatch_report, info
+
+__all__ = ["Dispatcher", "dispatch_report", "info", "default_profile_path", "op_size"]
+__version__ = "0.1.0"
+
+
+def op_size(op, *dims):
+    """The dims Dispatcher.choose takes for each op, spelled out (returns them as a list):
+
+    quantize_ternary: (n,); quantize_int8_rows, pack_ternary, unpack_ternary: (rows, cols);
+    matmul: (m, n, k); kmeans_assign and kmeans_update: (n, k, d).
+    """
+    expected = {"quantize_ternary": 1, "quantize_int8_rows": 2, "pack_ternary": 2, "unpack_ternary": 2,
+                "matmul": 3, "kmeans_assign": 3, "kmeans_update": 3}
+    if op not in expected:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(expected)}")
+    if len(dims) != expected[op]:
+        raise ValueError(f"{op} takes {expected[op]} dims, got {len(dims)}")
+    return list(dims)

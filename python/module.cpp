@@ -1,0 +1,290 @@
+// The _hybrit extension: numpy arrays in and out, zero-copy for C-contiguous inputs of the right
+// dtype, the GIL released while kernels run. Errors become ValueError / OSError / RuntimeError /
+// MemoryError by kind. The `hybrit` package (hybrit/__init__.py) re-exports all of it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "dispatch/dispatcher.hpp"
+#include "dispatch/report.hpp"
+
+namespace py = pybind11;
+using namespace hybrit;
+
+namespace {
+
+py::object json_to_python(const nlohmann::json& j) { return py::module_::import("json").attr("loads")(j.dump()); }
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// A numpy array checked for dtype, layout and rank, seen as a Tensor without copying. The array
+// must outlive the tensor; every caller below keeps it alive for the whole call.
+template <class T>
+Tensor view(const py::handle& obj, const char* name, int min_ndim, int max_ndim, const char* numpy_type) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(cat(name, " must be a numpy array, got ", py::str(py::type::of(obj).attr("__name__")).cast<std::string>()));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(cat(name, " must be a ", numpy_type, " array, got ", dtype_str(a), " (convert with ", name, ".astype(np.", numpy_type, "))"));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(cat(name, " must be C-contiguous (pass np.ascontiguousarray(", name, "))"));
+  if (a.ndim() < min_ndim || a.ndim() > max_ndim)
+    throw py::value_error(min_ndim == max_ndim ? cat(name, " must have ", min_ndim, " dimensions, got ", a.ndim())
+                                               : cat(name, " must have ", min_ndim, " to ", max_ndim, " dimensions, got ", a.ndim()));
+  Shape shape(a.shape(), a.shape() + a.ndim());
+  return Tensor::wrap(const_cast<void*>(a.data()), shape, dtype_of<T>(), nullptr);
+}
+
+template <class T>
+std::pair<py::array_t<T>, Tensor> new_array(const Shape& shape) {
+  std::vector<py::ssize_t> dims(shape.begin(), shape.end());
+  py::array_t<T> a(dims);
+  Tensor t = Tensor::wrap(a.mutable_data(), shape, dtype_of<T>(), nullptr);
+  return {a, t};
+}
+
+Overrides overrides_from(const std::optional<std::string>& backend, const std::optional<std::map<std::string, std::string>>& ops,
+                         const std::optional<std::string>& simd, int threads, const std::optional<std::string>& profile) {
+  Overrides o;
+  o.source = "argument";
+  if (backend && *backend != "auto") o.backend = parse_backend(*backend, "backend");
+  if (ops)
+    for (const auto& [op, kind] : *ops) o.per_op[parse_op(op, "ops")] = parse_backend(kind, cat("ops[", op, "]"));
+  if (simd) o.simd = parse_simd_level(*simd, "simd");
+  if (threads < 0) throw py::value_error(cat("threads must be >= 0, got ", threads));
+  o.threads = threads;
+  if (profile) o.profile_path = *profile;
+  return o;
+}
+
+class PyDispatcher {
+ public:
+  PyDispatcher(std::optional<std::string> backend, std::optional<std::map<std::string, std::string>> ops, std::optional<std::string> simd,
+               int threads, std::optional<std::string> profile, std::optional<std::string> config, bool use_environment) {
+    DispatcherOptions o;
+    o.overrides = overrides_from(backend, ops, simd, threads, profile);
+    o.config_path = config.value_or("");
+    o.use_environment = use_environment;
+    d_ = std::make_unique<Dispatcher>(o);
+  }
+
+  py::tuple quantize_ternary(const py::object& w_obj) {
+    Tensor w = view<float>(w_obj, "w", 0, 32, "float32");
+    auto [q, qt] = new_array<int8_t>(w.shape());
+    float s;
+    {
+      py::gil_scoped_release release;
+      s = d_->quantize_ternary(w, qt);
+    }
+    return py::make_tuple(q, s);
+  }
+
+  py::tuple quantize_int8_rows(const py::object& x_obj) {
+    Tensor x = view<float>(x_obj, "x", 1, 32, "float32");
+    auto [q, qt] = new_array<int8_t>(x.shape());
+    auto [s, st] = new_array<float>({as_matrix(x).first});
+    {
+      py::gil_scoped_release release;
+      d_->quantize_int8_rows(x, qt, st);
+    }
+    return py::make_tuple(q, s);
+  }
+
+  py::array pack_ternary(const py::object& q_obj) {
+    Tensor q = view<int8_t>(q_obj, "q", 1, 2, "int8");
+    const auto [rows, cols] = as_matrix(q);
+    Shape out_shape = q.ndim() == 1 ? Shape{(cols + 3) / 4} : Shape{rows, (cols + 3) / 4};
+    auto [p, pt] = new_array<uint8_t>(out_shape);
+    {
+      py::gil_scoped_release release;
+      d_->pack_ternary(q, pt);
+    }
+    return p;
+  }
+
+  py::array unpack_ternary(const py::object& p_obj, int64_t cols) {
+    Tensor p = view<uint8_t>(p_obj, "packed", 1, 2, "uint8");
+    if (cols < 0) throw py::value_error(cat("cols must be >= 0, got ", cols));
+    const int64_t rows = p.ndim() == 1 ? 1 : p.dim(0);
+    if (p.shape().back() != (cols + 3) / 4)
+      throw py::value_error(cat("packed rows hold ", p.shape().back(), " bytes, but ", cols, " columns need ", (cols + 3) / 4));
+    auto [q, qt] = new_array<int8_t>(p.ndim() == 1 ? Shape{cols} : Shape{rows, cols});
+    {
+      py::gil_scoped_release release;
+      d_->unpack_ternary(p, qt);
+    }
+    return q;
+  }
+
+  py::array matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a, bool trans_b, float alpha, float beta, const py::object& out) {
+    Tensor a = view<float>(a_obj, "a", 2, 2, "float32"), b = view<float>(b_obj, "b", 2, 2, "float32");
+    const int64_t m = trans_a ? a.dim(1) : a.dim(0), n = trans_b ? b.dim(0) : b.dim(1);
+    py::array result;
+    Tensor c;
+    if (out.is_none()) {
+      if (beta != 0.0f) throw py::value_error("beta != 0 reads the output: pass out=");
+      auto [arr, t] = new_array<float>({m, n});
+      result = arr;
+      c = t;
+    } else {
+      c = view<float>(out, "out", 2, 2, "float32");
+      if (!py::reinterpret_borrow<py::array>(out).writeable()) throw py::value_error("out must be writeable");
+      result = py::reinterpret_borrow<py::array>(out);
+    }
+    {
+      py::gil_scoped_release release;
+      d_->matmul(a, b, c, {trans_a, trans_b, alpha, beta});
+    }
+    return result;
+  }
+
+  py::tuple kmeans_assign(const py::object& x_obj, const py::object& c_obj) {
+    Tensor x = view<float>(x_obj, "x", 2, 2, "float32"), cen = view<float>(c_obj, "centroids", 2, 2, "float32");
+    auto [labels, lt] = new_array<int32_t>({x.dim(0)});
+    auto [dist, dt] = new_array<float>({x.dim(0)});
+    {
+      py::gil_scoped_release release;
+      d_->kmeans_assign(x, cen, lt, dt);
+    }
+    return py::make_tuple(labels, dist);
+  }
+
+  py::tuple kmeans_update(const py::object& x_obj, const py::object& l_obj, int64_t k) {
+    Tensor x = view<float>(x_obj, "x", 2, 2, "float32"), labels = view<int32_t>(l_obj, "labels", 1, 1, "int32");
+    if (k < 0) throw py::value_error(cat("k must be >= 0, got ", k));
+    auto [sums, st] = new_array<double>({k, x.dim(1)});
+    auto [counts, ct] = new_array<int64_t>({k});
+    {
+      py::gil_scoped_release release;
+      d_->kmeans_update(x, labels, st, ct);
+    }
+    return py::make_tuple(sums, counts);
+  }
+
+  py::dict choose(const std::string& op, const std::vector<int64_t>& dims, const std::string& device) const {
+    if (dims.empty() || dims.size() > 3) throw py::value_error("dims: give 1 to 3 sizes (see hybrit.op_size)");
+    const OpSize size = op_size(parse_op(op, "op"), dims[0], dims.size() > 1 ? dims[1] : 1, dims.size() > 2 ? dims[2] : 1);
+    if (device != "cpu" && device != "cuda") throw py::value_error(cat("device must be 'cpu' or 'cuda', got '", device, "'"));
+    const Device dev = device == "cpu" ? Device::cpu() : Device::cuda(0);
+    const Decision d = d_->choose(size, dev);
+    py::dict predicted;
+    for (int b = 0; b < kBackendCount; ++b)
+      if (std::isfinite(d.predicted_seconds[b])) predicted[to_string(BackendKind(b))] = d.predicted_seconds[b];
+    py::dict out;
+    out["backend"] = to_string(d.backend);
+    out["reason"] = d.reason;
+    out["predicted_seconds"] = predicted;
+    return out;
+  }
+
+  py::dict metrics() const {
+    py::dict out;
+    for (int o = 0; o < kOpCount; ++o)
+      for (int b = 0; b < kBackendCount; ++b) {
+        const MetricsRow r = d_->metrics().get(Op(o), BackendKind(b));
+        if (!r.calls) continue;
+        const char* op = to_string(Op(o));
+        if (!out.contains(op)) out[op] = py::dict();
+        py::dict row;
+        row["calls"] = r.calls;
+        row["elements"] = r.elements;
+        row["bytes"] = r.bytes;
+        row["seconds"] = r.seconds;
+        out[op][py::str(to_string(BackendKind(b)))] = row;
+      }
+    return out;
+  }
+
+  void reset_metrics() { d_->metrics().reset(); }
+
+  py::dict backends() const {
+    py::dict out;
+    for (int b = 0; b < kBackendCount; ++b)
+      out[to_string(BackendKind(b))] = d_->available(BackendKind(b)) ? py::str(d_->backend(BackendKind(b)).describe()) : py::object(py::none());
+    return out;
+  }
+
+  Dispatcher& get() { return *d_; }
+
+ private:
+  std::unique_ptr<Dispatcher> d_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_hybrit, m) {
+  m.doc() = "hybrit: 1.58-bit (ternary) transformer training and serving; this is the native core";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      switch (e.kind()) {
+        case ErrorKind::invalid_argument: PyErr_SetString(PyExc_ValueError, e.what()); return;
+        case ErrorKind::io: PyErr_SetString(PyExc_OSError, e.what()); return;
+        case ErrorKind::out_of_memory: PyErr_SetString(PyExc_MemoryError, e.what()); return;
+        case ErrorKind::corrupt_data:
+        case ErrorKind::unsupported: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
+      }
+    }
+  });
+
+  m.def("info", [] { return json_to_python(hardware_json(hardware())); }, "The hardware probe as a dict (CPU, ISA, granted cores, caches, memory, GPUs).");
+
+  py::class_<PyDispatcher>(m, "Dispatcher", R"doc(
+Routes each op to the c, tbb or cuda backend by size, data location and the cost profile.
+
+backend: force one backend for every op ("c", "tbb", "cuda"; None or "auto" decides per call).
+ops: per-op forcing, e.g. {"matmul": "tbb"}.   simd: "scalar", "avx2" or "avx512" for the CPU kernels.
+threads: tbb threads (0: the CPUs granted).    profile: a profile saved by dispatch-report.
+config: a YAML file whose `dispatch:` section applies.  use_environment: read HYBRIT_BACKEND etc.
+Arguments win over the environment, which wins over the config file.)doc")
+      .def(py::init<std::optional<std::string>, std::optional<std::map<std::string, std::string>>, std::optional<std::string>, int,
+                    std::optional<std::string>, std::optional<std::string>, bool>(),
+           py::arg("backend") = py::none(), py::arg("ops") = py::none(), py::arg("simd") = py::none(), py::arg("threads") = 0,
+           py::arg("profile") = py::none(), py::arg("config") = py::none(), py::arg("use_environment") = true)
+      .def("quantize_ternary", &PyDispatcher::quantize_ternary, py::arg("w"),
+           "float32 weights -> (int8 array in {-1, 0, 1}, scale s): s = max(mean|w|, 1e-5), q = clip(round_half_even(w / s), -1, 1).")
+      .def("quantize_int8_rows", &PyDispatcher::quantize_int8_rows, py::arg("x"),
+           "float32 (..., cols) -> (int8 array, float32 scales per row): s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127).")
+      .def("pack_ternary", &PyDispatcher::pack_ternary, py::arg("q"), "int8 in {-1, 0, 1}, 1-D or 2-D -> uint8, 4 weights per byte (code q + 1) per row.")
+      .def("unpack_ternary", &PyDispatcher::unpack_ternary, py::arg("packed"), py::arg("cols"), "uint8 packed rows -> int8 weights, cols per row.")
+      .def("matmul", &PyDispatcher::matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+           py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("out") = py::none(),
+           "alpha * op(a) @ op(b) + beta * out, float32. With out given, the result is written there (in place).")
+      .def("kmeans_assign", &PyDispatcher::kmeans_assign, py::arg("x"), py::arg("centroids"),
+           "(n, d), (k, d) float32 -> (int32 labels, float32 squared distances); ties go to the lowest index.")
+      .def("kmeans_update", &PyDispatcher::kmeans_update, py::arg("x"), py::arg("labels"), py::arg("k"),
+           "(n, d) float32, int32 labels, k -> (float64 sums (k, d), int64 counts (k,)).")
+      .def("choose", &PyDispatcher::choose, py::arg("op"), py::arg("dims"), py::arg("device") = "cpu",
+           "The decision for an op of the given dims (see hybrit.op_size), without running it: backend, reason, predicted seconds.")
+      .def("metrics", &PyDispatcher::metrics, "Per op and backend: calls, elements, bytes, seconds.")
+      .def("reset_metrics", &PyDispatcher::reset_metrics)
+      .def_property_readonly("backends", &PyDispatcher::backends, "Each backend's description, or None when it is unavailable.");
+
+  m.def(
+      "dispatch_report",
+      [](bool quick, std::optional<std::vector<std::string>> ops, std::optional<std::string> backend, std::optional<std::string> save) {
+        DispatcherOptions o;
+        o.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+        ReportOptions ro;
+        ro.quick = quick;
+        ro.progress = false;
+        if (ops)
+          for (const auto& name : *ops) ro.ops.push_back(parse_op(name, "ops"));
+        nlohmann::json r;
+        {
+          py::gil_scoped_release release;
+          Dispatcher d(o);
+          r = run_dispatch_report(d, ro);
+          if (save) save_profile(profile_from_report(r, d.policy().profile), *save);
+        }
+        return json_to_python(r);
+      },
+      py::arg("quick") = true, py::arg("ops") = py::none(), py::arg("backend") = py::none(), py::arg("save") = py::none(),
+      "Time every op on every backend (see `hybrit dispatch-report`) and return the report as a dict; save= writes the profile.");
+
+  m.def("default_profile_path", &default_profile_path);
+}

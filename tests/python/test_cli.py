@@ -1,0 +1,69 @@
+"""The `hybrit` command line: outputs, exit codes and one-line errors."""
+import json
+import os
+import subprocess
+
+import pytest
+
+
+def run(cli, *args, env=None, check=False):
+    # The caller's own HYBRIT_* settings must not leak into these checks.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    full_env.update(env or {})
+    return subprocess.run([cli, *args], capture_output=True, text=True, env=full_env, check=check, timeout=600)
+
+
+def test_info_prints_the_probe(cli):
+    out = run(cli, "info", check=True).stdout
+    for field in ("CPU", "ISA", "cores", "caches", "memory", "CUDA", "fingerprint"):
+        assert field in out
+    data = json.loads(run(cli, "info", "--json", check=True).stdout)
+    assert data["granted_cpus"] >= 1
+
+
+def test_dispatch_report_json_and_save(cli, tmp_path):
+    path = tmp_path / "p.json"
+    r = run(cli, "dispatch-report", "--quick", "--json", "--ops", "pack_ternary", "--save", str(path), check=True)
+    report = json.loads(r.stdout)
+    assert [o["op"] for o in report["ops"]] == ["pack_ternary"]
+    assert "saved the measured dispatch profile" in r.stderr
+    assert json.loads(path.read_text())["format"] == "hybrit-dispatch-profile"
+    text = run(cli, "dispatch-report", "--quick", "--ops", "pack_ternary", check=True).stdout
+    assert "Recommendations" in text and "winner" in text
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--backend", "gpu", "dispatch-report"], None, "hybrit: error: --backend: expected c, tbb or cuda, got 'gpu'"),
+        (["dispatch-report", "--ops", "nope"], None, "hybrit: error: --ops: unknown op 'nope'"),
+        (["dispatch-report", "--quick"], {"HYBRIT_BACKEND": "gpu"}, "hybrit: error: HYBRIT_BACKEND: expected c, tbb, cuda or auto, got 'gpu'"),
+        (["dispatch-report"], {"HYBRIT_PROFILE": "/nonexistent/profile.json"}, "hybrit: error: dispatch profile /nonexistent/profile.json: cannot open"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(cli, args, env, message):
+    r = run(cli, *args, env=env)
+    assert r.returncode == 1
+    assert r.stderr.startswith(message), r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_bad_config_names_file_line_and_key(cli, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dispatch:\n  backend: tbb\n  thread: 2\n")
+    r = run(cli, "--config", str(cfg), "dispatch-report", "--quick")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"hybrit: error: {cfg}:3: dispatch.thread: unknown key (expected backend, ops, simd, threads or profile)"
+
+
+def test_forcing_a_missing_cuda_backend_fails(cli):
+    info = json.loads(run(cli, "info", "--json", check=True).stdout)
+    if info["cuda_devices"]:
+        pytest.skip("a GPU is present")
+    r = run(cli, "--backend", "cuda", "dispatch-report", "--quick")
+    assert r.returncode == 1 and "not available" in r.stderr
+
+
+def test_usage_errors_exit_2(cli):
+    assert run(cli, "frobnicate").returncode == 2
+    assert run(cli).returncode == 2
