@@ -67,9 +67,8 @@ OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
 // ------------------------------------------------------------------ profile
 
 double Profile::predict(Op op, BackendKind backend, double work) const {
-  const auto it = points.find({op, backend});
-  if (it == points.end() || it->second.empty()) return kNaN;
-  const auto& p = it->second;
+  const auto& p = points(op, backend);
+  if (p.empty()) return kNaN;
   if (work <= p.front().work) return p.front().seconds;  // overhead-dominated: no cheaper than the smallest
   if (work >= p.back().work) return p.back().seconds * work / p.back().work;  // throughput-dominated
   size_t i = 1;
@@ -102,7 +101,7 @@ Profile default_profile(const HardwareInfo& hw) {
                                                     : unit.touched_bytes / unit.work * work / m.bandwidth;
         pts.push_back({work, m.overhead + seconds});
       }
-      prof.points[{op, m.kind}] = std::move(pts);
+      prof.points(op, m.kind) = std::move(pts);
     }
   }
   return prof;
@@ -161,7 +160,7 @@ Profile load_profile(const std::string& path, bool named_explicitly, const Hardw
             return reject(ErrorKind::corrupt_data, cat("points.", op_name, ".", backend_name, " must be increasing sizes with positive times"));
           pts.push_back({work, seconds});
         }
-        if (!pts.empty()) prof.points[{op, kind}] = std::move(pts);
+        if (!pts.empty()) prof.points(op, kind) = std::move(pts);
       }
     }
   } catch (const Error&) {
@@ -180,11 +179,14 @@ void save_profile(const Profile& profile, const std::string& path) {
   j["hardware"] = hardware().cpu_model;
   j["transfer_gbps"] = profile.transfer_gbps;
   nlohmann::json points = nlohmann::json::object();
-  for (const auto& [key, pts] : profile.points) {
-    nlohmann::json list = nlohmann::json::array();
-    for (const auto& p : pts) list.push_back({p.work, p.seconds});
-    points[to_string(key.first)][to_string(key.second)] = list;
-  }
+  for (int o = 0; o < kOpCount; ++o)
+    for (int b = 0; b < kBackendCount; ++b) {
+      const auto& pts = profile.points(Op(o), BackendKind(b));
+      if (pts.empty()) continue;
+      nlohmann::json list = nlohmann::json::array();
+      for (const auto& p : pts) list.push_back({p.work, p.seconds});
+      points[to_string(Op(o))][to_string(BackendKind(b))] = list;
+    }
   j["points"] = points;
   const std::filesystem::path target(path);
   if (target.has_parent_path()) {
@@ -314,45 +316,55 @@ void Policy::validate() const {
   for (const auto& [op, kind] : overrides.per_op) check(kind, cat(overrides.source.empty() ? "an override" : overrides.source, " (op ", to_string(op), ")"));
 }
 
-Decision Policy::choose(const OpSize& size, Device data) const {
+Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
   Decision d;
   d.predicted_seconds.fill(kNaN);
-  for (int b = 0; b < kBackendCount; ++b) {
-    if (!available[b]) continue;
-    double t = profile.predict(size.op, BackendKind(b), size.work);
-    // A GPU computing on host data pays the trip there and back; CPU backends cannot read device
-    // memory at all, so device data stays where it is.
-    if (BackendKind(b) == BackendKind::cuda && data.is_cpu()) t += size.transfer_bytes / (profile.transfer_gbps * 1e9) + 2 * profile.transfer_latency_s;
-    if (BackendKind(b) != BackendKind::cuda && data.is_cuda()) t = kNaN;
-    d.predicted_seconds[b] = t;
-  }
   std::optional<BackendKind> forced;
   if (auto it = overrides.per_op.find(size.op); it != overrides.per_op.end()) forced = it->second;
   else if (overrides.backend) forced = overrides.backend;
+  const bool predict_all = !forced || explain;
+  for (int b = 0; b < kBackendCount && predict_all; ++b) {
+    if (!available[b]) continue;
+    // CPU backends cannot read device memory, so device data stays where it is.
+    if (BackendKind(b) != BackendKind::cuda && data.is_cuda()) continue;
+    double t = profile.predict(size.op, BackendKind(b), size.work);
+    // A GPU computing on host data pays the trip there and back.
+    if (BackendKind(b) == BackendKind::cuda && data.is_cpu()) t += size.transfer_bytes / (profile.transfer_gbps * 1e9) + 2 * profile.transfer_latency_s;
+    d.predicted_seconds[b] = t;
+  }
+  const std::string source = overrides.source.empty() ? "an override" : overrides.source;
   if (forced) {
     if (!available[int(*forced)]) fail(ErrorKind::unsupported, to_string(size.op), ": the ", to_string(*forced), " backend is forced but not available: ", unavailable_reason[int(*forced)]);
     if (data.is_cuda() && *forced != BackendKind::cuda)
       fail(ErrorKind::invalid_argument, to_string(size.op), ": data is on ", data.str(), " but the ", to_string(*forced), " backend is forced, and it computes on the host");
     d.backend = *forced;
-    d.reason = cat("forced by ", overrides.source.empty() ? "an override" : overrides.source);
+    d.forced = true;
+    if (explain) d.reason = cat("forced by ", source);
     return d;
   }
   if (data.is_cuda()) {
     if (!available[int(BackendKind::cuda)]) fail(ErrorKind::unsupported, to_string(size.op), ": data is on ", data.str(), " but the CUDA backend is not available");
     d.backend = BackendKind::cuda;
-    d.reason = cat("data is on ", data.str());
+    if (explain) d.reason = cat("data is on ", data.str());
     return d;
   }
   int best = -1;
   for (int b = 0; b < kBackendCount; ++b)
     if (std::isfinite(d.predicted_seconds[b]) && (best < 0 || d.predicted_seconds[b] < d.predicted_seconds[best])) best = b;
   if (best < 0) fail(ErrorKind::unsupported, to_string(size.op), ": no backend available");
+  // Near-ties go to c, which starts no threads and moves no data: measured profiles carry a few
+  // percent of noise, and a flip between nearly equal backends should not cost a thread start-up.
+  constexpr double kTieMargin = 1.05;
+  const double c_time = d.predicted_seconds[int(BackendKind::c)];
+  if (std::isfinite(c_time) && c_time <= kTieMargin * d.predicted_seconds[best]) best = int(BackendKind::c);
   d.backend = BackendKind(best);
-  std::string why = "predicted";
-  for (int b = 0; b < kBackendCount; ++b)
-    why += available[b] ? cat(" ", to_string(BackendKind(b)), " ", format_seconds(d.predicted_seconds[b]), b == int(BackendKind::cuda) && data.is_cpu() ? " incl. transfer" : "")
-                        : cat(" (", to_string(BackendKind(b)), " unavailable)");
-  d.reason = why + cat(" [profile: ", profile.source, "]");
+  if (explain) {
+    std::string why = "predicted";
+    for (int b = 0; b < kBackendCount; ++b)
+      why += available[b] ? cat(" ", to_string(BackendKind(b)), " ", format_seconds(d.predicted_seconds[b]), b == int(BackendKind::cuda) ? " incl. transfer" : "")
+                          : cat(" (", to_string(BackendKind(b)), " unavailable)");
+    d.reason = why + cat(" [profile: ", profile.source, "]");
+  }
   return d;
 }
 
@@ -429,8 +441,9 @@ Backend& Dispatcher::backend(BackendKind kind) {
 
 template <class Run>
 auto Dispatcher::route(const OpSize& size, Device data, const Run& run) {
-  const Decision d = policy_.choose(size, data);
-  if (verbose()) log_info("dispatch ", to_string(size.op), " ", size.label, " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
+  const bool explain = verbose();
+  const Decision d = policy_.choose(size, data, explain);
+  if (explain) log_info("dispatch ", to_string(size.op), " ", size.label, " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
   Backend& b = *backends_[int(d.backend)];
   Timer timer;
   if constexpr (std::is_void_v<decltype(run(b))>) {

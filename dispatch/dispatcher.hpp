@@ -39,7 +39,11 @@ struct ProfilePoint {
 struct Profile {
   std::string fingerprint;  // hardware fingerprint; empty for built-in defaults
   std::string source = "built-in defaults";
-  std::map<std::pair<Op, BackendKind>, std::vector<ProfilePoint>> points;
+  // Sorted by work; a flat table because choose() reads it on every call.
+  std::array<std::array<std::vector<ProfilePoint>, kBackendCount>, kOpCount> table;
+
+  std::vector<ProfilePoint>& points(Op op, BackendKind b) { return table[int(op)][int(b)]; }
+  const std::vector<ProfilePoint>& points(Op op, BackendKind b) const { return table[int(op)][int(b)]; }
   double transfer_gbps = 12.0;       // host <-> GPU (PCIe, pageable memory)
   double transfer_latency_s = 20e-6;  // per direction, plus synchronisation
 
@@ -78,8 +82,9 @@ Overrides overrides_from_yaml_file(const std::string& path);
 
 struct Decision {
   BackendKind backend = BackendKind::c;
-  std::array<double, kBackendCount> predicted_seconds{};  // NaN for unavailable backends
-  std::string reason;
+  bool forced = false;
+  std::array<double, kBackendCount> predicted_seconds{};  // NaN where not predicted
+  std::string reason;  // filled only when asked for: formatting it costs more than a small op
 };
 
 struct Policy {
@@ -91,7 +96,8 @@ struct Policy {
 
   // Throws Error(unsupported) when the overrides force a backend that is not available.
   void validate() const;
-  Decision choose(const OpSize& size, Device data) const;
+  // `explain` fills Decision::reason (and the predictions of a forced choice).
+  Decision choose(const OpSize& size, Device data, bool explain = false) const;
 };
 
 struct MetricsRow {
@@ -124,7 +130,7 @@ class Dispatcher {
   const Policy& policy() const { return policy_; }
   bool available(BackendKind kind) const { return policy_.available[int(kind)]; }
   Backend& backend(BackendKind kind);
-  Decision choose(const OpSize& size, Device data) const { return policy_.choose(size, data); }
+  Decision choose(const OpSize& size, Device data, bool explain = true) const { return policy_.choose(size, data, explain); }
   Metrics& metrics() { return metrics_; }
   const Metrics& metrics() const { return metrics_; }
 

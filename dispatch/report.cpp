@@ -42,26 +42,27 @@ Tensor random_tensor(Shape shape, uint64_t stream, float lo = -1.0f, float hi = 
   return t;
 }
 
-// One prepared call of an op at one size, runnable on any backend.
-struct Case {
-  OpSize size;
-  std::function<void(Backend&)> run;
-};
+}  // namespace
 
-Case make_case(Op op, int64_t a, int64_t b, int64_t c) {
-  Case cs{op_size(op, a, b, c), {}};
+OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
+  OpCase cs{op_size(op, a, b, c), {}, {}};
+  // Each call runs through `call` on either a Backend or a Dispatcher (same signatures).
+  auto both = [&cs](auto call) {
+    cs.on_backend = [call](Backend& be) { call(be); };
+    cs.routed = [call](Dispatcher& d) { call(d); };
+  };
   switch (op) {
     case Op::quantize_ternary: {
       auto w = std::make_shared<Tensor>(random_tensor({a}, 1));
       auto q = std::make_shared<Tensor>(Tensor::empty({a}, DType::i8));
-      cs.run = [w, q](Backend& be) { be.quantize_ternary(*w, *q); };
+      both([w, q](auto& x) { x.quantize_ternary(*w, *q); });
       break;
     }
     case Op::quantize_int8_rows: {
       auto x = std::make_shared<Tensor>(random_tensor({a, b}, 2));
       auto q = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::i8));
       auto s = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
-      cs.run = [x, q, s](Backend& be) { be.quantize_int8_rows(*x, *q, *s); };
+      both([x, q, s](auto& be) { be.quantize_int8_rows(*x, *q, *s); });
       break;
     }
     case Op::pack_ternary:
@@ -69,16 +70,17 @@ Case make_case(Op op, int64_t a, int64_t b, int64_t c) {
       auto q = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::i8));
       Rng rng(7, 3);
       for (int64_t i = 0; i < q->numel(); ++i) q->data<int8_t>()[i] = int8_t(int(rng.below(3)) - 1);
-      auto p = std::make_shared<Tensor>(Tensor::zeros({a, (b + 3) / 4}, DType::ternary2));
-      if (op == Op::pack_ternary) cs.run = [q, p](Backend& be) { be.pack_ternary(*q, *p); };
-      else cs.run = [q, p](Backend& be) { be.unpack_ternary(*p, *q); };
+      auto p = std::make_shared<Tensor>(Tensor::empty({a, (b + 3) / 4}, DType::ternary2));
+      make_c_backend(SimdLevel::scalar)->pack_ternary(*q, *p);  // valid codes for unpack
+      if (op == Op::pack_ternary) both([q, p](auto& be) { be.pack_ternary(*q, *p); });
+      else both([q, p](auto& be) { be.unpack_ternary(*p, *q); });
       break;
     }
     case Op::matmul: {
       auto x = std::make_shared<Tensor>(random_tensor({a, c}, 4));
       auto y = std::make_shared<Tensor>(random_tensor({c, b}, 5));
       auto z = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::f32));
-      cs.run = [x, y, z](Backend& be) { be.matmul(*x, *y, *z, {}); };
+      both([x, y, z](auto& be) { be.matmul(*x, *y, *z, MatmulArgs{}); });
       break;
     }
     case Op::kmeans_assign:
@@ -90,11 +92,11 @@ Case make_case(Op op, int64_t a, int64_t b, int64_t c) {
       for (int64_t i = 0; i < a; ++i) labels->data<int32_t>()[i] = int32_t(rng.below(uint64_t(b)));
       if (op == Op::kmeans_assign) {
         auto dist = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
-        cs.run = [x, cen, labels, dist](Backend& be) { be.kmeans_assign(*x, *cen, *labels, *dist); };
+        both([x, cen, labels, dist](auto& be) { be.kmeans_assign(*x, *cen, *labels, *dist); });
       } else {
         auto sums = std::make_shared<Tensor>(Tensor::empty({b, c}, DType::f64));
         auto counts = std::make_shared<Tensor>(Tensor::empty({b}, DType::i64));
-        cs.run = [x, labels, sums, counts](Backend& be) { be.kmeans_update(*x, *labels, *sums, *counts); };
+        both([x, labels, sums, counts](auto& be) { be.kmeans_update(*x, *labels, *sums, *counts); });
       }
       break;
     }
@@ -102,7 +104,9 @@ Case make_case(Op op, int64_t a, int64_t b, int64_t c) {
   return cs;
 }
 
-struct Dims { int64_t a, b, c; };
+namespace {
+
+using Dims = std::array<int64_t, 3>;
 
 std::vector<Dims> ladder(Op op, bool quick) {
   switch (op) {
@@ -160,11 +164,11 @@ json measure_ceilings(Dispatcher& dispatcher, bool quick, const HardwareInfo& hw
   }, budget);
   const double read_gbps = bytes / read_s / 1e9, copy_gbps = 2.0 * bytes / copy_s / 1e9;
   const int64_t n = quick ? 768 : 1024;
-  Case gemm = make_case(Op::matmul, n, n, n);
+  OpCase gemm = make_op_case(Op::matmul, n, n, n);
   double best_gflops = 0;
   std::string gemm_backend;
   for (BackendKind kind : {BackendKind::c, BackendKind::tbb}) {
-    const double t = time_median([&] { gemm.run(dispatcher.backend(kind)); }, budget);
+    const double t = time_median([&] { gemm.on_backend(dispatcher.backend(kind)); }, budget);
     if (gemm.size.flops / t / 1e9 > best_gflops) best_gflops = gemm.size.flops / t / 1e9, gemm_backend = to_string(kind);
   }
   return {{"buffer_bytes", bytes}, {"read_gbps", read_gbps}, {"copy_gbps", copy_gbps}, {"memory_gbps", std::max(read_gbps, copy_gbps)},
@@ -184,6 +188,8 @@ std::string pretty_seconds(double s) {
 }
 
 }  // namespace
+
+std::vector<std::array<int64_t, 3>> report_ladder(Op op, bool quick) { return ladder(op, quick); }
 
 json hardware_json(const HardwareInfo& hw) {
   json gpus = json::array();
@@ -234,7 +240,8 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   bar.update(0, "measuring ceilings");
   const json ceilings = measure_ceilings(dispatcher, options.quick, hw);
   report["ceilings"] = ceilings;
-  const double cell_budget = options.quick ? 0.06 : 0.3;
+  // Enough repeats that the median is stable on a noisy machine; the profile is built from these.
+  const double cell_budget = options.quick ? 0.2 : 0.5;
 
   int64_t done = 1;
   json ops_json = json::array();
@@ -243,13 +250,13 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
     const double ceiling = compute ? ceilings["gemm_gflops"].get<double>() : ceilings["memory_gbps"].get<double>();
     json rows = json::array();
     for (const Dims& dims : ladder(op, options.quick)) {
-      Case cs = make_case(op, dims.a, dims.b, dims.c);
+      OpCase cs = make_op_case(op, dims[0], dims[1], dims[2]);
       json times = json::object(), rates = json::object(), shares = json::object();
       double best = INFINITY;
       std::string winner;
       for (BackendKind kind : backends) {
         bar.update(done++, cat(to_string(op), " ", cs.size.label, " on ", to_string(kind)));
-        const double t = time_median([&] { cs.run(dispatcher.backend(kind)); }, cell_budget);
+        const double t = time_median([&] { cs.on_backend(dispatcher.backend(kind)); }, cell_budget);
         const double rate = compute ? cs.size.flops / t / 1e9 : cs.size.touched_bytes / t / 1e9;
         times[to_string(kind)] = t;
         rates[to_string(kind)] = rate;
@@ -321,7 +328,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
         double cpu_best = INFINITY;
         for (const auto& [k, v] : r["seconds"].items()) cpu_best = std::min(cpu_best, v.get<double>());
         const Dims d = ladder(op, options.quick)[&r - &o["rows"][0]];
-        const OpSize sz = op_size(op, d.a, d.b, d.c);
+        const OpSize sz = op_size(op, d[0], d[1], d[2]);
         const double gpu_t = gpu.predict(op, BackendKind::cuda, work) + sz.transfer_bytes / (gpu.transfer_gbps * 1e9) + 2 * gpu.transfer_latency_s;
         if (gpu_t < cpu_best) {
           moves += cat(o["op"].get<std::string>(), " from ", r["size"].get<std::string>(), ", ");
@@ -389,7 +396,7 @@ Profile profile_from_report(const json& report, const Profile& base) {
     std::map<BackendKind, std::vector<ProfilePoint>> measured;
     for (const auto& row : o["rows"])
       for (const auto& [name, t] : row["seconds"].items()) measured[parse_backend(name, "report")].push_back({row["work"].get<double>(), t.get<double>()});
-    for (auto& [kind, pts] : measured) p.points[{op, kind}] = std::move(pts);
+    for (auto& [kind, pts] : measured) p.points(op, kind) = std::move(pts);
   }
   return p;
 }

@@ -1,6 +1,8 @@
 // `hybrit dispatch-report`: measures every op on every available backend at a ladder of sizes,
 // against machine ceilings it measures itself, and says what the dispatcher does with that.
 #pragma once
+#include <array>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -14,6 +16,17 @@ struct ReportOptions {
   std::vector<Op> ops;        // empty: all
   bool progress = true;       // progress bar on a terminal
 };
+
+// One prepared call of an op at one size, with fresh random inputs: runnable on a given backend
+// or routed through a dispatcher. The report and the benchmarks time these.
+struct OpCase {
+  OpSize size;
+  std::function<void(Backend&)> on_backend;
+  std::function<void(Dispatcher&)> routed;
+};
+OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c);
+// The report's ladder of dims for an op (the meaning of a, b, c as in op_size).
+std::vector<std::array<int64_t, 3>> report_ladder(Op op, bool quick);
 
 // The hardware probe as JSON (what `hybrit info --json` and hybrit.info() return).
 nlohmann::json hardware_json(const HardwareInfo& hw);

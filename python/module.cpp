@@ -45,6 +45,17 @@ std::pair<py::array_t<T>, Tensor> new_array(const Shape& shape) {
   return {a, t};
 }
 
+// The output array: `out` when given (checked: dtype, layout, shape, writeable), else a new one.
+// Reusing an output saves the page faults of fresh memory, which cost more than the kernel.
+template <class T>
+std::pair<py::array, Tensor> output_array(const py::object& out, const Shape& shape, const char* numpy_type) {
+  if (out.is_none()) return new_array<T>(shape);
+  Tensor t = view<T>(out, "out", 0, 32, numpy_type);
+  if (t.shape() != shape) throw py::value_error(cat("out must have shape ", shape_str(shape), ", got ", shape_str(t.shape())));
+  if (!py::reinterpret_borrow<py::array>(out).writeable()) throw py::value_error("out must be writeable");
+  return {py::reinterpret_borrow<py::array>(out), t};
+}
+
 Overrides overrides_from(const std::optional<std::string>& backend, const std::optional<std::map<std::string, std::string>>& ops,
                          const std::optional<std::string>& simd, int threads, const std::optional<std::string>& profile) {
   Overrides o;
@@ -70,9 +81,9 @@ class PyDispatcher {
     d_ = std::make_unique<Dispatcher>(o);
   }
 
-  py::tuple quantize_ternary(const py::object& w_obj) {
+  py::tuple quantize_ternary(const py::object& w_obj, const py::object& out) {
     Tensor w = view<float>(w_obj, "w", 0, 32, "float32");
-    auto [q, qt] = new_array<int8_t>(w.shape());
+    auto [q, qt] = output_array<int8_t>(out, w.shape(), "int8");
     float s;
     {
       py::gil_scoped_release release;
@@ -81,9 +92,9 @@ class PyDispatcher {
     return py::make_tuple(q, s);
   }
 
-  py::tuple quantize_int8_rows(const py::object& x_obj) {
+  py::tuple quantize_int8_rows(const py::object& x_obj, const py::object& out) {
     Tensor x = view<float>(x_obj, "x", 1, 32, "float32");
-    auto [q, qt] = new_array<int8_t>(x.shape());
+    auto [q, qt] = output_array<int8_t>(out, x.shape(), "int8");
     auto [s, st] = new_array<float>({as_matrix(x).first});
     {
       py::gil_scoped_release release;
@@ -92,11 +103,11 @@ class PyDispatcher {
     return py::make_tuple(q, s);
   }
 
-  py::array pack_ternary(const py::object& q_obj) {
+  py::array pack_ternary(const py::object& q_obj, const py::object& out) {
     Tensor q = view<int8_t>(q_obj, "q", 1, 2, "int8");
     const auto [rows, cols] = as_matrix(q);
     Shape out_shape = q.ndim() == 1 ? Shape{(cols + 3) / 4} : Shape{rows, (cols + 3) / 4};
-    auto [p, pt] = new_array<uint8_t>(out_shape);
+    auto [p, pt] = output_array<uint8_t>(out, out_shape, "uint8");
     {
       py::gil_scoped_release release;
       d_->pack_ternary(q, pt);
@@ -104,13 +115,13 @@ class PyDispatcher {
     return p;
   }
 
-  py::array unpack_ternary(const py::object& p_obj, int64_t cols) {
+  py::array unpack_ternary(const py::object& p_obj, int64_t cols, const py::object& out) {
     Tensor p = view<uint8_t>(p_obj, "packed", 1, 2, "uint8");
     if (cols < 0) throw py::value_error(cat("cols must be >= 0, got ", cols));
     const int64_t rows = p.ndim() == 1 ? 1 : p.dim(0);
     if (p.shape().back() != (cols + 3) / 4)
       throw py::value_error(cat("packed rows hold ", p.shape().back(), " bytes, but ", cols, " columns need ", (cols + 3) / 4));
-    auto [q, qt] = new_array<int8_t>(p.ndim() == 1 ? Shape{cols} : Shape{rows, cols});
+    auto [q, qt] = output_array<int8_t>(out, p.ndim() == 1 ? Shape{cols} : Shape{rows, cols}, "int8");
     {
       py::gil_scoped_release release;
       d_->unpack_ternary(p, qt);
@@ -245,12 +256,16 @@ Arguments win over the environment, which wins over the config file.)doc")
                     std::optional<std::string>, std::optional<std::string>, bool>(),
            py::arg("backend") = py::none(), py::arg("ops") = py::none(), py::arg("simd") = py::none(), py::arg("threads") = 0,
            py::arg("profile") = py::none(), py::arg("config") = py::none(), py::arg("use_environment") = true)
-      .def("quantize_ternary", &PyDispatcher::quantize_ternary, py::arg("w"),
-           "float32 weights -> (int8 array in {-1, 0, 1}, scale s): s = max(mean|w|, 1e-5), q = clip(round_half_even(w / s), -1, 1).")
-      .def("quantize_int8_rows", &PyDispatcher::quantize_int8_rows, py::arg("x"),
-           "float32 (..., cols) -> (int8 array, float32 scales per row): s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127).")
-      .def("pack_ternary", &PyDispatcher::pack_ternary, py::arg("q"), "int8 in {-1, 0, 1}, 1-D or 2-D -> uint8, 4 weights per byte (code q + 1) per row.")
-      .def("unpack_ternary", &PyDispatcher::unpack_ternary, py::arg("packed"), py::arg("cols"), "uint8 packed rows -> int8 weights, cols per row.")
+      .def("quantize_ternary", &PyDispatcher::quantize_ternary, py::arg("w"), py::arg("out") = py::none(),
+           "float32 weights -> (int8 array in {-1, 0, 1}, scale s): s = max(mean|w|, 1e-5), q = clip(round_half_even(w / s), -1, 1).\n"
+           "out: an int8 array of w's shape to write q into (reusing it saves the page faults of new memory).")
+      .def("quantize_int8_rows", &PyDispatcher::quantize_int8_rows, py::arg("x"), py::arg("out") = py::none(),
+           "float32 (..., cols) -> (int8 array, float32 scales per row): s = 127 / max(max|x|, 1e-5), q = clip(round_half_even(x * s), -128, 127).\n"
+           "out: an int8 array of x's shape to write q into.")
+      .def("pack_ternary", &PyDispatcher::pack_ternary, py::arg("q"), py::arg("out") = py::none(),
+           "int8 in {-1, 0, 1}, 1-D or 2-D -> uint8, 4 weights per byte (code q + 1) per row.")
+      .def("unpack_ternary", &PyDispatcher::unpack_ternary, py::arg("packed"), py::arg("cols"), py::arg("out") = py::none(),
+           "uint8 packed rows -> int8 weights, cols per row.")
       .def("matmul", &PyDispatcher::matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
            py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("out") = py::none(),
            "alpha * op(a) @ op(b) + beta * out, float32. With out given, the result is written there (in place).")

@@ -280,8 +280,10 @@ int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t
   scale_c(M, N, beta, C, ldc);
   if (K == 0 || alpha == 0.0f) return HYBRIT_C_OK;
   const int64_t MC = kr->mc, KC = kr->kc, NC = kr->nc;
-  float* ap = (float*)aligned_alloc(64, (size_t)((MC + kr->mr) * KC * sizeof(float) + 63) / 64 * 64);
-  float* bp = (float*)aligned_alloc(64, (size_t)((NC + kr->nr) * KC * sizeof(float) + 63) / 64 * 64);
+  /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
+  const int64_t mc_max = (M < MC ? M : MC) + kr->mr, nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
+  float* ap = (float*)aligned_alloc(64, (size_t)(mc_max * kc_max * (int64_t)sizeof(float) + 63) / 64 * 64);
+  float* bp = (float*)aligned_alloc(64, (size_t)(nc_max * kc_max * (int64_t)sizeof(float) + 63) / 64 * 64);
   if (!ap || !bp) {
     free(ap);
     free(bp);

@@ -133,10 +133,12 @@ class TbbBackend final : public Backend {
       if (bad != INT64_MIN) raise_kernel_status(HYBRIT_C_NONFINITE, Op::kmeans_assign, bad);
   }
 
-  // Every (cluster, dimension) sum runs over its points in point order, exactly as in the C
-  // backend, so the result is bit-identical whatever the partition. Wide points are split by
-  // column slices (each task streams all rows, reading only its slice); narrow ones are bucketed
-  // by label with a stable counting sort and split by cluster.
+  // Rows are split into a fixed number of parts (it depends only on the sizes, never on the
+  // thread count), each summing into private f64 partials that are then added in part order:
+  // the same bits for any number of threads, and each thread streams its rows contiguously (the
+  // faiss scheme). Where partials would not fit the memory budget, each (cluster, dimension) sum
+  // runs over its points in point order instead, exactly as the C backend: wide points split by
+  // column slices, narrow ones bucketed by label with a stable counting sort.
   void run_kmeans_update(const Tensor& xt, const Tensor& lt, Tensor& st, Tensor& ctt) override {
     const float* x = xt.data<float>();
     const int32_t* labels = lt.data<int32_t>();
@@ -149,7 +151,29 @@ class TbbBackend final : public Backend {
       ++counts[labels[i]];
     }
     std::fill(sums, sums + k * d, 0.0);
-    if (d >= 16) {
+    constexpr int64_t kMaxParts = 8, kPartialBudget = 64ll << 20, kMinRowsPerPart = 4096;
+    const int64_t parts = std::min({kMaxParts, kPartialBudget / std::max<int64_t>(1, k * d * 8), n / kMinRowsPerPart});
+    if (parts >= 2) {
+      std::vector<double> partial(size_t(parts * k * d), 0.0);
+      const int64_t rows_per_part = (n + parts - 1) / parts;
+      arena_.execute([&] {
+        for_chunks(parts, 1, [&](int64_t part, int64_t) {
+          double* acc_base = partial.data() + part * k * d;
+          for (int64_t i = part * rows_per_part; i < std::min(n, (part + 1) * rows_per_part); ++i) {
+            double* acc = acc_base + int64_t(labels[i]) * d;
+            const float* row = x + i * d;
+            for (int64_t j = 0; j < d; ++j) acc[j] += double(row[j]);
+          }
+        });
+        // Combine in part order, split over the output so threads share the work.
+        for_chunks(k * d, kElementGrain, [&](int64_t e0, int64_t e1) {
+          for (int64_t part = 0; part < parts; ++part) {
+            const double* src = partial.data() + part * k * d;
+            for (int64_t e = e0; e < e1; ++e) sums[e] += src[e];
+          }
+        });
+      });
+    } else if (d >= 16) {
       // Slices of whole cache lines of sums (8 doubles), one or more per thread.
       const int64_t width = std::max<int64_t>(8, ((d + threads_ - 1) / threads_ + 7) / 8 * 8), slices = (d + width - 1) / width;
       arena_.execute([&] {

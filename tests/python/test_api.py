@@ -113,6 +113,29 @@ def test_kmeans_assign_and_update_match_numpy(dispatcher, rng):
     np.testing.assert_allclose(sums, expect_sums, rtol=1e-12, atol=1e-9)
 
 
+def test_out_arrays_are_written_in_place_and_checked(rng):
+    d = hybrit.Dispatcher()
+    w = rng.standard_normal((64, 100)).astype(np.float32)
+    out = np.empty((64, 100), dtype=np.int8)
+    q, s = d.quantize_ternary(w, out=out)
+    assert q is out
+    np.testing.assert_array_equal(out, d.quantize_ternary(w)[0])
+    q8, _ = d.quantize_int8_rows(w, out=np.empty((64, 100), dtype=np.int8))
+    np.testing.assert_array_equal(q8, d.quantize_int8_rows(w)[0])
+    packed = np.empty((64, 25), dtype=np.uint8)
+    assert d.pack_ternary(q, out=packed) is packed
+    back = np.empty((64, 100), dtype=np.int8)
+    assert d.unpack_ternary(packed, 100, out=back) is back
+    with pytest.raises(ValueError, match=r"out must have shape \(64, 100\), got \(64, 99\)"):
+        d.quantize_ternary(w, out=np.empty((64, 99), dtype=np.int8))
+    with pytest.raises(TypeError, match="out must be a int8 array, got uint8"):
+        d.quantize_ternary(w, out=np.empty((64, 100), dtype=np.uint8))
+    readonly = np.empty((64, 100), dtype=np.int8)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        d.quantize_int8_rows(w, out=readonly)
+
+
 def test_bad_arrays_name_the_problem():
     d = hybrit.Dispatcher()
     with pytest.raises(TypeError, match="w must be a float32 array, got float64"):
