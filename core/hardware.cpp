@@ -1,5 +1,6 @@
 #include "core/hardware.hpp"
 
+#include <cpuid.h>
 #include <cpuinfo.h>
 #include <sched.h>
 #include <unistd.h>
@@ -111,12 +112,11 @@ HardwareInfo probe_cpu() {
       if (line.rfind("model name", 0) == 0) { hw.cpu_model = line.substr(line.find(':') + 2); break; }
   }
   if (hw.cpu_model.empty()) hw.cpu_model = "unknown CPU";
-  // cpuinfo (2022) does not know AVX-VNNI; it matters only for a later int8 kernel, so read the flag.
+  // cpuinfo (2022) does not know AVX-VNNI (CPUID leaf 7, sub-leaf 1, EAX bit 4); ask the CPU, as
+  // cpuinfo does for the rest (/proc/cpuinfo would describe the host even under an emulator).
   {
-    std::ifstream f("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(f, line))
-      if (line.rfind("flags", 0) == 0) { hw.avxvnni = line.find(" avx_vnni") != std::string::npos; break; }
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    hw.avxvnni = hw.avx2 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4));
   }
 
   cpu_set_t set;

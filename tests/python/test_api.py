@@ -172,6 +172,26 @@ def test_backend_arguments_are_checked():
         hybrit.Dispatcher(ops={"gemm": "c"})
 
 
+def test_simd_override_forces_the_scalar_kernels(rng):
+    """HYBRIT_SIMD / simd= select the C kernels' ISA; asking for more than the CPU has is an error."""
+    d = hybrit.Dispatcher(simd="scalar", use_environment=False)
+    assert "scalar" in d.backends["c"] and "scalar" in d.backends["tbb"]
+    w = rng.standard_normal(10007).astype(np.float32)
+    q_scalar, s_scalar = d.quantize_ternary(w)
+    q_best, s_best = hybrit.Dispatcher(use_environment=False).quantize_ternary(w)
+    assert s_scalar == s_best
+    np.testing.assert_array_equal(q_scalar, q_best)
+    code = "import hybrit; print(hybrit.Dispatcher().backends['c'])"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, HYBRIT_SIMD="scalar"),
+                         capture_output=True, text=True, check=True)
+    assert "scalar" in out.stdout
+    with pytest.raises(ValueError, match="simd: expected scalar, avx2 or avx512, got 'sse9'"):
+        hybrit.Dispatcher(simd="sse9")
+    if hybrit.info()["simd"] != "avx512":
+        with pytest.raises(RuntimeError, match="supports at most"):
+            hybrit.Dispatcher(simd="avx512")
+
+
 def test_metrics_count_calls_per_op_and_backend(rng):
     d = hybrit.Dispatcher(ops={"quantize_int8_rows": "c"})
     x = rng.standard_normal((16, 64)).astype(np.float32)
