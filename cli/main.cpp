@@ -46,6 +46,7 @@ void print_info(const HardwareInfo& hw) {
 int main(int argc, char** argv) {
   CLI::App app{"hybrit: train and serve 1.58-bit (ternary) transformer language models"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("hybrit ") + HYBRIT_VERSION);
   std::string config, backend;
   app.add_option("--config", config, "YAML file whose `dispatch:` section sets backends, SIMD level, threads, profile")->check(CLI::ExistingFile);
   app.add_option("--backend", backend, "force one backend for every op: c, tbb, cuda or auto (overrides HYBRIT_BACKEND)");
@@ -90,7 +91,7 @@ int main(int argc, char** argv) {
       if (report_json) std::cout << r.dump(2) << "\n";
       else std::cout << format_report(r);
       if (!save_path.empty()) {
-        save_profile(profile_from_report(r, dispatcher.policy().profile), save_path);
+        save_profile(profile_from_report(r, dispatcher), save_path);
         std::cerr << "hybrit: saved the measured dispatch profile to " << save_path
                   << (save_path == default_profile_path() ? " (loaded automatically from now on)\n" : " (use it with HYBRIT_PROFILE or dispatch.profile)\n");
       }

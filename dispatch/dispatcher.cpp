@@ -66,6 +66,18 @@ OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
 
 // ------------------------------------------------------------------ profile
 
+std::string MeasurementConditions::str() const {
+  return cat("hybrit ", version, ", ", to_string(simd), " kernels, ", threads, " tbb threads, hardware ", fingerprint);
+}
+
+std::string MeasurementConditions::difference(const MeasurementConditions& o) const {
+  if (fingerprint != o.fingerprint) return cat("measured on other hardware (fingerprint ", fingerprint, "; this machine is ", o.fingerprint, ")");
+  if (version != o.version) return cat("measured with hybrit ", version, " (this is ", o.version, ")");
+  if (simd != o.simd) return cat("measured with ", to_string(simd), " kernels (now ", to_string(o.simd), ")");
+  if (threads != o.threads) return cat("measured with ", threads, " tbb threads (now ", o.threads, ")");
+  return "";
+}
+
 double Profile::predict(Op op, BackendKind backend, double work) const {
   const auto& p = points(op, backend);
   if (p.empty()) return kNaN;
@@ -118,12 +130,15 @@ constexpr const char* kProfileFormat = "hybrit-dispatch-profile";
 constexpr int kProfileVersion = 1;
 }  // namespace
 
-Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw) {
+Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw, const MeasurementConditions& now) {
   Profile prof = default_profile(hw);
+  prof.conditions = now;
   auto reject = [&](ErrorKind kind, const std::string& why) -> Profile {
     if (named_explicitly) fail(kind, "dispatch profile ", path, ": ", why);
     log_warn("dispatch profile ", path, ": ", why, "; using built-in defaults");
-    return default_profile(hw);
+    Profile defaults = default_profile(hw);
+    defaults.conditions = now;
+    return defaults;
   };
   std::ifstream in(path);
   if (!in) {
@@ -140,13 +155,16 @@ Profile load_profile(const std::string& path, bool named_explicitly, const Hardw
     if (j.value("format", "") != kProfileFormat) return reject(ErrorKind::corrupt_data, cat("not a hybrit profile (format is not '", kProfileFormat, "')"));
     if (j.value("version", 0) != kProfileVersion)
       return reject(ErrorKind::corrupt_data, cat("profile version ", j.value("version", 0), ", this build reads version ", kProfileVersion));
-    const std::string fp = j.value("fingerprint", "");
-    if (fp != hw.fingerprint()) {
-      log_warn("dispatch profile ", path, " was measured on other hardware (", j.value("hardware", std::string("unknown")), ", fingerprint ", fp,
-               "; this machine is ", hw.fingerprint(), "): ignored; run `hybrit dispatch-report --save ", path, "` to measure this one");
+    MeasurementConditions then;
+    then.fingerprint = j.value("fingerprint", "");
+    then.version = j.value("hybrit_version", "unknown");
+    then.simd = parse_simd_level(j.value("simd", "scalar"), cat("dispatch profile ", path, ": simd"));
+    then.threads = j.value("tbb_threads", 0);
+    if (const std::string diff = then.difference(now); !diff.empty()) {
+      log_warn("dispatch profile ", path, " was ", diff, ": ignored; run `hybrit dispatch-report --save ", path, "` to measure again");
       return prof;
     }
-    prof.fingerprint = fp;
+    prof.conditions = then;
     prof.source = path;
     prof.transfer_gbps = j.value("transfer_gbps", prof.transfer_gbps);
     for (const auto& [op_name, per_backend] : j.at("points").items()) {
@@ -175,7 +193,10 @@ void save_profile(const Profile& profile, const std::string& path) {
   nlohmann::json j;
   j["format"] = kProfileFormat;
   j["version"] = kProfileVersion;
-  j["fingerprint"] = profile.fingerprint;
+  j["fingerprint"] = profile.conditions.fingerprint;
+  j["hybrit_version"] = profile.conditions.version;
+  j["simd"] = to_string(profile.conditions.simd);
+  j["tbb_threads"] = profile.conditions.threads;
   j["hardware"] = hardware().cpu_model;
   j["transfer_gbps"] = profile.transfer_gbps;
   nlohmann::json points = nlohmann::json::object();
@@ -420,14 +441,17 @@ Dispatcher::Dispatcher(const DispatcherOptions& options) {
 
   policy_.hardware = hardware();
   policy_.overrides = ov;
-  const SimdLevel simd = ov.simd.value_or(policy_.hardware.best_simd());
-  backends_[int(BackendKind::c)] = make_c_backend(simd);
-  backends_[int(BackendKind::tbb)] = make_tbb_backend(simd, ov.threads);
+  conditions_.fingerprint = policy_.hardware.fingerprint();
+  conditions_.simd = ov.simd.value_or(policy_.hardware.best_simd());
+  conditions_.threads = ov.threads > 0 ? ov.threads : policy_.hardware.granted_cpus;
+  backends_[int(BackendKind::c)] = make_c_backend(conditions_.simd);
+  backends_[int(BackendKind::tbb)] = make_tbb_backend(conditions_.simd, conditions_.threads);
   std::string why;
   backends_[int(BackendKind::cuda)] = make_cuda_backend(&why);
   for (int b = 0; b < kBackendCount; ++b) policy_.available[b] = backends_[b] != nullptr;
   policy_.unavailable_reason[int(BackendKind::cuda)] = why;
-  policy_.profile = load_profile(ov.profile_path.empty() ? default_profile_path() : ov.profile_path, !ov.profile_path.empty(), policy_.hardware);
+  policy_.profile = load_profile(ov.profile_path.empty() ? default_profile_path() : ov.profile_path, !ov.profile_path.empty(), policy_.hardware,
+                                 conditions_);
   policy_.validate();
   if (verbose())
     log_info("dispatcher: c = ", backends_[0]->describe(), "; tbb = ", backends_[1]->describe(), "; cuda = ",

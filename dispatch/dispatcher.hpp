@@ -34,10 +34,23 @@ struct ProfilePoint {
   double seconds = 0;
 };
 
+// What a measured profile depends on besides the op sizes: the hardware, the kernels (hybrit's
+// version), the SIMD level of the CPU kernels and the tbb thread count. A profile measured under
+// other conditions is ignored, with a warning that names the difference.
+struct MeasurementConditions {
+  std::string fingerprint;  // HardwareInfo::fingerprint()
+  std::string version = HYBRIT_VERSION;
+  SimdLevel simd = SimdLevel::scalar;
+  int threads = 1;
+  std::string str() const;
+  // The first difference from `other` in words, or "" when they match.
+  std::string difference(const MeasurementConditions& other) const;
+};
+
 // Seconds per call, by op and backend, at a ladder of sizes; predictions interpolate in log-log
 // and extrapolate at the end point's throughput.
 struct Profile {
-  std::string fingerprint;  // hardware fingerprint; empty for built-in defaults
+  MeasurementConditions conditions;  // of the measurement (for built-in defaults: the current ones)
   std::string source = "built-in defaults";
   // Sorted by work; a flat table because choose() reads it on every call.
   std::array<std::array<std::vector<ProfilePoint>, kBackendCount>, kOpCount> table;
@@ -57,9 +70,10 @@ Profile default_profile(const HardwareInfo& hw);
 // $XDG_CACHE_HOME/hybrit/profile.json, else ~/.cache/hybrit/profile.json.
 std::string default_profile_path();
 // Reads a saved profile. A missing file at the default path is silent; a missing or damaged file
-// named explicitly is an Error; a file from other hardware is ignored with a warning. Always
-// returns a usable profile (the defaults, overlaid with the file's points when it is valid).
-Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw);
+// named explicitly is an Error; a file measured under other conditions (hardware, version, SIMD
+// level, threads) is ignored with a warning. Always returns a usable profile (the defaults,
+// overlaid with the file's points when it is valid).
+Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw, const MeasurementConditions& now);
 void save_profile(const Profile& profile, const std::string& path);
 
 struct Overrides {
@@ -128,6 +142,8 @@ class Dispatcher {
   explicit Dispatcher(const DispatcherOptions& options = {});
 
   const Policy& policy() const { return policy_; }
+  // The conditions this dispatcher's backends run under (what a profile measured now records).
+  const MeasurementConditions& conditions() const { return conditions_; }
   bool available(BackendKind kind) const { return policy_.available[int(kind)]; }
   Backend& backend(BackendKind kind);
   Decision choose(const OpSize& size, Device data, bool explain = true) const { return policy_.choose(size, data, explain); }
@@ -148,6 +164,7 @@ class Dispatcher {
   auto route(const OpSize& size, Device data, const Run& run);
 
   Policy policy_;
+  MeasurementConditions conditions_;
   std::array<std::unique_ptr<Backend>, kBackendCount> backends_;
   Metrics metrics_;
 };

@@ -232,6 +232,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   report["backends"] = backends_json;
   report["quick"] = options.quick;
   report["profile_in_force"] = dispatcher.policy().profile.source;
+  report["conditions"] = dispatcher.conditions().str();
 
   size_t cells = 0;
   for (Op op : ops) cells += ladder(op, options.quick).size() * backends.size();
@@ -357,6 +358,7 @@ std::string format_report(const json& r) {
              fmt("%.1f", c["copy_gbps"].get<double>()), ", all granted CPUs, ", format_bytes(c["buffer_bytes"].get<double>()), " buffer); GEMM ",
              fmt("%.1f", c["gemm_gflops"].get<double>()), " GFLOP/s (", c["gemm_backend"].get<std::string>(), ", n = ", c["gemm_size"].get<int>(), ")\n");
   out += cat("profile  ", r["profile_in_force"].get<std::string>(), "\n");
+  out += cat("measured ", r["conditions"].get<std::string>(), "\n");
   for (const auto& o : r["ops"]) {
     const std::string unit = o["unit"].get<std::string>();
     out += cat("\n", o["op"].get<std::string>(), "  (rate in ", unit, ", % of the measured ceiling)\n");
@@ -388,9 +390,9 @@ std::string format_report(const json& r) {
   return out;
 }
 
-Profile profile_from_report(const json& report, const Profile& base) {
-  Profile p = base;
-  p.fingerprint = report["hardware"]["fingerprint"].get<std::string>();
+Profile profile_from_report(const json& report, const Dispatcher& dispatcher) {
+  Profile p = dispatcher.policy().profile;
+  p.conditions = dispatcher.conditions();
   for (const auto& o : report["ops"]) {
     const Op op = parse_op(o["op"].get<std::string>(), "report");
     std::map<BackendKind, std::vector<ProfilePoint>> measured;

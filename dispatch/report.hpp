@@ -35,7 +35,8 @@ nlohmann::json hardware_json(const HardwareInfo& hw);
 // recommendations, and the measured profile).
 nlohmann::json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options);
 std::string format_report(const nlohmann::json& report);
-// The measured profile inside a report, ready for save_profile.
-Profile profile_from_report(const nlohmann::json& report, const Profile& base);
+// The measured profile inside a report (run with `dispatcher`), ready for save_profile: the
+// dispatcher's profile overlaid with the measurements, under the dispatcher's conditions.
+Profile profile_from_report(const nlohmann::json& report, const Dispatcher& dispatcher);
 
 }  // namespace hybrit

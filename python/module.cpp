@@ -294,7 +294,7 @@ Arguments win over the environment, which wins over the config file.)doc")
           py::gil_scoped_release release;
           Dispatcher d(o);
           r = run_dispatch_report(d, ro);
-          if (save) save_profile(profile_from_report(r, d.policy().profile), *save);
+          if (save) save_profile(profile_from_report(r, d), *save);
         }
         return json_to_python(r);
       },
@@ -302,4 +302,5 @@ Arguments win over the environment, which wins over the config file.)doc")
       "Time every op on every backend (see `hybrit dispatch-report`) and return the report as a dict; save= writes the profile.");
 
   m.def("default_profile_path", &default_profile_path);
+  m.attr("__version__") = HYBRIT_VERSION;
 }

@@ -129,41 +129,59 @@ struct TempDir {
 TEST(Profile, SavesLoadsAndRejectsStaleOrDamagedFiles) {
   TempDir dir;
   const HardwareInfo& hw = hardware();
+  MeasurementConditions now;
+  now.fingerprint = hw.fingerprint();
+  now.simd = hw.best_simd();
+  now.threads = 2;
   Profile p = default_profile(hw);
-  p.fingerprint = hw.fingerprint();
+  p.conditions = now;
   p.points(Op::matmul, BackendKind::tbb) = {{1e3, 2e-6}, {1e6, 3e-4}};
   save_profile(p, dir.file("profile.json"));
-  const Profile back = load_profile(dir.file("profile.json"), true, hw);
+  const Profile back = load_profile(dir.file("profile.json"), true, hw, now);
   EXPECT_EQ(back.source, dir.file("profile.json"));
   EXPECT_DOUBLE_EQ(back.predict(Op::matmul, BackendKind::tbb, 1e6), 3e-4);
 
-  // Another machine's profile: ignored with a warning naming the file.
-  Profile other = p;
-  other.fingerprint = "0123456789abcdef";
-  save_profile(other, dir.file("other.json"));
-  set_log_sink(capture);
-  g_warnings.clear();
-  const Profile ignored = load_profile(dir.file("other.json"), true, hw);
-  set_log_sink(nullptr);
-  EXPECT_EQ(ignored.source, "built-in defaults");
-  ASSERT_EQ(g_warnings.size(), 1u);
-  EXPECT_NE(g_warnings[0].find("other hardware"), std::string::npos) << g_warnings[0];
+  // Measured under other conditions: ignored with a warning naming the difference.
+  auto ignored_because = [&](MeasurementConditions then, const std::string& reason) {
+    Profile other = p;
+    other.conditions = then;
+    save_profile(other, dir.file("other.json"));
+    set_log_sink(capture);
+    g_warnings.clear();
+    const Profile ignored = load_profile(dir.file("other.json"), true, hw, now);
+    set_log_sink(nullptr);
+    EXPECT_EQ(ignored.source, "built-in defaults");
+    ASSERT_EQ(g_warnings.size(), 1u);
+    EXPECT_NE(g_warnings[0].find(reason), std::string::npos) << g_warnings[0];
+  };
+  MeasurementConditions then = now;
+  then.fingerprint = "0123456789abcdef";
+  ignored_because(then, "measured on other hardware");
+  then = now;
+  then.threads = 7;
+  ignored_because(then, "measured with 7 tbb threads (now 2)");
+  then = now;
+  then.simd = now.simd == SimdLevel::scalar ? SimdLevel::avx2 : SimdLevel::scalar;
+  ignored_because(then, "kernels (now ");
+  then = now;
+  then.version = "0.0.1";
+  ignored_because(then, "measured with hybrit 0.0.1");
 
   // Damaged: an error when named explicitly, a warning at the default location.
   std::ofstream(dir.file("bad.json")) << "{\"format\": \"hybrit-dispatch-profile\", \"version\": 1, ";
-  EXPECT_THROW(load_profile(dir.file("bad.json"), true, hw), Error);
+  EXPECT_THROW(load_profile(dir.file("bad.json"), true, hw, now), Error);
   set_log_sink(capture);
   g_warnings.clear();
-  EXPECT_EQ(load_profile(dir.file("bad.json"), false, hw).source, "built-in defaults");
+  EXPECT_EQ(load_profile(dir.file("bad.json"), false, hw, now).source, "built-in defaults");
   set_log_sink(nullptr);
   EXPECT_EQ(g_warnings.size(), 1u);
   try {
-    load_profile(dir.file("missing.json"), true, hw);
+    load_profile(dir.file("missing.json"), true, hw, now);
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::io);
   }
-  EXPECT_EQ(load_profile(dir.file("missing.json"), false, hw).source, "built-in defaults");
+  EXPECT_EQ(load_profile(dir.file("missing.json"), false, hw, now).source, "built-in defaults");
 }
 
 TEST(Overrides, YamlSectionIsParsedAndCheckedWithLineNumbers) {
@@ -268,8 +286,9 @@ TEST(Report, MeasuresEveryBackendAndBecomesAProfile) {
   EXPECT_GT(r["ceilings"]["memory_gbps"].get<double>(), 0.1);
   EXPECT_GT(r["ceilings"]["gemm_gflops"].get<double>(), 0.1);
   EXPECT_FALSE(r["recommendations"].empty());
-  const Profile p = profile_from_report(r, d.policy().profile);
-  EXPECT_EQ(p.fingerprint, hardware().fingerprint());
+  const Profile p = profile_from_report(r, d);
+  EXPECT_EQ(p.conditions.fingerprint, hardware().fingerprint());
+  EXPECT_EQ(p.conditions.threads, d.conditions().threads);
   const double w = rows[1]["work"].get<double>();
   EXPECT_DOUBLE_EQ(p.predict(Op::quantize_int8_rows, BackendKind::tbb, w), rows[1]["seconds"]["tbb"].get<double>());
   EXPECT_NE(format_report(r).find("quantize_int8_rows"), std::string::npos);

@@ -12,10 +12,9 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
-from ._hybrit import Dispatcher, default_profile_path, dispatch_report, info
+from ._hybrit import Dispatcher, __version__, default_profile_path, dispatch_report, info
 
 __all__ = ["Dispatcher", "dispatch_report", "info", "default_profile_path", "op_size"]
-__version__ = "0.1.0"
 
 
 def op_size(op, *dims):

@@ -12,6 +12,7 @@ import hybrit
 
 
 def test_info_reports_the_probe():
+    assert hybrit.__version__.count(".") == 2
     info = hybrit.info()
     assert info["cpu"]
     assert info["granted_cpus"] >= 1
@@ -254,6 +255,9 @@ def test_dispatch_report_returns_a_dict_and_saves_a_profile(tmp_path):
     assert saved["fingerprint"] == hybrit.info()["fingerprint"]
     d = hybrit.Dispatcher(profile=str(path), use_environment=False)
     assert str(path) in d.choose("quantize_int8_rows", [256, 4096])["reason"]
+    if hybrit.info()["granted_cpus"] != 1:  # measured with another thread count: not used
+        fewer = hybrit.Dispatcher(profile=str(path), threads=1, use_environment=False)
+        assert "built-in defaults" in fewer.choose("quantize_int8_rows", [256, 4096])["reason"]
     # auto now follows the measurement at every measured size
     for row in r["ops"][0]["rows"]:
         rows, cols = map(int, row["size"].split("x"))
