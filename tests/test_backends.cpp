@@ -99,6 +99,32 @@ TEST(QuantizeReference, TernaryThresholdEdgesAgreeAcrossIsaVariants) {
   EXPECT_EQ(q, 0);
 }
 
+// The SIMD argmin of kmeans_assign against the scalar one, with exact ties planted (the first index
+// must win) and a running best carried across calls, as the assign driver uses it.
+TEST(KernelTables, ArgminUpdateAgreesAcrossIsaVariants) {
+  Rng rng(run_seed(), 21);
+  for (int64_t n : {1, 7, 16, 33, 1024, 1031}) {
+    std::vector<float> dots(n), cn(n);
+    for (int64_t j = 0; j < n; ++j) dots[j] = rng.normal(), cn[j] = 1.0f + rng.uniform();
+    for (int t = 0; t < 3 && n > 4; ++t) {  // ties: copies of one centroid at later indices
+      const int64_t from = int64_t(rng.below(uint64_t(n / 2))), to = n / 2 + int64_t(rng.below(uint64_t(n - n / 2)));
+      dots[to] = dots[from], cn[to] = cn[from];
+    }
+    const float xn = 2.0f * rng.uniform();
+    float best_ref = 0.5f;  // a running best from an earlier tile, sometimes unbeaten
+    int32_t arg_ref = 7;
+    hybrit_c_kernels_for(HYBRIT_ISA_SCALAR)->argmin_update(dots.data(), cn.data(), xn, n, 100, &best_ref, &arg_ref);
+    for (hybrit_isa isa : {HYBRIT_ISA_AVX2, HYBRIT_ISA_AVX512}) {
+      if (int(isa) > int(cpu_hardware().best_simd())) continue;
+      float best = 0.5f;
+      int32_t arg = 7;
+      hybrit_c_kernels_for(isa)->argmin_update(dots.data(), cn.data(), xn, n, 100, &best, &arg);
+      EXPECT_EQ(arg, arg_ref) << "isa " << int(isa) << ", n = " << n;
+      EXPECT_EQ(best, best_ref);
+    }
+  }
+}
+
 TEST_P(BackendTest, QuantizeInt8RowsMatchesReferenceBitForBit) {
   SCOPED_TRACE(cat("seed ", run_seed()));
   const std::pair<int64_t, int64_t> shapes[] = {{0, 5}, {3, 0}, {1, 1}, {7, 7}, {1, 1023}, {4097, 7}, {5, 4097}, {1024, 4096}};

@@ -106,8 +106,12 @@ TEST(Hardware, ProbeIsSane) {
   EXPECT_EQ(hw.fingerprint().size(), 16u);
   EXPECT_EQ(hw.fingerprint(), cpu_hardware().fingerprint());
   // The chosen level never exceeds what the flags allow.
-  if (hw.best_simd() == SimdLevel::avx512) EXPECT_TRUE(hw.avx512f && hw.avx512bw && hw.avx512vl && hw.avx512dq);
-  if (hw.best_simd() >= SimdLevel::avx2) EXPECT_TRUE(hw.avx2 && hw.fma);
+  if (hw.best_simd() == SimdLevel::avx512) {
+    EXPECT_TRUE(hw.avx512f && hw.avx512bw && hw.avx512vl && hw.avx512dq);
+  }
+  if (hw.best_simd() >= SimdLevel::avx2) {
+    EXPECT_TRUE(hw.avx2 && hw.fma);
+  }
   EXPECT_EQ(sysconf(_SC_NPROCESSORS_ONLN) >= hw.granted_cpus, true);
   HardwareInfo other = hw;
   other.granted_cpus += 1;

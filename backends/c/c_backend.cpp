@@ -53,7 +53,7 @@ class CBackend final : public Backend {
   }
   void run_kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) override {
     check(Op::kmeans_update, [&](int64_t* bad) {
-      return hybrit_c_kmeans_update(kr_, x.data<float>(), x.dim(0), x.dim(1), labels.data<int32_t>(), sums.dim(0), sums.data<double>(),
+      return hybrit_c_kmeans_update(x.data<float>(), x.dim(0), x.dim(1), labels.data<int32_t>(), sums.dim(0), sums.data<double>(),
                                     counts.data<int64_t>(), bad);
     });
   }

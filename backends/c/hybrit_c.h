@@ -42,6 +42,9 @@ typedef struct {
   float (*absmax)(const float* x, int64_t n, int* finite);
   /* q[i] = clamp(rint(x[i] * s), -128, 127). */
   void (*int8_pass)(const float* x, int64_t n, float s, int8_t* q);
+  /* One point against n centroids: dd[j] = (xn + cn[j]) - 2 * dots[j] (no FMA); where dd[j] < *best
+   * (strict, scanning j upward: the first of equals wins), *best = dd[j] and *arg = base + j. */
+  void (*argmin_update)(const float* dots, const float* cn, float xn, int64_t n, int32_t base, float* best, int32_t* arg);
   /* GEMM micro-kernel: C[m x n] += alpha * Ap * Bp, Ap packed MR-tall, Bp packed NR-wide. */
   int mr, nr, mc, kc, nc;
   void (*gemm_ukr)(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m, int n);
@@ -80,7 +83,7 @@ int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t
 int hybrit_c_kmeans_assign(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const float* C, int64_t k, int32_t* labels,
                            float* dist, int64_t* bad_index);
 /* Per-cluster sums (double, in point order) and counts; labels must lie in [0, k). */
-int hybrit_c_kmeans_update(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const int32_t* labels, int64_t k, double* sums,
+int hybrit_c_kmeans_update(const float* X, int64_t n, int64_t d, const int32_t* labels, int64_t k, double* sums,
                            int64_t* counts, int64_t* bad_index);
 
 #ifdef __cplusplus

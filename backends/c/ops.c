@@ -1,4 +1,5 @@
 /* Scalar reference kernels and the ISA-independent drivers of the C backend. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign: aligned_alloc is C11, this file is C99 */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -53,6 +54,21 @@ static void int8_pass_scalar(const float* x, int64_t n, float s, int8_t* q) {
   }
 }
 
+static void argmin_update_scalar(const float* dots, const float* cn, float xn, int64_t n, int32_t base, float* best,
+                                 int32_t* arg) {
+  float b = *best;
+  int32_t a = *arg;
+  for (int64_t j = 0; j < n; ++j) {
+    const float dd = (xn + cn[j]) - 2.0f * dots[j];
+    if (dd < b) {
+      b = dd;
+      a = base + (int32_t)j;
+    }
+  }
+  *best = b;
+  *arg = a;
+}
+
 enum { SCALAR_MR = 4, SCALAR_NR = 8 };
 
 static void gemm_ukr_scalar(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m,
@@ -66,9 +82,8 @@ static void gemm_ukr_scalar(int64_t kc, const float* ap, const float* bp, float*
 }
 
 static const hybrit_c_kernels scalar_kernels = {
-    HYBRIT_ISA_SCALAR, chunk_abs_sums_scalar, ternary_pass_scalar, absmax_scalar, int8_pass_scalar,
-    SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,
-    gemm_ukr_scalar};
+    HYBRIT_ISA_SCALAR, chunk_abs_sums_scalar, ternary_pass_scalar, absmax_scalar, int8_pass_scalar, argmin_update_scalar,
+    SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,             gemm_ukr_scalar};
 
 /* ---------------- selection ---------------- */
 
@@ -282,8 +297,11 @@ int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t
   const int64_t MC = kr->mc, KC = kr->kc, NC = kr->nc;
   /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
   const int64_t mc_max = (M < MC ? M : MC) + kr->mr, nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
-  float* ap = (float*)aligned_alloc(64, (size_t)(mc_max * kc_max * (int64_t)sizeof(float) + 63) / 64 * 64);
-  float* bp = (float*)aligned_alloc(64, (size_t)(nc_max * kc_max * (int64_t)sizeof(float) + 63) / 64 * 64);
+  void *ap_mem = NULL, *bp_mem = NULL;
+  const int ap_rc = posix_memalign(&ap_mem, 64, (size_t)(mc_max * kc_max) * sizeof(float));
+  const int bp_rc = posix_memalign(&bp_mem, 64, (size_t)(nc_max * kc_max) * sizeof(float));
+  float* ap = ap_rc == 0 ? (float*)ap_mem : NULL;
+  float* bp = bp_rc == 0 ? (float*)bp_mem : NULL;
   if (!ap || !bp) {
     free(ap);
     free(bp);
@@ -325,7 +343,10 @@ static int64_t row_norms(const float* X, int64_t n, int64_t d, float* out) {
   return bad;
 }
 
-enum { ASSIGN_BLOCK_POINTS = 128, ASSIGN_BLOCK_CENTROIDS = 512 };
+/* Points per block and centroids per tile: the dot-product tile (256 x 1024 floats, 1 MiB) stays in
+ * L2, and the centroid tile is packed once per 256 points. The tbb backend splits points at
+ * multiples of the block, so its results equal these bit for bit. */
+enum { ASSIGN_BLOCK_POINTS = 256, ASSIGN_BLOCK_CENTROIDS = 1024 };
 
 int hybrit_c_kmeans_assign(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const float* C, int64_t k, int32_t* labels,
                            float* dist, int64_t* bad_index) {
@@ -359,19 +380,8 @@ int hybrit_c_kmeans_assign(const hybrit_c_kernels* kr, const float* X, int64_t n
     for (int64_t c0 = 0; c0 < k; c0 += ASSIGN_BLOCK_CENTROIDS) {
       const int64_t bk = k - c0 < ASSIGN_BLOCK_CENTROIDS ? k - c0 : ASSIGN_BLOCK_CENTROIDS;
       hybrit_c_sgemm(kr, 0, 1, bp, bk, d, 1.0f, X + i0 * d, d, C + c0 * d, d, 0.0f, dots, bk);
-      for (int64_t i = 0; i < bp; ++i) {
-        float best = dist[i0 + i];
-        int32_t arg = labels[i0 + i];
-        for (int64_t j = 0; j < bk; ++j) {
-          const float dd = xn[i] + cn[c0 + j] - 2.0f * dots[i * bk + j];
-          if (dd < best) {
-            best = dd;
-            arg = (int32_t)(c0 + j);
-          }
-        }
-        dist[i0 + i] = best;
-        labels[i0 + i] = arg;
-      }
+      for (int64_t i = 0; i < bp; ++i)
+        kr->argmin_update(dots + i * bk, cn + c0, xn[i], bk, (int32_t)c0, dist + i0 + i, labels + i0 + i);
     }
     for (int64_t i = 0; i < bp; ++i)
       if (dist[i0 + i] < 0.0f) dist[i0 + i] = 0.0f; /* cancellation can dip below zero */
@@ -383,7 +393,7 @@ done:
   return rc;
 }
 
-int hybrit_c_kmeans_update(const hybrit_c_kernels* kr, const float* X, int64_t n, int64_t d, const int32_t* labels, int64_t k, double* sums,
+int hybrit_c_kmeans_update(const float* X, int64_t n, int64_t d, const int32_t* labels, int64_t k, double* sums,
                            int64_t* counts, int64_t* bad_index) {
   memset(sums, 0, (size_t)(k * d) * sizeof(double));
   memset(counts, 0, (size_t)k * sizeof(int64_t));

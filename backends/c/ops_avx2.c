@@ -2,6 +2,7 @@
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 
 #include "hybrit_c.h"
 
@@ -95,6 +96,38 @@ static void int8_pass_avx2(const float* x, int64_t n, float s, int8_t* q) {
   }
 }
 
+static void argmin_update_avx2(const float* dots, const float* cn, float xn, int64_t n, int32_t base, float* best,
+                               int32_t* arg) {
+  /* Each lane keeps its own first minimum; the lane minima then merge by (value, index). */
+  const __m256 vxn = _mm256_set1_ps(xn), two = _mm256_set1_ps(2.0f);
+  __m256 vmin = _mm256_set1_ps(INFINITY);
+  __m256i vidx = _mm256_set1_epi32(INT32_MAX), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8, idx = _mm256_add_epi32(idx, step)) {
+    const __m256 dd = _mm256_sub_ps(_mm256_add_ps(vxn, _mm256_loadu_ps(cn + j)), _mm256_mul_ps(two, _mm256_loadu_ps(dots + j)));
+    const __m256 lt = _mm256_cmp_ps(dd, vmin, _CMP_LT_OQ);
+    vmin = _mm256_blendv_ps(vmin, dd, lt);
+    vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(idx), lt));
+  }
+  float lane_min[8];
+  int32_t lane_idx[8];
+  _mm256_storeu_ps(lane_min, vmin);
+  _mm256_storeu_si256((__m256i*)lane_idx, vidx);
+  float b = INFINITY;
+  int32_t a = INT32_MAX;
+  for (int l = 0; l < 8; ++l)
+    if (lane_min[l] < b || (lane_min[l] == b && lane_idx[l] < a)) b = lane_min[l], a = lane_idx[l];
+  for (; j < n; ++j) {
+    const float dd = (xn + cn[j]) - 2.0f * dots[j];
+    if (dd < b) b = dd, a = (int32_t)j;
+  }
+  if (b < *best) {
+    *best = b;
+    *arg = base + a;
+  }
+}
+
 enum { MR = 6, NR = 16 };
 
 static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m,
@@ -128,7 +161,7 @@ static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c
 }
 
 static const hybrit_c_kernels avx2_kernels = {
-    HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, MR, NR, 144, 256, 2048,
-    gemm_ukr_avx2};
+    HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, argmin_update_avx2, MR, NR, 144, 256,
+    2048, gemm_ukr_avx2};
 
 const hybrit_c_kernels* hybrit_c_kernels_avx2(void) { return &avx2_kernels; }

@@ -2,6 +2,7 @@
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 
 #include "hybrit_c.h"
 
@@ -74,6 +75,38 @@ static void int8_pass_avx512(const float* x, int64_t n, float s, int8_t* q) {
   }
 }
 
+static void argmin_update_avx512(const float* dots, const float* cn, float xn, int64_t n, int32_t base, float* best,
+                                 int32_t* arg) {
+  /* Each lane keeps its own first minimum; the lane minima then merge by (value, index). */
+  const __m512 vxn = _mm512_set1_ps(xn), two = _mm512_set1_ps(2.0f);
+  __m512 vmin = _mm512_set1_ps(INFINITY);
+  __m512i vidx = _mm512_set1_epi32(INT32_MAX), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __m512 dd = _mm512_sub_ps(_mm512_add_ps(vxn, _mm512_loadu_ps(cn + j)), _mm512_mul_ps(two, _mm512_loadu_ps(dots + j)));
+    const __mmask16 lt = _mm512_cmp_ps_mask(dd, vmin, _CMP_LT_OQ);
+    vmin = _mm512_mask_mov_ps(vmin, lt, dd);
+    vidx = _mm512_mask_mov_epi32(vidx, lt, idx);
+  }
+  float lane_min[16];
+  int32_t lane_idx[16];
+  _mm512_storeu_ps(lane_min, vmin);
+  _mm512_storeu_si512(lane_idx, vidx);
+  float b = INFINITY;
+  int32_t a = INT32_MAX;
+  for (int l = 0; l < 16; ++l)
+    if (lane_min[l] < b || (lane_min[l] == b && lane_idx[l] < a)) b = lane_min[l], a = lane_idx[l];
+  for (; j < n; ++j) {
+    const float dd = (xn + cn[j]) - 2.0f * dots[j];
+    if (dd < b) b = dd, a = (int32_t)j;
+  }
+  if (b < *best) {
+    *best = b;
+    *arg = base + a;
+  }
+}
+
 enum { MR = 12, NR = 32 };
 
 static void gemm_ukr_avx512(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m,
@@ -105,7 +138,7 @@ static void gemm_ukr_avx512(int64_t kc, const float* ap, const float* bp, float*
 }
 
 static const hybrit_c_kernels avx512_kernels = {
-    HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, MR, NR, 144, 256,
-    2048, gemm_ukr_avx512};
+    HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, argmin_update_avx512, MR, NR,
+    144, 256, 2048, gemm_ukr_avx512};
 
 const hybrit_c_kernels* hybrit_c_kernels_avx512(void) { return &avx512_kernels; }

@@ -152,27 +152,30 @@ __global__ void row_norms_kernel(const float* x, int64_t n, int64_t d, float* ou
   }
 }
 
-// One warp per point of the tile: the nearest centroid of this tile, merged into the running
-// best (earlier tiles hold lower indices, so a tie keeps the earlier one).
+// One warp per point of the tile, striding over the points (a tile can hold more points than
+// one grid has warps): the nearest centroid of this tile, merged into the running best (earlier
+// tiles hold lower indices, so a tie keeps the earlier one). The loop bound is the same for all
+// lanes of a warp, so the shuffles always see a full warp.
 __global__ void argmin_tile_kernel(const float* dots, int64_t points, int64_t tile_k, int64_t c0, const float* xn, const float* cn,
                                    float* best_dist, int32_t* best_label) {
-  const int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (i >= points) return;
-  float best = INFINITY;
-  int64_t arg = INT64_MAX;
-  for (int64_t j = lane; j < tile_k; j += 32) {
-    const float dd = __fsub_rn(__fadd_rn(xn[i], cn[c0 + j]), __fmul_rn(2.0f, dots[i * tile_k + j]));
-    if (dd < best) { best = dd; arg = c0 + j; }
-  }
-  for (int off = 16; off >= 1; off /= 2) {
-    const float ob = __shfl_down_sync(0xffffffffu, best, off);
-    const int64_t oa = __shfl_down_sync(0xffffffffu, arg, off);
-    if (ob < best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-  }
-  if (lane == 0 && best < best_dist[i]) {
-    best_dist[i] = best;
-    best_label[i] = int32_t(arg);
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; i < points; i += warps) {
+    float best = INFINITY;
+    int64_t arg = INT64_MAX;
+    for (int64_t j = lane; j < tile_k; j += 32) {
+      const float dd = __fsub_rn(__fadd_rn(xn[i], cn[c0 + j]), __fmul_rn(2.0f, dots[i * tile_k + j]));
+      if (dd < best) { best = dd; arg = c0 + j; }
+    }
+    for (int off = 16; off >= 1; off /= 2) {
+      const float ob = __shfl_down_sync(0xffffffffu, best, off);
+      const int64_t oa = __shfl_down_sync(0xffffffffu, arg, off);
+      if (ob < best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+    }
+    if (lane == 0 && best < best_dist[i]) {
+      best_dist[i] = best;
+      best_label[i] = int32_t(arg);
+    }
   }
 }
 

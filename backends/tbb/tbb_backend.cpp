@@ -24,7 +24,7 @@ void eigen_sgemm_avx512(bool, bool, int64_t, int64_t, int64_t, float, const floa
 namespace {
 
 constexpr int64_t kElementGrain = 1 << 16;  // elements per task for streaming ops
-constexpr int64_t kAssignGrain = 1024;       // points per task; a multiple of the C kernel's block
+constexpr int64_t kAssignGrain = 1024;       // points per task; a multiple of the C kernel's block (256)
 
 // Runs body(begin, end) over [0, n) in pieces of `grain` (the last may be shorter). Each piece
 // has fixed bounds, so which thread runs it does not change any result.
