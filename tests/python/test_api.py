@@ -258,7 +258,10 @@ def test_dispatch_report_returns_a_dict_and_saves_a_profile(tmp_path):
     if hybrit.info()["granted_cpus"] != 1:  # measured with another thread count: not used
         fewer = hybrit.Dispatcher(profile=str(path), threads=1, use_environment=False)
         assert "built-in defaults" in fewer.choose("quantize_int8_rows", [256, 4096])["reason"]
-    # auto now follows the measurement at every measured size
+    # auto now follows the measurement at every measured size, except that near-ties (c within 5%
+    # of the winner) go to c
     for row in r["ops"][0]["rows"]:
         rows, cols = map(int, row["size"].split("x"))
-        assert d.choose("quantize_int8_rows", [rows, cols])["backend"] == row["winner"]
+        picked = d.choose("quantize_int8_rows", [rows, cols])["backend"]
+        t = row["seconds"]
+        assert picked == row["winner"] or (picked == "c" and t["c"] <= 1.05 * t[row["winner"]]), (row, picked)
