@@ -27,7 +27,7 @@ install_packages() {
 }
 
 build() {  # $1: preset
-  cmake --preset "$1" >/dev/null
+  cmake --preset "$1" | { grep "^-- hybrit:" || true; }
   cmake --build --preset "$1"
 }
 

@@ -3,7 +3,7 @@
 on all granted threads and on one) and numpy's BLAS, side by side in one run."""
 import numpy as np
 
-from common import hybrit, machine_header, median_seconds, run_bench
+from common import hybrit, interleaved_medians, machine_header, run_bench
 
 N = 1024
 
@@ -13,9 +13,9 @@ def main():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((N, N)).astype(np.float32)
     b = rng.standard_normal((N, N)).astype(np.float32)
-    t_numpy = median_seconds(lambda: a @ b, repeats=5)
     d = hybrit.Dispatcher(backend="tbb", use_environment=False)
-    t_tbb_py = median_seconds(lambda: d.matmul(a, b), repeats=9)
+    py = interleaved_medians({"numpy": lambda: a @ b, "tbb": lambda: d.matmul(a, b)}, rounds=7)
+    t_numpy, t_tbb_py = py["numpy"], py["tbb"]
     threads = hybrit.info()["granted_cpus"]
     flops = 2 * N ** 3
     rows = [

@@ -27,6 +27,23 @@ def median_seconds(fn, repeats=7, warmup=1):
     return statistics.median(times)
 
 
+def interleaved_medians(fns, rounds=15, warmup=1):
+    """Median seconds of each named function, timed in rounds that run every function once in a
+    rotated order, so slow drift of a shared machine hits all of them alike."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine_header(title, command):
     info = hybrit.info()
     gpus = ", ".join(d["name"] for d in info["cuda_devices"]) or "none (" + info["cuda_status"] + ")"

@@ -1,6 +1,7 @@
-// The oneTBB backend. Element-wise ops and k-means run the C backend's kernels over fixed chunks
-// in parallel: the partition depends only on the sizes, so results are bit-identical to the C
-// backend whatever the thread count. Matmul runs Eigen's GEMM, one block of C per task.
+// The oneTBB backend. Every partition depends only on the sizes, never on the thread count, so
+// results are the same bits with any number of threads. Element-wise ops and kmeans_assign run
+// the C backend's kernels over fixed chunks (bit-identical to the C backend); kmeans_update sums
+// fixed row parts (see there); matmul runs Eigen's GEMM, one block of C per task.
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/partitioner.h>
