@@ -217,6 +217,13 @@ class PyDispatcher {
     return out;
   }
 
+  std::string repr() const {
+    std::string s = "<hybrit.Dispatcher";
+    for (int b = 0; b < kBackendCount; ++b)
+      s += cat(" ", to_string(BackendKind(b)), "=", d_->available(BackendKind(b)) ? "'" + d_->backend(BackendKind(b)).describe() + "'" : std::string("unavailable"));
+    return s + cat(" profile='", d_->policy().profile.source, "'>");
+  }
+
   Dispatcher& get() { return *d_; }
 
  private:
@@ -277,7 +284,8 @@ Arguments win over the environment, which wins over the config file.)doc")
            "The decision for an op of the given dims (see hybrit.op_size), without running it: backend, reason, predicted seconds.")
       .def("metrics", &PyDispatcher::metrics, "Per op and backend: calls, elements, bytes, seconds.")
       .def("reset_metrics", &PyDispatcher::reset_metrics)
-      .def_property_readonly("backends", &PyDispatcher::backends, "Each backend's description, or None when it is unavailable.");
+      .def_property_readonly("backends", &PyDispatcher::backends, "Each backend's description, or None when it is unavailable.")
+      .def("__repr__", &PyDispatcher::repr);
 
   m.def(
       "dispatch_report",

@@ -2,6 +2,7 @@
 #define _POSIX_C_SOURCE 200112L /* posix_memalign: aligned_alloc is C11, this file is C99 */
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -215,7 +216,8 @@ static void build_unpack_table(void) {
 }
 
 int hybrit_c_unpack_ternary(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* q, int64_t* bad_index) {
-  if (!unpack_table[0]) build_unpack_table(); /* entry 0 is 0xffffffff once built; a race rebuilds the same */
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, build_unpack_table); /* callers may run on many threads at once */
   const int64_t pc = hybrit_packed_cols(cols), full = cols / 4;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* in = packed + r * pc;

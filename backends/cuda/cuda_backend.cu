@@ -11,6 +11,7 @@
 #include <cfloat>
 #include <climits>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "backends/backend.hpp"
@@ -246,6 +247,7 @@ class CudaBackend final : public Backend {
 
  protected:
   float run_quantize_ternary(const Tensor& w_in, Tensor& q_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     Tensor w = input(w_in);
     Tensor q = output(q_out, false);
     const int64_t n = w.numel(), chunks = (n + HYBRIT_SUM_CHUNK - 1) / HYBRIT_SUM_CHUNK;
@@ -269,6 +271,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_quantize_int8_rows(const Tensor& x_in, int64_t rows, int64_t cols, Tensor& q_out, Tensor& s_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     Tensor x = input(x_in);
     Tensor q = output(q_out, false), s = output(s_out, false);
     BadIndex bad(device_);
@@ -280,6 +283,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_pack_ternary(const Tensor& q_in, int64_t rows, int64_t cols, Tensor& p_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     Tensor q = input(q_in);
     Tensor p = output(p_out, false);
     BadIndex bad(device_);
@@ -290,6 +294,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_unpack_ternary(const Tensor& p_in, int64_t rows, int64_t cols, Tensor& q_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     Tensor p = input(p_in);
     Tensor q = output(q_out, false);
     BadIndex bad(device_);
@@ -301,6 +306,7 @@ class CudaBackend final : public Backend {
 
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   void run_matmul(const Tensor& a_in, const Tensor& b_in, Tensor& c_out, int64_t m, int64_t n, int64_t k, const MatmulArgs& args) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     Tensor c = output(c_out, args.beta != 0.0f);
     if (m == 0 || n == 0) return;
     Tensor a = input(a_in), b = input(b_in);
@@ -315,6 +321,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_kmeans_assign(const Tensor& x_in, const Tensor& c_in, Tensor& l_out, Tensor& d_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     const int64_t n = x_in.dim(0), d = x_in.dim(1), k = c_in.dim(0);
     if (n == 0) return;
     Tensor x = input(x_in), cen = input(c_in);
@@ -353,6 +360,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_kmeans_update(const Tensor& x_in, const Tensor& l_in, Tensor& s_out, Tensor& c_out) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // one op at a time on the shared cuBLAS handle
     const int64_t n = x_in.dim(0), d = x_in.dim(1), k = s_out.dim(0);
     Tensor x = input(x_in), labels = input(l_in);
     Tensor sums = output(s_out, false), counts = output(c_out, false);
@@ -407,6 +415,7 @@ class CudaBackend final : public Backend {
   int device_;
   std::string name_;
   cublasHandle_t cublas_ = nullptr;
+  std::mutex mutex_;
 };
 
 }  // namespace

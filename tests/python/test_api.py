@@ -239,6 +239,35 @@ def test_the_gil_is_released_inside_kernels(rng):
     assert during > 100_000, during
 
 
+def test_one_dispatcher_serves_many_threads(rng):
+    """With the GIL released, threads share a Dispatcher: results equal the single-thread ones."""
+    d = hybrit.Dispatcher()
+    inputs = [rng.standard_normal((300, 257)).astype(np.float32) for _ in range(8)]
+    expected = [(d.quantize_ternary(x), d.quantize_int8_rows(x), d.unpack_ternary(d.pack_ternary(d.quantize_ternary(x)[0]), 257))
+                for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(20):
+            x = inputs[i]
+            results[i] = (d.quantize_ternary(x), d.quantize_int8_rows(x), d.unpack_ternary(d.pack_ternary(d.quantize_ternary(x)[0]), 257))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (tern, rows, unpacked), (etern, erows, eunpacked) in zip(results, expected):
+        np.testing.assert_array_equal(tern[0], etern[0])
+        assert tern[1] == etern[1]
+        np.testing.assert_array_equal(rows[0], erows[0])
+        np.testing.assert_array_equal(rows[1], erows[1])
+        np.testing.assert_array_equal(unpacked, eunpacked)
+    calls = d.metrics()["quantize_ternary"]
+    assert sum(v["calls"] for v in calls.values()) == 2 * len(inputs) * 21
+    assert "hybrit.Dispatcher c='c (" in repr(d)
+
+
 def test_verbose_logs_every_decision(tmp_path):
     code = "import numpy as np, hybrit; hybrit.Dispatcher().quantize_ternary(np.ones(10, np.float32))"
     env = dict(os.environ, HYBRIT_VERBOSE="1")
