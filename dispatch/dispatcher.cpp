@@ -95,26 +95,30 @@ Profile default_profile(const HardwareInfo& hw) {
   Profile prof;
   const int threads = std::max(1, hw.granted_cpus);
   const SimdLevel simd = hw.best_simd();
-  const double core_gbps = simd == SimdLevel::scalar ? 6e9 : 12e9;
+  const double core_bandwidth = simd == SimdLevel::scalar ? 6e9 : 12e9;
   const double core_flops = simd == SimdLevel::avx512 ? 80e9 : simd == SimdLevel::avx2 ? 45e9 : 6e9;
-  struct Model { BackendKind kind; double overhead, bandwidth, flops; };
-  std::vector<Model> models = {{BackendKind::c, 0.5e-6, core_gbps, core_flops},
-                               {BackendKind::tbb, 15e-6, core_gbps * std::min(threads, 4) * 0.8, core_flops * threads * 0.85}};
-  // A nominal data-centre GPU; a measured profile replaces it.
-  models.push_back({BackendKind::cuda, 15e-6, 1.5e12, 25e12});
   for (int o = 0; o < kOpCount; ++o) {
     const Op op = Op(o);
-    for (const Model& m : models) {
-      std::vector<ProfilePoint> pts;
-      for (double work = 1e2; work <= 1e12; work *= 10) {
-        // touched bytes and flops per unit of work, from op_size at a representative shape
-        const OpSize unit = op == Op::matmul || op == Op::kmeans_assign ? op_size(op, 1024, 256, 64) : op_size(op, 1024, 1024, 64);
-        const double seconds = is_compute_bound(op) ? unit.flops / unit.work * work / m.flops
-                                                    : unit.touched_bytes / unit.work * work / m.bandwidth;
-        pts.push_back({work, m.overhead + seconds});
-      }
-      prof.points(op, m.kind) = std::move(pts);
+    // Touched bytes and FLOPs per unit of work, at a representative shape.
+    const OpSize unit = is_compute_bound(op) ? op_size(op, 1024, 256, 64) : op_size(op, 1024, 1024, 64);
+    const double bytes_per_work = unit.touched_bytes / unit.work, flops_per_work = unit.flops / unit.work;
+    // Work per tbb task, as the tbb backend splits it: below this a call runs as one task.
+    const double grain = op == Op::matmul ? 1e6 : op == Op::kmeans_assign ? 1024.0 * 256 * 64 : op == Op::kmeans_update ? 4096.0 * 64 : 65536;
+    std::vector<ProfilePoint> c_pts, tbb_pts, cuda_pts;
+    for (double work = 1e2; work <= 1e12; work *= 2) {
+      const double one_core = is_compute_bound(op) ? flops_per_work * work / core_flops : bytes_per_work * work / core_bandwidth;
+      c_pts.push_back({work, 0.3e-6 + one_core});
+      // tbb: only as many threads as the call has tasks; waking them costs a few microseconds;
+      // memory-bound work stops scaling at the memory channels (taken as 4 cores' worth).
+      const double tasks = std::clamp(work / grain, 1.0, double(threads));
+      const double scale = is_compute_bound(op) ? 0.85 * tasks : std::min(tasks, 4.0) * (tasks > 1 ? 0.8 : 1.0);
+      tbb_pts.push_back({work, 0.5e-6 + (tasks > 1 ? 8e-6 : 0.0) + one_core / std::max(scale, 1.0)});
+      // A nominal data-centre GPU (1.5 TB/s, 25 TFLOP/s, 15 us per call); a measured profile replaces it.
+      cuda_pts.push_back({work, 15e-6 + (is_compute_bound(op) ? flops_per_work * work / 25e12 : bytes_per_work * work / 1.5e12)});
     }
+    prof.points(op, BackendKind::c) = std::move(c_pts);
+    prof.points(op, BackendKind::tbb) = std::move(tbb_pts);
+    prof.points(op, BackendKind::cuda) = std::move(cuda_pts);
   }
   return prof;
 }
