@@ -1,0 +1,74 @@
+// Training data: corpora of records read from files, a byte tokenizer, a binary token cache, a
+// deterministic train/val split by record, and batches that are a pure function of
+// (seed, step), so a resumed run sees the same batches as one that never stopped.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace hybrit {
+
+// text: records are paragraphs (separated by blank lines); fortune: records are separated by
+// lines holding only `%` (the fortune(6) format); jsonl: one JSON object per line, its "text".
+enum class CorpusFormat { text, fortune, jsonl };
+const char* to_string(CorpusFormat format);
+
+struct Corpus {
+  CorpusFormat format = CorpusFormat::text;
+  std::vector<std::string> files;    // what was read, in order
+  std::vector<std::string> records;  // non-empty records, in file order
+};
+
+// `sources`: files, folders (their regular files, recursively, sorted; hidden files skipped) and
+// glob patterns. From folders and globs, `X.dat` beside `X` (a fortune strfile index) is skipped,
+// and so is any file already read under another name (the fortunes package's `.u8` links). `format`: "text", "fortune",
+// "jsonl" or "auto" (.jsonl files are jsonl; a file with a line holding only `%` is fortune;
+// otherwise text). Errors name the file and line.
+Corpus read_corpus(const std::vector<std::string>& sources, const std::string& format = "auto");
+// The default corpus: Debian's `fortunes` package.
+inline const char* kDefaultCorpus = "/usr/share/games/fortunes";
+
+// Byte-level tokenizer: tokens 0-255 are bytes, 256 ends a record (so a model learns where a
+// record stops). Any byte sequence round-trips.
+struct ByteTokenizer {
+  static constexpr int32_t kEndOfRecord = 256;
+  static constexpr int32_t kVocabSize = 257;
+  static constexpr const char* kName = "byte-v1";
+  void encode(std::string_view text, std::vector<int32_t>& out) const;
+  // Bytes of the tokens; the end-of-record token becomes a newline.
+  std::string decode(const int32_t* tokens, size_t n) const;
+};
+
+// A corpus as token streams: each record's tokens followed by the end-of-record token.
+struct TokenizedCorpus {
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> record_offsets;  // records + 1 entries: record r is [offsets[r], offsets[r + 1])
+  int32_t vocab_size = ByteTokenizer::kVocabSize;
+  int64_t records() const { return int64_t(record_offsets.size()) - 1; }
+};
+
+TokenizedCorpus tokenize(const Corpus& corpus);
+// A key for the cache: the tokenizer, the format, and every file's path, size and mtime.
+uint64_t corpus_key(const Corpus& corpus);
+// Tokenizes through a binary cache at `cache_path` (written to a temporary file and renamed;
+// a stale, damaged or foreign cache is rebuilt with a warning, never trusted). `*from_cache`
+// says which happened.
+TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache = nullptr);
+
+// Record r goes to validation when a uniform draw keyed by (seed, r) falls below val_fraction:
+// the split depends on nothing else, so it is stable when records are appended. With
+// val_fraction > 0 and at least two records, both sides get at least one record.
+struct Split {
+  std::vector<int32_t> train, val;  // token streams, records concatenated
+  int64_t train_records = 0, val_records = 0;
+};
+Split split_by_record(const TokenizedCorpus& corpus, double val_fraction, uint64_t seed);
+
+// Batch `step`: `batch` windows of context + 1 tokens at offsets drawn from (seed, step, row);
+// inputs are the first `context` tokens of each window, targets the next-token shift.
+// inputs and targets hold batch * context values each.
+void draw_batch(const std::vector<int32_t>& stream, int64_t step, int batch, int context, uint64_t seed, int32_t* inputs,
+                int32_t* targets);
+
+}  // namespace hybrit
