@@ -1,0 +1,226 @@
+// Optimizers against independent double-precision references written plainly here, on fresh
+// random inputs; schedules at their defining points; the parameter table's layout.
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+#include "test_support.hpp"
+#include "training/optim.hpp"
+
+namespace hybrit::test {
+namespace {
+
+using Mat = std::vector<std::vector<double>>;
+
+Mat to_mat(const Tensor& t) {
+  Mat m(size_t(t.dim(0)), std::vector<double>(size_t(t.dim(1))));
+  for (int64_t i = 0; i < t.dim(0); ++i)
+    for (int64_t j = 0; j < t.dim(1); ++j) m[i][j] = t.data<float>()[i * t.dim(1) + j];
+  return m;
+}
+Mat mul(const Mat& a, const Mat& b) {
+  Mat c(a.size(), std::vector<double>(b[0].size(), 0.0));
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t k = 0; k < b.size(); ++k)
+      for (size_t j = 0; j < b[0].size(); ++j) c[i][j] += a[i][k] * b[k][j];
+  return c;
+}
+Mat transpose(const Mat& a) {
+  Mat t(a[0].size(), std::vector<double>(a.size()));
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t j = 0; j < a[0].size(); ++j) t[j][i] = a[i][j];
+  return t;
+}
+Mat axpby(double x, const Mat& a, double y, const Mat& b) {
+  Mat c = a;
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t j = 0; j < a[0].size(); ++j) c[i][j] = x * a[i][j] + y * b[i][j];
+  return c;
+}
+// The textbook iteration, in double, written without the library's helpers.
+Mat reference_ns5(Mat g, int steps) {
+  const bool tall = g.size() > g[0].size();
+  if (tall) g = transpose(g);
+  double norm = 0;
+  for (const auto& row : g)
+    for (double v : row) norm += v * v;
+  norm = std::sqrt(norm) + 1e-7;
+  for (auto& row : g)
+    for (double& v : row) v /= norm;
+  for (int s = 0; s < steps; ++s) {
+    const Mat A = mul(g, transpose(g));
+    const Mat B = axpby(-4.7750, A, 2.0315, mul(A, A));
+    g = axpby(3.4445, g, 1.0, mul(B, g));
+  }
+  return tall ? transpose(g) : g;
+}
+
+Dispatcher& dispatcher() {
+  static Dispatcher d([] {
+    DispatcherOptions o;
+    o.use_environment = false;
+    return o;
+  }());
+  return d;
+}
+
+TEST(ParamTable, OneBufferWithNamedAlignedSlices) {
+  ParamTable t;
+  t.add("emb", {10, 8}, ParamGroup::embedding);
+  t.add("w", {8, 3}, ParamGroup::block_matrix);
+  t.add("g", {8}, ParamGroup::norm);
+  EXPECT_THROW(t.add("w", {2, 2}, ParamGroup::block_matrix), Error);
+  EXPECT_THROW(t.add("v", {2, 2, 2}, ParamGroup::block_matrix), Error);
+  t.allocate();
+  EXPECT_EQ(t.slice("emb").offset, 0);
+  EXPECT_EQ(t.slice("w").offset, 80);
+  EXPECT_EQ(t.slice("g").offset, 112);  // w: 24 floats, padded to 32 (64-byte boundaries)
+  EXPECT_EQ(t.numel(), 128);
+  Tensor w = t.param(t.slice("w"));
+  EXPECT_EQ(w.shape(), (Shape{8, 3}));
+  w.data<float>()[4] = 7.0f;
+  EXPECT_EQ(t.params().data<float>()[84], 7.0f);  // a view into the one buffer
+  t.grad(t.slice("g")).data<float>()[0] = 1.0f;
+  t.zero_grads();
+  EXPECT_EQ(t.grads().data<float>()[112], 0.0f);
+  EXPECT_THROW(t.slice("nope"), Error);
+}
+
+TEST(Muon, NewtonSchulzMatchesTheTextbookIterationAndOrthogonalizes) {
+  SCOPED_TRACE(cat("seed ", run_seed()));
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{48, 96}, {96, 48}, {33, 33}}) {
+    Tensor g = random_f32({rows, cols}, 100 + rows);
+    const Mat expect = reference_ns5(to_mat(g), 5);
+    newton_schulz5(dispatcher(), g, 5);
+    const Mat got = to_mat(g);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) ASSERT_NEAR(got[i][j], expect[i][j], 2e-4) << rows << "x" << cols << " at " << i << "," << j;
+    // Near-orthogonal: on the small side X X^T has a diagonal near 1 (the quintic keeps singular
+    // values roughly within [0.7, 1.2]).
+    const Mat small = rows <= cols ? got : transpose(got);
+    const Mat gram = mul(small, transpose(small));
+    for (size_t i = 0; i < gram.size(); ++i) EXPECT_TRUE(gram[i][i] > 0.4 && gram[i][i] < 1.5) << gram[i][i];
+  }
+  EXPECT_DOUBLE_EQ(muon_scale(256, 64), 2.0);
+  EXPECT_DOUBLE_EQ(muon_scale(64, 256), 1.0);
+}
+
+// Three optimizer steps on a table with one matrix (Muon) and one vector of each AdamW group.
+TEST(Optimizer, StepsMatchReferenceMuonAndAdamW) {
+  SCOPED_TRACE(cat("seed ", run_seed()));
+  ParamTable t;
+  t.add("blocks.0.w", {16, 40}, ParamGroup::block_matrix);
+  t.add("emb", {7, 5}, ParamGroup::embedding);
+  t.add("norm", {5}, ParamGroup::norm);
+  t.allocate();
+  Rng rng(run_seed(), 7);
+  for (int64_t i = 0; i < t.numel(); ++i) t.params().data<float>()[i] = rng.normal();
+  OptimizerConfig cfg;
+  cfg.grad_clip = 0;
+  cfg.schedule.kind = Schedule::Kind::constant;
+  cfg.adamw.weight_decay = 0.1;
+  cfg.muon.weight_decay = 0.05;
+  // The references, in double.
+  const auto& ws = t.slice("blocks.0.w");
+  Mat w = to_mat(t.param(ws)), mom(16, std::vector<double>(40, 0.0));
+  std::vector<double> p_adam, m_adam, v_adam;
+  std::vector<int64_t> adam_index;
+  std::vector<bool> adam_decays;
+  for (const char* name : {"emb", "norm"}) {
+    const auto& s = t.slice(name);
+    for (int64_t i = 0; i < s.numel; ++i) {
+      adam_index.push_back(s.offset + i);
+      p_adam.push_back(t.params().data<float>()[s.offset + i]);
+      adam_decays.push_back(s.group != ParamGroup::norm);
+    }
+  }
+  m_adam.assign(p_adam.size(), 0.0);
+  v_adam.assign(p_adam.size(), 0.0);
+  for (int step = 0; step < 3; ++step) {
+    for (int64_t i = 0; i < t.numel(); ++i) t.grads().data<float>()[i] = rng.normal();
+    // Muon reference: EMA momentum, Nesterov lerp, Newton-Schulz, shape scale, decoupled decay.
+    const Mat g = to_mat(t.grad(ws));
+    Mat u = g;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 40; ++j) {
+        mom[i][j] = 0.95 * mom[i][j] + 0.05 * g[i][j];
+        u[i][j] = 0.95 * mom[i][j] + 0.05 * g[i][j];
+      }
+    u = reference_ns5(u, 5);
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 40; ++j) w[i][j] = w[i][j] * (1 - 0.02 * 0.05) - 0.02 * muon_scale(16, 40) * u[i][j];
+    // AdamW reference (PyTorch's formula).
+    const double bc1 = 1 - std::pow(0.9, step + 1), bc2 = 1 - std::pow(0.95, step + 1);
+    for (size_t k = 0; k < p_adam.size(); ++k) {
+      const double gk = t.grads().data<float>()[adam_index[k]];
+      p_adam[k] *= 1 - 3e-3 * (adam_decays[k] ? 0.1 : 0.0);
+      m_adam[k] = 0.9 * m_adam[k] + 0.1 * gk;
+      v_adam[k] = 0.95 * v_adam[k] + 0.05 * gk * gk;
+      p_adam[k] -= 3e-3 / bc1 * m_adam[k] / (std::sqrt(v_adam[k]) / std::sqrt(bc2) + 1e-8);
+    }
+    const StepReport r = optimizer_step(dispatcher(), t, cfg, step);
+    EXPECT_FALSE(r.clipped);
+    const Mat got = to_mat(t.param(ws));
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 40; ++j) ASSERT_NEAR(got[i][j], w[i][j], 1e-4 * (1 + std::fabs(w[i][j]))) << "step " << step;
+    for (size_t k = 0; k < p_adam.size(); ++k) ASSERT_NEAR(t.params().data<float>()[adam_index[k]], p_adam[k], 1e-5 * (1 + std::fabs(p_adam[k])));
+  }
+}
+
+TEST(Optimizer, ClipsByGlobalNormAndRefusesNonFiniteGradients) {
+  ParamTable t;
+  t.add("a", {3}, ParamGroup::norm);
+  t.add("b", {4}, ParamGroup::embedding);
+  t.allocate();
+  const float g[7] = {3, 0, 0, 0, 4, 0, 0};  // global norm 5
+  std::memcpy(t.grads().data<float>(), g, 3 * 4);
+  std::memcpy(t.grads().data<float>() + t.slice("b").offset, g + 3, 4 * 4);
+  OptimizerConfig cfg;
+  cfg.grad_clip = 1.0;
+  const StepReport r = optimizer_step(dispatcher(), t, cfg, 0);
+  EXPECT_NEAR(r.grad_norm, 5.0, 1e-12);
+  EXPECT_TRUE(r.clipped);
+  EXPECT_NEAR(t.grads().data<float>()[0], 0.6f, 1e-6);  // scaled to norm 1
+  const Tensor before = t.params().clone();
+  t.grads().data<float>()[t.slice("b").offset + 2] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    optimizer_step(dispatcher(), t, cfg, 41);
+    FAIL() << "a NaN gradient must stop the step";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "step 41: the gradient of b is not finite (element 2 is NaN); no parameter was changed");
+  }
+  EXPECT_EQ(bytes_of(before), bytes_of(t.params()));
+}
+
+TEST(Schedule, DefiningPoints) {
+  Schedule s;
+  s.total_steps = 1000;
+  s.warmup_steps = 100;
+  s.min_lr_ratio = 0.1;
+  s.kind = Schedule::Kind::constant;
+  EXPECT_DOUBLE_EQ(s.at(0).lr, 0.01);
+  EXPECT_DOUBLE_EQ(s.at(49).lr, 0.5);
+  EXPECT_DOUBLE_EQ(s.at(500).lr, 1.0);
+  s.kind = Schedule::Kind::cosine;
+  EXPECT_DOUBLE_EQ(s.at(100).lr, 1.0);
+  EXPECT_NEAR(s.at(550).lr, 0.55, 1e-12);   // halfway through the decay
+  EXPECT_NEAR(s.at(1000).lr, 0.1, 1e-12);
+  s.kind = Schedule::Kind::wsd;
+  s.decay_fraction = 0.2;
+  EXPECT_DOUBLE_EQ(s.at(799).lr, 1.0);
+  EXPECT_NEAR(s.at(900).lr, 0.55, 1e-12);   // linear over the last 200 steps
+  s.kind = Schedule::Kind::bitnet_two_stage;
+  s.warmup_steps = 0;
+  s.stage2_lr_ratio = 0.25;
+  EXPECT_DOUBLE_EQ(s.at(0).lr, 1.0);
+  EXPECT_DOUBLE_EQ(s.at(0).weight_decay, 1.0);
+  const double before_drop = s.at(499).lr, after_drop = s.at(500).lr;
+  EXPECT_GT(before_drop, 0.5);
+  EXPECT_NEAR(after_drop, 0.25, 1e-12);     // the abrupt drop at mid-run
+  EXPECT_EQ(s.at(500).weight_decay, 0.0);   // and no weight decay in the second stage
+  EXPECT_NEAR(s.at(1000).lr, 0.025, 1e-12);
+  EXPECT_THROW(parse_schedule_kind("linear", "optim.schedule"), Error);
+}
+
+}  // namespace
+}  // namespace hybrit::test

@@ -1,0 +1,207 @@
+#include "training/optim.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+namespace hybrit {
+
+const char* to_string(ParamGroup group) {
+  switch (group) {
+    case ParamGroup::block_matrix: return "block_matrix";
+    case ParamGroup::embedding: return "embedding";
+    case ParamGroup::head: return "head";
+    case ParamGroup::norm: return "norm";
+  }
+  return "?";
+}
+
+// ------------------------------------------------------------------ parameter table
+
+void ParamTable::add(const std::string& name, Shape shape, ParamGroup group) {
+  if (params_.numel()) fail(ErrorKind::invalid_argument, "parameter table: '", name, "' added after allocate()");
+  for (const auto& s : slices_)
+    if (s.name == name) fail(ErrorKind::invalid_argument, "parameter table: '", name, "' declared twice");
+  if (group == ParamGroup::block_matrix && shape.size() != 2)
+    fail(ErrorKind::invalid_argument, "parameter table: '", name, "' is a block matrix but has shape ", shape_str(shape));
+  ParamSlice s;
+  s.name = name;
+  s.numel = 1;
+  for (int64_t e : shape) s.numel *= e;
+  s.shape = std::move(shape);
+  s.offset = total_;
+  s.group = group;
+  // Each slice starts on a 64-byte boundary, so SIMD loads of any slice are aligned.
+  total_ += (s.numel + 15) / 16 * 16;
+  slices_.push_back(std::move(s));
+}
+
+void ParamTable::allocate() {
+  params_ = Tensor::zeros({total_}, DType::f32);
+  grads_ = Tensor::zeros({total_}, DType::f32);
+  adam_m_ = Tensor::zeros({total_}, DType::f32);
+  adam_v_ = Tensor::zeros({total_}, DType::f32);
+  muon_m_ = Tensor::zeros({total_}, DType::f32);
+}
+
+const ParamSlice& ParamTable::slice(const std::string& name) const {
+  for (const auto& s : slices_)
+    if (s.name == name) return s;
+  fail(ErrorKind::invalid_argument, "parameter table: no parameter named '", name, "'");
+}
+
+Tensor ParamTable::view(Tensor& buffer, const ParamSlice& s) {
+  if (!buffer.numel()) fail(ErrorKind::invalid_argument, "parameter table: allocate() before taking views");
+  return buffer.rows(s.offset, s.offset + s.numel).reshape(s.shape);
+}
+
+void ParamTable::zero_grads() {
+  if (grads_.numel()) std::memset(grads_.raw(), 0, grads_.nbytes());
+}
+
+// ------------------------------------------------------------------ Muon
+
+namespace {
+Tensor transposed(const Tensor& m) {
+  const int64_t r = m.dim(0), c = m.dim(1);
+  Tensor t = Tensor::empty({c, r}, DType::f32);
+  const float* src = m.data<float>();
+  float* dst = t.data<float>();
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < c; ++j) dst[j * r + i] = src[i * c + j];
+  return t;
+}
+
+void scale_into(const Tensor& src, float factor, Tensor& dst) {
+  const float* s = src.data<float>();
+  float* d = dst.data<float>();
+  for (int64_t i = 0; i < src.numel(); ++i) d[i] = factor * s[i];
+}
+}  // namespace
+
+void newton_schulz5(Dispatcher& d, Tensor& g, int steps) {
+  if (g.ndim() != 2) fail(ErrorKind::invalid_argument, "newton_schulz5: expected a matrix, got shape ", shape_str(g.shape()));
+  constexpr float a = 3.4445f, b = -4.7750f, c = 2.0315f;
+  const bool tall = g.dim(0) > g.dim(1);
+  Tensor x = tall ? transposed(g) : g.clone();  // m x n with m <= n: the Gram matrix is m x m
+  const int64_t m = x.dim(0), n = x.dim(1);
+  double sq = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) sq += double(x.data<float>()[i]) * x.data<float>()[i];
+  scale_into(x, float(1.0 / (std::sqrt(sq) + 1e-7)), x);
+  Tensor gram = Tensor::empty({m, m}, DType::f32), poly = Tensor::empty({m, m}, DType::f32), next = Tensor::empty({m, n}, DType::f32);
+  for (int s = 0; s < steps; ++s) {
+    d.matmul(x, x, gram, {false, true, 1.0f, 0.0f});     // A = X X^T
+    scale_into(gram, b, poly);
+    d.matmul(gram, gram, poly, {false, false, c, 1.0f});  // B = b A + c A A
+    scale_into(x, a, next);
+    d.matmul(poly, x, next, {false, false, 1.0f, 1.0f});  // X' = a X + B X
+    std::swap(x, next);
+  }
+  if (tall) x = transposed(x);
+  std::memcpy(g.raw(), x.raw(), g.nbytes());
+}
+
+double muon_scale(int64_t rows, int64_t cols) { return std::sqrt(std::max(1.0, double(rows) / double(cols))); }
+
+// ------------------------------------------------------------------ schedules
+
+Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what) {
+  if (text == "constant") return Schedule::Kind::constant;
+  if (text == "cosine") return Schedule::Kind::cosine;
+  if (text == "wsd") return Schedule::Kind::wsd;
+  if (text == "bitnet_two_stage") return Schedule::Kind::bitnet_two_stage;
+  fail(ErrorKind::invalid_argument, what, ": expected constant, cosine, wsd or bitnet_two_stage, got '", text, "'");
+}
+
+Schedule::Multipliers Schedule::at(int64_t step) const {
+  auto cosine = [&](double p) { return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + std::cos(std::numbers::pi * std::clamp(p, 0.0, 1.0))); };
+  const double warm = warmup_steps > 0 && step < warmup_steps ? double(step + 1) / double(warmup_steps) : 1.0;
+  const double after_warmup = double(std::max<int64_t>(1, total_steps - warmup_steps));
+  const double p = double(step - warmup_steps) / after_warmup;
+  switch (kind) {
+    case Kind::constant: return {warm, 1.0};
+    case Kind::cosine: return {warm * cosine(p), 1.0};
+    case Kind::wsd: {
+      const double decay_start = double(total_steps) * (1.0 - decay_fraction);
+      if (double(step) < decay_start) return {warm, 1.0};
+      const double q = (double(step) - decay_start) / std::max(1.0, double(total_steps) - decay_start);
+      return {warm * (1.0 - (1.0 - min_lr_ratio) * std::min(q, 1.0)), 1.0};
+    }
+    case Kind::bitnet_two_stage: {
+      const int64_t half = total_steps / 2;
+      if (step < half) {
+        // Cosine over the whole run, so the first stage ends well above its minimum; weight
+        // decay follows a cosine from 1 to 0 over the first stage.
+        const double wd = 0.5 * (1.0 + std::cos(std::numbers::pi * double(step) / double(std::max<int64_t>(1, half))));
+        return {warm * cosine(double(step) / double(std::max<int64_t>(1, total_steps))), wd};
+      }
+      const double q = double(step - half) / double(std::max<int64_t>(1, total_steps - half));
+      return {stage2_lr_ratio * cosine(q), 0.0};
+    }
+  }
+  return {1.0, 1.0};
+}
+
+// ------------------------------------------------------------------ the step
+
+StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step) {
+  StepReport report;
+  float* params = table.params().data<float>();
+  float* grads = table.grads().data<float>();
+  double sq = 0;
+  for (const auto& s : table.slices())
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
+      if (!std::isfinite(grads[i]))
+        fail(ErrorKind::corrupt_data, "step ", step, ": the gradient of ", s.name, " is not finite (element ", i - s.offset,
+             " is ", std::isnan(grads[i]) ? "NaN" : "Inf", "); no parameter was changed");
+      sq += double(grads[i]) * grads[i];
+    }
+  report.grad_norm = std::sqrt(sq);
+  if (config.grad_clip > 0 && report.grad_norm > config.grad_clip) {
+    const float factor = float(config.grad_clip / (report.grad_norm + 1e-6));
+    for (const auto& s : table.slices())
+      for (int64_t i = s.offset; i < s.offset + s.numel; ++i) grads[i] *= factor;
+    report.clipped = true;
+  }
+  const Schedule::Multipliers mult = config.schedule.at(step);
+  report.lr_multiplier = mult.lr;
+
+  const AdamWConfig& aw = config.adamw;
+  const double bc1 = 1.0 - std::pow(aw.beta1, double(step + 1)), bc2 = 1.0 - std::pow(aw.beta2, double(step + 1));
+  float* am = table.adam_m().data<float>();
+  float* av = table.adam_v().data<float>();
+  float* mm = table.muon_momentum().data<float>();
+  for (const auto& s : table.slices()) {
+    if (s.group == ParamGroup::block_matrix) {
+      const MuonConfig& mu = config.muon;
+      const float beta = float(mu.momentum), lr = float(mu.lr * mult.lr);
+      Tensor update = Tensor::empty(s.shape, DType::f32);
+      float* u = update.data<float>();
+      for (int64_t i = 0; i < s.numel; ++i) {
+        const int64_t k = s.offset + i;
+        mm[k] = beta * mm[k] + (1.0f - beta) * grads[k];
+        u[i] = mu.nesterov ? beta * mm[k] + (1.0f - beta) * grads[k] : mm[k];
+      }
+      newton_schulz5(d, update, mu.ns_steps);
+      const float decay = float(1.0 - mu.lr * mult.lr * mu.weight_decay * mult.weight_decay);
+      const float step_size = float(lr * muon_scale(s.shape[0], s.shape[1]));
+      for (int64_t i = 0; i < s.numel; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
+    } else {
+      // PyTorch's AdamW, in its order: decay, moments, bias-corrected step. Norm gains never decay.
+      const double lr = aw.lr * mult.lr;
+      const double wd = s.group == ParamGroup::norm ? 0.0 : aw.weight_decay * mult.weight_decay;
+      const float decay = float(1.0 - lr * wd), step_size = float(lr / bc1), sqrt_bc2 = float(std::sqrt(bc2));
+      const float b1 = float(aw.beta1), b2 = float(aw.beta2), eps = float(aw.eps);
+      for (int64_t k = s.offset; k < s.offset + s.numel; ++k) {
+        params[k] *= decay;
+        am[k] = b1 * am[k] + (1.0f - b1) * grads[k];
+        av[k] = b2 * av[k] + (1.0f - b2) * grads[k] * grads[k];
+        params[k] -= step_size * am[k] / (std::sqrt(av[k]) / sqrt_bc2 + eps);
+      }
+    }
+  }
+  return report;
+}
+
+}  // namespace hybrit
