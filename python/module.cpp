@@ -9,6 +9,7 @@
 
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
+#include "training/model.hpp"
 
 namespace py = pybind11;
 using namespace hybrit;
@@ -230,6 +231,88 @@ class PyDispatcher {
   std::unique_ptr<Dispatcher> d_;
 };
 
+ModelConfig model_config_from(const py::dict& d) {
+  ModelConfig c;
+  for (const auto& [key_obj, value] : d) {
+    const std::string key = py::str(key_obj);
+    if (key == "vocab_size") c.vocab_size = value.cast<int64_t>();
+    else if (key == "dim") c.dim = value.cast<int64_t>();
+    else if (key == "n_layers") c.n_layers = value.cast<int64_t>();
+    else if (key == "n_heads") c.n_heads = value.cast<int64_t>();
+    else if (key == "n_kv_heads") c.n_kv_heads = value.cast<int64_t>();
+    else if (key == "ffn_hidden") c.ffn_hidden = value.cast<int64_t>();
+    else if (key == "context") c.context = value.cast<int64_t>();
+    else if (key == "rope_theta") c.rope_theta = value.cast<double>();
+    else if (key == "norm_eps") c.norm_eps = value.cast<double>();
+    else if (key == "subln") c.subln = value.cast<bool>();
+    else if (key == "tied_embeddings") c.tied_embeddings = value.cast<bool>();
+    else if (key == "ffn") {
+      const std::string v = value.cast<std::string>();
+      if (v != "swiglu" && v != "relu2") throw py::value_error(cat("model.ffn: expected swiglu or relu2, got '", v, "'"));
+      c.ffn = v == "swiglu" ? ModelConfig::Ffn::swiglu : ModelConfig::Ffn::relu2;
+    } else if (key == "quant") {
+      const std::string v = value.cast<std::string>();
+      if (v != "ternary" && v != "none") throw py::value_error(cat("model.quant: expected ternary or none, got '", v, "'"));
+      c.quant = v == "ternary" ? ModelConfig::Quant::ternary : ModelConfig::Quant::none;
+    } else {
+      throw py::value_error(cat("model: unknown key '", key, "'"));
+    }
+  }
+  c.validate();
+  return c;
+}
+
+// A model with its own dispatcher; parameters and gradients are numpy views into its buffers.
+class PyModel {
+ public:
+  PyModel(const py::dict& config, uint64_t seed, std::optional<std::string> backend)
+      : dispatcher_([&] {
+          DispatcherOptions o;
+          o.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+          return o;
+        }()),
+        model_(model_config_from(config), dispatcher_, seed) {}
+
+  static py::dict views(const py::object& self_obj, bool grads) {
+    PyModel& self = self_obj.cast<PyModel&>();
+    ParamTable& t = self.model_.params();
+    py::dict out;
+    for (const auto& s : t.slices()) {
+      Tensor v = grads ? t.grad(s) : t.param(s);
+      std::vector<py::ssize_t> shape(s.shape.begin(), s.shape.end());
+      out[py::str(s.name)] = py::array_t<float>(shape, v.data<float>(), self_obj);  // the model stays alive with the view
+    }
+    return out;
+  }
+
+  double forward(const py::object& tokens_obj, const py::object& targets_obj) {
+    Tensor tokens = view<int32_t>(tokens_obj, "tokens", 2, 2, "int32"), targets = view<int32_t>(targets_obj, "targets", 2, 2, "int32");
+    if (tokens.shape() != targets.shape())
+      throw py::value_error(cat("targets must have the shape of tokens ", shape_str(tokens.shape()), ", got ", shape_str(targets.shape())));
+    py::gil_scoped_release release;
+    return model_.forward(tokens.data<int32_t>(), targets.data<int32_t>(), tokens.dim(0), tokens.dim(1));
+  }
+
+  void backward() {
+    py::gil_scoped_release release;
+    model_.backward();
+  }
+
+  py::array logits() const {
+    const Tensor& l = model_.logits();
+    if (!l.numel()) throw py::value_error("logits() before forward()");
+    py::array_t<float> out({l.dim(0), l.dim(1)});
+    std::memcpy(out.mutable_data(), l.raw(), l.nbytes());
+    return out;
+  }
+
+  Model& model() { return model_; }
+
+ private:
+  Dispatcher dispatcher_;
+  Model model_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_hybrit, m) {
@@ -308,6 +391,22 @@ Arguments win over the environment, which wins over the config file.)doc")
       },
       py::arg("quick") = true, py::arg("ops") = py::none(), py::arg("backend") = py::none(), py::arg("save") = py::none(),
       "Time every op on every backend (see `hybrit dispatch-report`) and return the report as a dict; save= writes the profile.");
+
+  py::class_<PyModel>(m, "Model", R"doc(
+The BitNet b1.58 transformer with hand-written backward (training/model.hpp).
+
+config: dict with any of vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, context,
+rope_theta, norm_eps, ffn ("swiglu" | "relu2"), quant ("ternary" | "none"), subln, tied_embeddings.
+parameters() and gradients() are numpy views into the model's buffers (writes go to the model).)doc")
+      .def(py::init<const py::dict&, uint64_t, std::optional<std::string>>(), py::arg("config"), py::arg("seed") = 0,
+           py::arg("backend") = py::none())
+      .def("parameters", [](const py::object& self) { return PyModel::views(self, false); })
+      .def("gradients", [](const py::object& self) { return PyModel::views(self, true); })
+      .def("zero_grads", [](PyModel& self) { self.model().params().zero_grads(); })
+      .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("targets"),
+           "int32 (batch, seq) tokens and targets -> mean cross-entropy; keeps what backward() needs.")
+      .def("backward", &PyModel::backward, "Adds the last forward's gradients to gradients().")
+      .def("logits", &PyModel::logits, "(batch * seq, vocab) logits of the last forward, a copy.");
 
   m.def("default_profile_path", &default_profile_path);
   m.attr("__version__") = HYBRIT_VERSION;
