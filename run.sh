@@ -2,7 +2,7 @@
 # One entry point for a fresh Debian 12 machine: installs the Debian packages hybrit needs,
 # builds with CMake, then runs what you ask for.
 #
-#   ./run.sh demo    the main job (for now: the hardware probe and `hybrit dispatch-report`)
+#   ./run.sh demo    the main job: the hardware probe, then `hybrit train configs/tiny.yaml`
 #   ./run.sh test    the whole test suite (C++ GoogleTest + pytest, through ctest)
 #   ./run.sh asan    the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./run.sh build   install and build only
@@ -37,7 +37,7 @@ case "$mode" in
     build release
     ./build/release/cli/hybrit info
     echo
-    ./build/release/cli/hybrit dispatch-report --quick
+    ./build/release/cli/hybrit train configs/tiny.yaml
     ;;
   test)
     install_packages

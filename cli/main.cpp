@@ -9,6 +9,11 @@
 #include "core/log.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
+#include "training/trainer.hpp"
+
+#include <chrono>
+#include <ctime>
+#include <filesystem>
 
 namespace {
 
@@ -63,6 +68,13 @@ int main(int argc, char** argv) {
   report->add_option("--save", save_path, "write the measurements as the dispatch profile to PATH (the default profile path is " + default_profile_path() + ")");
   report->add_option("--ops", ops_text, "comma-separated ops to measure (default: all)");
 
+  std::string train_config, train_out;
+  std::vector<std::string> train_sets;
+  CLI::App* train = app.add_subcommand("train", "train a 1.58-bit (or full-precision) model from a YAML config");
+  train->add_option("config", train_config, "the run's YAML file (see configs/tiny.yaml)")->required()->check(CLI::ExistingFile);
+  train->add_option("--set", train_sets, "override a key, e.g. --set train.steps=100 (repeatable)");
+  train->add_option("--out", train_out, "run folder (default: runs/<config name>-<date>-<time>)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -80,6 +92,21 @@ int main(int argc, char** argv) {
       const HardwareInfo& hw = hardware();
       if (info_json) std::cout << hardware_json(hw).dump(2) << "\n";
       else print_info(hw);
+      return 0;
+    }
+    if (*train) {
+      TrainConfig cfg = load_train_config(train_config, train_sets);
+      cfg.dispatch.merge(options.overrides);
+      if (train_out.empty()) {
+        const std::time_t now = std::time(nullptr);
+        char stamp[32];
+        std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+        train_out = cat("runs/", std::filesystem::path(train_config).stem().string(), "-", stamp);
+      }
+      const RunResult r = run_training(cfg, train_out);
+      std::printf("%s after %lld steps: loss %.4f%s; run folder %s\n", r.interrupted ? "stopped" : "done", static_cast<long long>(r.steps_done),
+                  r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "", train_out.c_str());
+      if (!r.sample.empty()) std::printf("\nA sample from the model:\n%s\n", r.sample.c_str());
       return 0;
     }
     if (*report) {

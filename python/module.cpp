@@ -10,6 +10,11 @@
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
 #include "training/model.hpp"
+#include "training/trainer.hpp"
+
+#include <chrono>
+#include <ctime>
+#include <filesystem>
 
 namespace py = pybind11;
 using namespace hybrit;
@@ -263,6 +268,8 @@ ModelConfig model_config_from(const py::dict& d) {
 }
 
 // A model with its own dispatcher; parameters and gradients are numpy views into its buffers.
+py::dict table_views(const py::object& owner, ParamTable& t, bool grads);
+
 class PyModel {
  public:
   PyModel(const py::dict& config, uint64_t seed, std::optional<std::string> backend)
@@ -273,17 +280,7 @@ class PyModel {
         }()),
         model_(model_config_from(config), dispatcher_, seed) {}
 
-  static py::dict views(const py::object& self_obj, bool grads) {
-    PyModel& self = self_obj.cast<PyModel&>();
-    ParamTable& t = self.model_.params();
-    py::dict out;
-    for (const auto& s : t.slices()) {
-      Tensor v = grads ? t.grad(s) : t.param(s);
-      std::vector<py::ssize_t> shape(s.shape.begin(), s.shape.end());
-      out[py::str(s.name)] = py::array_t<float>(shape, v.data<float>(), self_obj);  // the model stays alive with the view
-    }
-    return out;
-  }
+  static py::dict views(const py::object& self_obj, bool grads);
 
   double forward(const py::object& tokens_obj, const py::object& targets_obj) {
     Tensor tokens = view<int32_t>(tokens_obj, "tokens", 2, 2, "int32"), targets = view<int32_t>(targets_obj, "targets", 2, 2, "int32");
@@ -312,6 +309,41 @@ class PyModel {
   Dispatcher dispatcher_;
   Model model_;
 };
+
+py::dict PyModel::views(const py::object& self_obj, bool grads) {
+  return table_views(self_obj, self_obj.cast<PyModel&>().model_.params(), grads);  // the model stays alive with the views
+}
+
+// A config given as a path or as a dict (sent as JSON, which YAML reads as it is).
+TrainConfig train_config_from(const py::object& config, const std::vector<std::string>& sets) {
+  if (py::isinstance<py::str>(config) || py::hasattr(config, "__fspath__"))
+    return load_train_config(py::str(config).cast<std::string>(), sets);
+  if (py::isinstance<py::dict>(config))
+    return parse_train_config(py::module_::import("json").attr("dumps")(config).cast<std::string>(), "<config dict>", sets);
+  throw py::type_error("config must be a path to a YAML file or a dict");
+}
+
+py::dict step_dict(const StepMetrics& m) {
+  py::dict d;
+  d["step"] = m.step;
+  d["loss"] = m.loss;
+  d["lr"] = m.lr;
+  d["grad_norm"] = m.grad_norm;
+  d["tokens_per_s"] = m.tokens_per_s;
+  d["skipped"] = m.skipped;
+  if (m.val_loss) d["val_loss"] = *m.val_loss;
+  return d;
+}
+
+py::dict table_views(const py::object& owner, ParamTable& t, bool grads) {
+  py::dict out;
+  for (const auto& s : t.slices()) {
+    Tensor v = grads ? t.grad(s) : t.param(s);
+    std::vector<py::ssize_t> shape(s.shape.begin(), s.shape.end());
+    out[py::str(s.name)] = py::array_t<float>(shape, v.data<float>(), owner);
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -407,6 +439,68 @@ parameters() and gradients() are numpy views into the model's buffers (writes go
            "int32 (batch, seq) tokens and targets -> mean cross-entropy; keeps what backward() needs.")
       .def("backward", &PyModel::backward, "Adds the last forward's gradients to gradients().")
       .def("logits", &PyModel::logits, "(batch * seq, vocab) logits of the last forward, a copy.");
+
+  py::class_<Trainer>(m, "Trainer", R"doc(
+A training run driven from Python: the corpus, the model and the optimizers of a config (a YAML
+path or a dict with the same sections), one step at a time. cache_dir: where the token cache goes.)doc")
+      .def(py::init([](const py::object& config, const std::vector<std::string>& sets, const std::string& cache_dir) {
+             TrainConfig cfg = train_config_from(config, sets);
+             py::gil_scoped_release release;
+             return std::make_unique<Trainer>(cfg, cache_dir);
+           }),
+           py::arg("config"), py::arg("sets") = std::vector<std::string>{}, py::arg("cache_dir") = "")
+      .def("step", [](Trainer& t) {
+             StepMetrics s;
+             {
+               py::gil_scoped_release release;
+               s = t.step();
+             }
+             return step_dict(s);
+           }, "One optimizer step; returns its metrics as a dict.")
+      .def("evaluate", [](Trainer& t) {
+             py::gil_scoped_release release;
+             return t.evaluate();
+           }, "Mean validation loss over train.eval_batches fixed batches.")
+      .def("sample", [](Trainer& t, int64_t tokens, const std::string& prompt, double temperature, uint64_t seed) {
+             std::string s;
+             {
+               py::gil_scoped_release release;
+               s = printable_utf8(t.sample(tokens, prompt, temperature, seed));
+             }
+             return s;
+           }, py::arg("tokens") = 200, py::arg("prompt") = "", py::arg("temperature") = 0.8, py::arg("seed") = 0)
+      .def_property_readonly("steps_done", &Trainer::steps_done)
+      .def("parameters", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), false); })
+      .def("gradients", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), true); })
+      .def("config_yaml", [](const Trainer& t) { return t.config().to_yaml(); }, "The resolved configuration as YAML.");
+
+  m.def(
+      "train",
+      [](const py::object& config, std::optional<std::string> out, const std::vector<std::string>& sets) {
+        TrainConfig cfg = train_config_from(config, sets);
+        if (!out) {
+          const std::time_t now = std::time(nullptr);
+          char stamp[32];
+          std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+          const std::string name = cfg.source == "<config dict>" ? "run" : std::filesystem::path(cfg.source).stem().string();
+          out = cat("runs/", name, "-", stamp);
+        }
+        RunResult r;
+        {
+          py::gil_scoped_release release;
+          r = run_training(cfg, *out);
+        }
+        py::dict d;
+        d["run_dir"] = *out;
+        d["steps"] = r.steps_done;
+        d["loss"] = r.last_loss;
+        d["val_loss"] = r.val_loss ? py::object(py::float_(*r.val_loss)) : py::object(py::none());
+        d["interrupted"] = r.interrupted;
+        d["sample"] = r.sample;
+        return d;
+      },
+      py::arg("config"), py::arg("out") = py::none(), py::arg("sets") = std::vector<std::string>{},
+      "Runs `hybrit train` from Python: a config path or dict; returns the run folder, steps, losses and the sample.");
 
   m.def("default_profile_path", &default_profile_path);
   m.attr("__version__") = HYBRIT_VERSION;

@@ -111,6 +111,21 @@ TEST(Tokenizer, EveryByteSequenceRoundTrips) {
   EXPECT_EQ(tok.decode(tokens.data(), tokens.size()), text);
 }
 
+TEST(Tokenizer, PrintableTextIsValidUtf8) {
+  EXPECT_EQ(printable_utf8("caf\xc3\xa9 \xe2\x82\xac\n\tok"), "caf\xc3\xa9 \xe2\x82\xac\n\tok");  // valid text is kept
+  EXPECT_EQ(printable_utf8("a\xff" "b"), "a\xef\xbf\xbd" "b");                      // a stray byte
+  EXPECT_EQ(printable_utf8("\xc3"), "\xef\xbf\xbd");                                // truncated sequence
+  EXPECT_EQ(printable_utf8("\xc0\xaf"), "\xef\xbf\xbd\xef\xbf\xbd");              // overlong '/'
+  EXPECT_EQ(printable_utf8("\xed\xa0\x80"), "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");  // a surrogate
+  EXPECT_EQ(printable_utf8("x\x08y\x1b"), "x\xef\xbf\xbdy\xef\xbf\xbd");          // backspace, escape
+  // Any bytes at all come out as valid UTF-8 that decodes back to itself.
+  Rng rng(run_seed(), 32);
+  std::string junk(4000, '\0');
+  for (auto& ch : junk) ch = char(rng.below(256));
+  const std::string clean = printable_utf8(junk);
+  EXPECT_EQ(printable_utf8(clean), clean);
+}
+
 TEST(TokenCache, ReusedWhenValidRebuiltWhenStaleOrDamaged) {
   TempDir dir;
   const std::string file = dir.write("c.txt", "alpha\n\nbeta gamma\n\ndelta\n");

@@ -188,6 +188,42 @@ std::string ByteTokenizer::decode(const int32_t* tokens, size_t n) const {
   return s;
 }
 
+std::string printable_utf8(std::string_view s) {
+  static const char kReplacement[] = "\xef\xbf\xbd";
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      if (c < 0x20 && c != '\n' && c != '\t') out += kReplacement;
+      else if (c == 0x7f) out += kReplacement;
+      else out += char(c);
+      ++i;
+      continue;
+    }
+    // Length and the allowed range of the second byte (no overlongs, surrogates or > U+10FFFF).
+    int len = 0;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c >= 0xc2 && c <= 0xdf) len = 2;
+    else if (c >= 0xe0 && c <= 0xef) len = 3, lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
+    else if (c >= 0xf0 && c <= 0xf4) len = 4, lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
+    bool ok = len > 0 && i + size_t(len) <= s.size();
+    for (int k = 1; ok && k < len; ++k) {
+      const unsigned char b = static_cast<unsigned char>(s[i + size_t(k)]);
+      ok = k == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xbf);
+    }
+    if (ok) {
+      out.append(s.substr(i, size_t(len)));
+      i += size_t(len);
+    } else {
+      out += kReplacement;
+      ++i;
+    }
+  }
+  return out;
+}
+
 TokenizedCorpus tokenize(const Corpus& corpus) {
   TokenizedCorpus t;
   const ByteTokenizer tok;

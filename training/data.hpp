@@ -40,6 +40,10 @@ struct ByteTokenizer {
   std::string decode(const int32_t* tokens, size_t n) const;
 };
 
+// Text for people: invalid UTF-8 sequences (a byte-level model can write any byte) and control
+// characters other than newline and tab become U+FFFD, so terminals and UTF-8 readers are safe.
+std::string printable_utf8(std::string_view bytes);
+
 // A corpus as token streams: each record's tokens followed by the end-of-record token.
 struct TokenizedCorpus {
   std::vector<int32_t> tokens;

@@ -201,6 +201,13 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
       }
     }
   }
+  // Finite gradients with an absurd learning rate can still overflow a parameter: stop there,
+  // so no run goes on with (or saves) infinite weights.
+  for (const auto& s : table.slices())
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
+      if (!std::isfinite(params[i]))
+        fail(ErrorKind::corrupt_data, "step ", step, ": the update made ", s.name, " non-finite (element ", i - s.offset,
+             "); the learning rate is probably too high");
   return report;
 }
 

@@ -12,9 +12,9 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
-from ._hybrit import Dispatcher, Model, __version__, default_profile_path, dispatch_report, info
+from ._hybrit import Dispatcher, Model, Trainer, __version__, default_profile_path, dispatch_report, info, train
 
-__all__ = ["Dispatcher", "Model", "dispatch_report", "info", "default_profile_path", "op_size"]
+__all__ = ["Dispatcher", "Model", "Trainer", "train", "dispatch_report", "info", "default_profile_path", "op_size"]
 
 
 def op_size(op, *dims):

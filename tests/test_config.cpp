@@ -1,0 +1,74 @@
+#include "test_support.hpp"
+#include "training/config.hpp"
+
+namespace hybrit::test {
+namespace {
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& sets = {}) {
+  try {
+    parse_train_config(yaml, "run.yaml", sets);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(TrainConfig, ReadsEverySectionAndFillsDefaults) {
+  const TrainConfig c = parse_train_config(
+      "seed: 7\nmodel: {dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn: relu2, quant: none, subln: true}\n"
+      "data: {sources: [a, b], format: jsonl, val_fraction: 0.1}\ntrain: {steps: 30, batch: 4, on_nonfinite: skip}\n"
+      "optim: {grad_clip: 0.5, schedule: {kind: wsd, warmup_steps: 3}, muon: {lr: 0.01}, adamw: {lr: 0.001, weight_decay: 0.1}}\n"
+      "dispatch: {backend: c}\n",
+      "run.yaml");
+  EXPECT_EQ(c.seed, 7u);
+  EXPECT_EQ(c.model.dim, 64);
+  EXPECT_EQ(c.model.kv_heads(), 2);
+  EXPECT_EQ(c.model.ffn, ModelConfig::Ffn::relu2);
+  EXPECT_EQ(c.model.quant, ModelConfig::Quant::none);
+  EXPECT_TRUE(c.model.subln);
+  EXPECT_EQ(c.model.vocab_size, 257);  // from the byte tokenizer
+  EXPECT_EQ(c.data.sources, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(c.train.on_nonfinite, "skip");
+  EXPECT_EQ(c.optim.schedule.kind, Schedule::Kind::wsd);
+  EXPECT_EQ(c.optim.schedule.total_steps, 30);
+  EXPECT_DOUBLE_EQ(c.optim.adamw.weight_decay, 0.1);
+  EXPECT_EQ(c.dispatch.backend, BackendKind::c);
+  // The resolved YAML reads back to the same configuration.
+  const TrainConfig again = parse_train_config(c.to_yaml(), "resolved.yaml");
+  EXPECT_EQ(again.to_yaml(), c.to_yaml());
+}
+
+TEST(TrainConfig, SetOverridesApplyAndAreChecked) {
+  const TrainConfig c = parse_train_config("train: {steps: 30}\n", "run.yaml", {"train.steps=5", "model.quant=none", "data.sources=[x]"});
+  EXPECT_EQ(c.train.steps, 5);
+  EXPECT_EQ(c.model.quant, ModelConfig::Quant::none);
+  EXPECT_EQ(c.data.sources, (std::vector<std::string>{"x"}));
+  EXPECT_EQ(error_of("", {"train.stepz=5"}),
+            "--set train.stepz=5: train.stepz: unknown key (expected one of: batch, eval_batches, eval_every, log_every, on_nonfinite, sample_prompt, "
+            "sample_temperature, sample_tokens, steps)");
+  EXPECT_EQ(error_of("", {"model.dim=50"}), "--set model.dim=50: model.dim (50) must be divisible by model.n_heads (4)");
+  EXPECT_EQ(error_of("", {"steps"}), "--set steps: expected key=value");
+}
+
+TEST(TrainConfig, BadInputNamesFileLineAndKey) {
+  EXPECT_EQ(error_of("model:\n  dim: 64\n  layers: 2\n"),
+            "run.yaml:3: model.layers: unknown key (expected one of: context, dim, ffn, ffn_hidden, n_heads, n_kv_heads, n_layers, norm_eps, quant, "
+            "rope_theta, subln, tied_embeddings, vocab_size)");
+  EXPECT_EQ(error_of("model:\n  dim: big\n"), "run.yaml:2: model.dim: expected an integer, got 'big'");
+  EXPECT_EQ(error_of("model:\n  dim: 0\n"), "run.yaml:2: model.dim: expected an integer >= 1, got 0");
+  EXPECT_EQ(error_of("model:\n  n_heads: 4\n  dim: 50\n"), "run.yaml:3: model.dim (50) must be divisible by model.n_heads (4)");
+  EXPECT_EQ(error_of("model:\n  n_heads: 6\n  n_kv_heads: 4\n  dim: 96\n"), "run.yaml:2: model.n_heads (6) must be divisible by model.n_kv_heads (4)");
+  EXPECT_EQ(error_of("model:\n  context: 100000\n"), "run.yaml:2: model.context: at most 65536 positions, got 100000");
+  EXPECT_EQ(error_of("model:\n  quant: binary\n"), "run.yaml:2: model.quant: expected one of ternary, none, got 'binary'");
+  EXPECT_EQ(error_of("train:\n  steps: [1]\n"), "run.yaml:2: train.steps: expected an integer, got 'a list'");
+  EXPECT_EQ(error_of("data:\n  val_fraction: 1.5\n"), "run.yaml:2: data.val_fraction: expected a number in (0, 1), got 1.5");
+  EXPECT_EQ(error_of("model:\n  vocab_size: 1000\n"), "run.yaml:2: model.vocab_size: the byte tokenizer has 257 tokens, got 1000");
+  EXPECT_EQ(error_of("optim:\n  schedule:\n    kind: linear\n"),
+            "run.yaml:3: optim.schedule.kind: expected constant, cosine, wsd or bitnet_two_stage, got 'linear'");
+  EXPECT_EQ(error_of("trian: {steps: 3}\n"), "run.yaml:1: trian: unknown key (expected one of: data, dispatch, model, optim, seed, train)");
+  EXPECT_EQ(error_of("dispatch:\n  backend: gpu\n"), "run.yaml:2: dispatch.backend: expected c, tbb, cuda or auto, got 'gpu'");
+  EXPECT_NE(error_of("model: [\n").find("run.yaml:2: YAML syntax error"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace hybrit::test

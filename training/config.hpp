@@ -1,0 +1,49 @@
+// A training run's configuration: the YAML file (sections model, data, optim, train, dispatch),
+// checked against a schema. Unknown keys, wrong types and impossible shapes give one line naming
+// the file, the line and the key; `--set key=value` overrides are checked the same way.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "dispatch/dispatcher.hpp"
+#include "training/model.hpp"
+
+namespace hybrit {
+
+struct DataConfig {
+  std::vector<std::string> sources = {"/usr/share/games/fortunes"};
+  std::string format = "auto";
+  std::string tokenizer = "byte";  // BPE (sentencepiece) comes later in issue 3
+  double val_fraction = 0.05;
+};
+
+struct TrainLoopConfig {
+  int64_t steps = 1000;
+  int64_t batch = 12;
+  int64_t eval_every = 100;   // 0: only at the end
+  int64_t eval_batches = 16;
+  int64_t log_every = 10;     // plain log lines when stderr is not a terminal
+  int64_t sample_tokens = 200;
+  std::string sample_prompt;
+  double sample_temperature = 0.8;
+  std::string on_nonfinite = "stop";  // stop | skip
+};
+
+struct TrainConfig {
+  uint64_t seed = 1;
+  ModelConfig model;
+  DataConfig data;
+  OptimizerConfig optim;
+  TrainLoopConfig train;
+  Overrides dispatch;
+  std::string source = "defaults";  // the file it came from
+
+  // The resolved configuration as YAML (every key, defaults filled in).
+  std::string to_yaml() const;
+};
+
+// Loads and checks a config; `sets` are `dotted.key=value` overrides applied first.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& sets = {});
+TrainConfig parse_train_config(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets = {});
+
+}  // namespace hybrit

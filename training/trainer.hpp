@@ -1,0 +1,63 @@
+// A training run: the corpus split into train and validation token streams, the model, the
+// optimizers, and the loop that writes a run folder (resolved config, tokenizer, metrics.jsonl,
+// a text sample at the end).
+#pragma once
+#include <optional>
+#include <string>
+
+#include "training/config.hpp"
+#include "training/data.hpp"
+
+namespace hybrit {
+
+struct StepMetrics {
+  int64_t step = 0;         // the step just taken, counting from 1
+  double loss = 0;
+  double lr = 0;            // Muon's learning rate at this step (AdamW's scales alike)
+  double grad_norm = 0;     // before clipping
+  double tokens_per_s = 0;
+  bool skipped = false;     // a non-finite loss or gradient, skipped (train.on_nonfinite: skip)
+  std::optional<double> val_loss;
+};
+
+class Trainer {
+ public:
+  // Reads and tokenizes the corpus (through a token cache in `cache_dir` when it is not empty),
+  // splits it by record, and builds the model.
+  explicit Trainer(const TrainConfig& config, const std::string& cache_dir = "");
+
+  // One optimizer step on the batch of the current step (drawn from (seed, step)).
+  StepMetrics step();
+  // Mean loss over train.eval_batches fixed validation batches (the same ones every time).
+  double evaluate();
+  // Text from the model: `tokens` new tokens after `prompt`, sampled at `temperature` (0: greedy).
+  std::string sample(int64_t tokens, const std::string& prompt, double temperature, uint64_t seed);
+
+  int64_t steps_done() const { return step_; }
+  const TrainConfig& config() const { return config_; }
+  const Split& split() const { return split_; }
+  Model& model() { return model_; }
+  Dispatcher& dispatcher() { return dispatcher_; }
+
+ private:
+  TrainConfig config_;
+  Dispatcher dispatcher_;
+  Split split_;
+  Model model_;
+  int64_t step_ = 0;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+struct RunResult {
+  int64_t steps_done = 0;
+  double last_loss = 0;
+  std::optional<double> val_loss;
+  bool interrupted = false;
+  std::string sample;
+};
+
+// The whole run into `run_dir` (made if missing; refused if it already holds a run). Progress bar
+// on a terminal, plain log lines otherwise. SIGINT/SIGTERM finish the current step and stop.
+RunResult run_training(const TrainConfig& config, const std::string& run_dir);
+
+}  // namespace hybrit
