@@ -44,6 +44,16 @@ def interleaved_medians(fns, rounds=15, warmup=1):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def system_blas():
+    """Which library Debian's libblas.so.3 alternative points to (numpy and python3-torch use it)."""
+    target = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+    if "openblas" in target:
+        return f"OpenBLAS ({target})"
+    if "blis" in target:
+        return f"BLIS ({target})"
+    return f"the reference BLAS ({target}); `apt-get install libopenblas0-pthread` makes both much faster"
+
+
 def machine_header(title, command):
     info = hybrit.info()
     gpus = ", ".join(d["name"] for d in info["cuda_devices"]) or "none (" + info["cuda_status"] + ")"
@@ -53,6 +63,7 @@ def machine_header(title, command):
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {info['cpu']}, {info['simd']}, {info['granted_cpus']} CPUs granted, "
         f"L3 {info['cache_bytes']['l3'] >> 20} MiB, {info['memory_bytes']['total'] >> 30} GiB; GPU: {gpus}",
+        f"- system BLAS (numpy's and PyTorch's): {system_blas()}",
         f"- command: `{command}`",
         "",
     ])

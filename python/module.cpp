@@ -469,6 +469,12 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
              }
              return s;
            }, py::arg("tokens") = 200, py::arg("prompt") = "", py::arg("temperature") = 0.8, py::arg("seed") = 0)
+      .def("batch", [](const Trainer& t, int64_t step) {
+             const int64_t b = t.config().train.batch, c = t.config().model.context;
+             py::array_t<int32_t> inputs({b, c}), targets({b, c});
+             t.batch(step, inputs.mutable_data(), targets.mutable_data());
+             return py::make_tuple(inputs, targets);
+           }, py::arg("step"), "The (inputs, targets) int32 arrays, (batch, context) each, that step() trains on at `step`.")
       .def_property_readonly("steps_done", &Trainer::steps_done)
       .def("parameters", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), false); })
       .def("gradients", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), true); })

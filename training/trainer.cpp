@@ -50,13 +50,17 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir)
   targets_.resize(inputs_.size());
 }
 
+void Trainer::batch(int64_t step, int32_t* inputs, int32_t* targets) const {
+  draw_batch(split_.train, step, int(config_.train.batch), int(config_.model.context), config_.seed, inputs, targets);
+}
+
 StepMetrics Trainer::step() {
   const TrainLoopConfig& t = config_.train;
   const int64_t context = config_.model.context;
   StepMetrics m;
   m.step = step_ + 1;
   Timer timer;
-  draw_batch(split_.train, step_, int(t.batch), int(context), config_.seed, inputs_.data(), targets_.data());
+  batch(step_, inputs_.data(), targets_.data());
   model_.params().zero_grads();
   const Schedule::Multipliers mult = config_.optim.schedule.at(step_);
   m.lr = config_.optim.muon.lr * mult.lr;

@@ -33,6 +33,9 @@ class Trainer {
   // Text from the model: `tokens` new tokens after `prompt`, sampled at `temperature` (0: greedy).
   std::string sample(int64_t tokens, const std::string& prompt, double temperature, uint64_t seed);
 
+  // The training batch of a step (what step() uses at that step): inputs and targets, batch x context each.
+  void batch(int64_t step, int32_t* inputs, int32_t* targets) const;
+
   int64_t steps_done() const { return step_; }
   const TrainConfig& config() const { return config_; }
   const Split& split() const { return split_; }
