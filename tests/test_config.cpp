@@ -62,7 +62,9 @@ TEST(TrainConfig, BadInputNamesFileLineAndKey) {
   EXPECT_EQ(error_of("model:\n  quant: binary\n"), "run.yaml:2: model.quant: expected one of ternary, none, got 'binary'");
   EXPECT_EQ(error_of("train:\n  steps: [1]\n"), "run.yaml:2: train.steps: expected an integer, got 'a list'");
   EXPECT_EQ(error_of("data:\n  val_fraction: 1.5\n"), "run.yaml:2: data.val_fraction: expected a number in (0, 1), got 1.5");
-  EXPECT_EQ(error_of("model:\n  vocab_size: 1000\n"), "run.yaml:2: model.vocab_size: the byte tokenizer has 257 tokens, got 1000");
+  EXPECT_EQ(error_of("model:\n  vocab_size: 1000\n"), "run.yaml:2: model.vocab_size: the byte tokenizer has 257 tokens, got 1000 (leave model.vocab_size out)");
+  EXPECT_EQ(error_of("data:\n  tokenizer: bpe\n  vocab_size: 100\n"), "run.yaml:3: data.vocab_size: expected an integer >= 320, got 100");
+  EXPECT_EQ(parse_train_config("data: {tokenizer: bpe, vocab_size: 2048}\n", "run.yaml").model.vocab_size, 2048);
   EXPECT_EQ(error_of("optim:\n  schedule:\n    kind: linear\n"),
             "run.yaml:3: optim.schedule.kind: expected constant, cosine, wsd or bitnet_two_stage, got 'linear'");
   EXPECT_EQ(error_of("trian: {steps: 3}\n"), "run.yaml:1: trian: unknown key (expected one of: data, dispatch, model, optim, seed, train)");

@@ -126,6 +126,44 @@ TEST(Tokenizer, PrintableTextIsValidUtf8) {
   EXPECT_EQ(printable_utf8(clean), clean);
 }
 
+TEST(Bpe, TrainedOnTheCorpusAndEveryRecordRoundTrips) {
+  if (!fs::is_directory(kDefaultCorpus)) GTEST_SKIP() << kDefaultCorpus << " is missing: apt-get install fortunes";
+  TempDir dir;
+  Corpus c = read_corpus({(fs::path(kDefaultCorpus) / "computers").string()}, "fortune");
+  c.records.push_back("bytes no text has: \xff\xfe\x01 and an emoji \xf0\x9f\x98\x80 end");
+  const auto tok = train_bpe_tokenizer(c, 400, (dir.path / "tokenizer.model").string());
+  EXPECT_EQ(tok->kind(), "bpe");
+  EXPECT_LE(tok->vocab_size(), 400);
+  EXPECT_EQ(tok->end_of_record(), 1);
+  size_t bytes = 0, tokens = 0;
+  for (const auto& r : c.records) {
+    std::vector<int32_t> ids;
+    tok->encode(r, ids);
+    for (int32_t id : ids) ASSERT_TRUE(id > 1 && id < tok->vocab_size()) << id;  // never <unk>, never end-of-record
+    ASSERT_EQ(tok->decode(ids.data(), ids.size()), r);
+    bytes += r.size(), tokens += ids.size();
+  }
+  EXPECT_LT(double(tokens), 0.8 * double(bytes));  // it does compress
+  // The tokenizer is part of the cache key; a reloaded model is the same tokenizer.
+  const auto again = load_bpe_tokenizer((dir.path / "tokenizer.model").string());
+  EXPECT_EQ(again->identity(), tok->identity());
+  EXPECT_NE(corpus_key(c, *tok), corpus_key(c, ByteTokenizer()));
+  const TokenizedCorpus t = tokenize(c, *tok);
+  EXPECT_EQ(t.end_of_record, 1);
+  EXPECT_EQ(t.vocab_size, tok->vocab_size());
+  EXPECT_EQ(tok->decode(t.tokens.data(), size_t(t.record_offsets[2])), c.records[0] + "\n" + c.records[1] + "\n");
+  // Bad input.
+  const std::string junk = dir.write("junk.model", "not a model");
+  try {
+    load_bpe_tokenizer(junk);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::corrupt_data);
+    EXPECT_NE(std::string(e.what()).find(junk + ": not a sentencepiece model"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(train_bpe_tokenizer(c, 100, (dir.path / "small.model").string()), Error);
+}
+
 TEST(TokenCache, ReusedWhenValidRebuiltWhenStaleOrDamaged) {
   TempDir dir;
   const std::string file = dir.write("c.txt", "alpha\n\nbeta gamma\n\ndelta\n");

@@ -151,7 +151,11 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
             if (d.sources.empty()) bad(o.where(n, k), k, "expected at least one path");
           }},
          {"format", [&](const YAML::Node& n, const std::string& k) { d.format = as_choice(n, k, o, {"auto", "text", "fortune", "jsonl"}); }},
-         {"tokenizer", [&](const YAML::Node& n, const std::string& k) { d.tokenizer = as_choice(n, k, o, {"byte"}); }},
+         {"tokenizer", [&](const YAML::Node& n, const std::string& k) { d.tokenizer = as_choice(n, k, o, {"byte", "bpe"}); }},
+         {"vocab_size", [&](const YAML::Node& n, const std::string& k) {
+            d.vocab_size = as_int(n, k, o, 320);
+            if (d.vocab_size > 65536) bad(o.where(n, k), k, cat("expected at most 65536, got ", d.vocab_size));
+          }},
          {"val_fraction", [&](const YAML::Node& n, const std::string& k) {
             d.val_fraction = as_double(n, k, o);
             if (!(d.val_fraction > 0 && d.val_fraction < 1)) bad(o.where(n, k), k, cat("expected a number in (0, 1), got ", d.val_fraction));
@@ -210,11 +214,13 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
   });
   c.dispatch = overrides_from_yaml(yaml_text, file_name);
   c.optim.schedule.total_steps = t.steps;
-  if (d.tokenizer == "byte") {
-    if (model_lines.count("model.vocab_size") && m.vocab_size != 257)
-      fail(ErrorKind::invalid_argument, model_lines["model.vocab_size"], ": model.vocab_size: the byte tokenizer has 257 tokens, got ", m.vocab_size);
-    m.vocab_size = 257;
-  }
+  // The tokenizer decides the vocabulary (BPE may settle on fewer tokens than asked for a small
+  // corpus; the trainer then takes the count from the trained model).
+  const int64_t tokenizer_vocab = d.tokenizer == "byte" ? 257 : d.vocab_size;
+  if (model_lines.count("model.vocab_size") && m.vocab_size != tokenizer_vocab)
+    fail(ErrorKind::invalid_argument, model_lines["model.vocab_size"], ": model.vocab_size: the ", d.tokenizer, " tokenizer has ", tokenizer_vocab,
+         " tokens, got ", m.vocab_size, " (leave model.vocab_size out)");
+  m.vocab_size = tokenizer_vocab;
   if (m.context > 65536) fail(ErrorKind::invalid_argument, model_lines["model.context"], ": model.context: at most 65536 positions, got ", m.context);
   try {
     m.validate();
@@ -255,6 +261,7 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::EndMap;
   y << YAML::Key << "data" << YAML::Value << YAML::BeginMap << YAML::Key << "sources" << YAML::Value << data.sources;
   y << YAML::Key << "format" << YAML::Value << data.format << YAML::Key << "tokenizer" << YAML::Value << data.tokenizer;
+  if (data.tokenizer == "bpe") y << YAML::Key << "vocab_size" << YAML::Value << data.vocab_size;
   y << YAML::Key << "val_fraction" << YAML::Value << data.val_fraction << YAML::EndMap;
   y << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   y << YAML::Key << "steps" << YAML::Value << train.steps << YAML::Key << "batch" << YAML::Value << train.batch;

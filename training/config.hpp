@@ -13,7 +13,8 @@ namespace hybrit {
 struct DataConfig {
   std::vector<std::string> sources = {"/usr/share/games/fortunes"};
   std::string format = "auto";
-  std::string tokenizer = "byte";  // BPE (sentencepiece) comes later in issue 3
+  std::string tokenizer = "byte";  // byte | bpe (sentencepiece, trained on the corpus)
+  int64_t vocab_size = 1024;       // bpe only
   double val_fraction = 0.05;
 };
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +16,9 @@
 #include "core/error.hpp"
 #include "core/log.hpp"
 #include "core/rng.hpp"
+
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
 
 namespace hybrit {
 
@@ -34,6 +38,24 @@ namespace {
 // Streams of the counter-based generator, so the split and the batches never share draws.
 constexpr uint64_t kSplitStream = 0x53504c4954ull;  // "SPLIT"
 constexpr uint64_t kBatchStream = 0x4241544348ull;  // "BATCH"
+
+// Length of the valid UTF-8 sequence starting at s[i] (no overlongs, surrogates or code points
+// above U+10FFFF), or 0 where s[i] starts none.
+size_t utf8_sequence_length(std::string_view s, size_t i) {
+  const unsigned char c = static_cast<unsigned char>(s[i]);
+  if (c < 0x80) return 1;
+  size_t len = 0;
+  unsigned char lo = 0x80, hi = 0xbf;
+  if (c >= 0xc2 && c <= 0xdf) len = 2;
+  else if (c >= 0xe0 && c <= 0xef) len = 3, lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
+  else if (c >= 0xf0 && c <= 0xf4) len = 4, lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
+  if (len == 0 || i + len > s.size()) return 0;
+  for (size_t k = 1; k < len; ++k) {
+    const unsigned char b = static_cast<unsigned char>(s[i + k]);
+    if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xbf)) return 0;
+  }
+  return len;
+}
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -181,6 +203,115 @@ void ByteTokenizer::encode(std::string_view text, std::vector<int32_t>& out) con
   for (unsigned char c : text) out.push_back(int32_t(c));
 }
 
+namespace {
+
+class BpeTokenizer final : public Tokenizer {
+ public:
+  explicit BpeTokenizer(const std::string& model_path) : path_(model_path) {
+    const auto status = sp_.Load(model_path);
+    if (!status.ok()) fail(ErrorKind::corrupt_data, model_path, ": not a sentencepiece model (", status.ToString(), ")");
+    if (sp_.eos_id() != 1) fail(ErrorKind::corrupt_data, model_path, ": expected the end-of-record token at id 1, got ", sp_.eos_id());
+    for (int b = 0; b < 256; ++b) {
+      char piece[8];
+      std::snprintf(piece, sizeof piece, "<0x%02X>", b);
+      byte_ids_[b] = sp_.PieceToId(piece);
+      if (!sp_.IsByte(byte_ids_[b])) fail(ErrorKind::corrupt_data, model_path, ": no byte-fallback piece ", piece, " (train with byte fallback)");
+    }
+    const std::string bytes = read_file(model_path);
+    identity_ = 1469598103934665603ull;
+    for (unsigned char b : bytes) identity_ = (identity_ ^ b) * 1099511628211ull;
+  }
+  std::string kind() const override { return "bpe"; }
+  int32_t vocab_size() const override { return sp_.GetPieceSize(); }
+  int32_t end_of_record() const override { return 1; }
+  // sentencepiece would turn bytes that are not UTF-8 into U+FFFD before encoding: valid runs go
+  // through it, stray bytes go straight to their byte pieces.
+  void encode(std::string_view text, std::vector<int32_t>& out) const override {
+    size_t run_start = 0, i = 0;
+    auto flush = [&](size_t end) {
+      if (end > run_start)
+        for (int id : sp_.EncodeAsIds(text.substr(run_start, end - run_start))) out.push_back(id);
+    };
+    while (i < text.size()) {
+      const size_t len = utf8_sequence_length(text, i);
+      if (len > 0) {
+        i += len;
+        continue;
+      }
+      flush(i);
+      out.push_back(byte_ids_[static_cast<unsigned char>(text[i])]);
+      run_start = ++i;
+    }
+    flush(text.size());
+  }
+  // Decoded here rather than by sentencepiece, which turns byte pieces that are not valid UTF-8
+  // into U+FFFD: byte pieces <0xNN> become their byte, other pieces are copied with the space
+  // marker U+2581 turned back into a space.
+  std::string decode(const int32_t* tokens, size_t n) const override {
+    std::string s;
+    for (size_t i = 0; i < n; ++i) {
+      if (tokens[i] == 1) {
+        s += '\n';
+        continue;
+      }
+      if (tokens[i] <= 0 || tokens[i] >= sp_.GetPieceSize()) continue;  // <unk> or out of range: nothing
+      const std::string& piece = sp_.IdToPiece(tokens[i]);
+      if (sp_.IsByte(tokens[i]) && piece.size() == 6) {
+        s += char(std::stoi(piece.substr(3, 2), nullptr, 16));
+        continue;
+      }
+      for (size_t k = 0; k < piece.size(); ++k) {
+        if (piece.compare(k, 3, "\xe2\x96\x81") == 0) {
+          s += ' ';
+          k += 2;
+        } else {
+          s += piece[k];
+        }
+      }
+    }
+    return s;
+  }
+  uint64_t identity() const override { return identity_; }
+
+ private:
+  std::string path_;
+  sentencepiece::SentencePieceProcessor sp_;
+  int32_t byte_ids_[256] = {};
+  uint64_t identity_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path) { return std::make_unique<BpeTokenizer>(model_path); }
+
+std::unique_ptr<Tokenizer> train_bpe_tokenizer(const Corpus& corpus, int32_t vocab_size, const std::string& model_path) {
+  if (vocab_size < 320 || vocab_size > 65536)
+    fail(ErrorKind::invalid_argument, "data.vocab_size: BPE needs 320 to 65536 tokens (256 byte fallbacks among them), got ", vocab_size);
+  // sentencepiece reads sentences from a file, one a line: the records' lines.
+  const fs::path prefix = fs::path(model_path).replace_extension();
+  const std::string input = prefix.string() + ".train.txt";
+  {
+    std::ofstream out(input, std::ios::binary);
+    for (const auto& r : corpus.records)
+      for (std::string_view line : split_lines(r))
+        if (!blank(line)) out << line << '\n';
+    if (!out) fail(ErrorKind::io, input, ": cannot write the tokenizer's training text");
+  }
+  const std::string args = cat("--input=", input, " --model_prefix=", prefix.string(), " --model_type=bpe --vocab_size=", vocab_size,
+                               " --character_coverage=1.0 --byte_fallback=true --normalization_rule_name=identity --add_dummy_prefix=false",
+                               " --remove_extra_whitespaces=false --allow_whitespace_only_pieces=true --split_digits=true",
+                               " --unk_id=0 --eos_id=1 --bos_id=-1 --pad_id=-1 --max_sentence_length=65536 --num_threads=2 --minloglevel=2",
+                               " --hard_vocab_limit=false");
+  const auto status = sentencepiece::SentencePieceTrainer::Train(args);
+  std::error_code ec;
+  fs::remove(input, ec);
+  fs::remove(prefix.string() + ".vocab", ec);
+  if (!status.ok()) fail(ErrorKind::invalid_argument, "BPE training failed: ", status.ToString());
+  fs::rename(prefix.string() + ".model", model_path, ec);
+  if (ec) fail(ErrorKind::io, model_path, ": cannot write the tokenizer model (", ec.message(), ")");
+  return load_bpe_tokenizer(model_path);
+}
+
 std::string ByteTokenizer::decode(const int32_t* tokens, size_t n) const {
   std::string s;
   s.reserve(n);
@@ -192,46 +323,29 @@ std::string printable_utf8(std::string_view s) {
   static const char kReplacement[] = "\xef\xbf\xbd";
   std::string out;
   out.reserve(s.size());
-  size_t i = 0;
-  while (i < s.size()) {
+  for (size_t i = 0; i < s.size();) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      if (c < 0x20 && c != '\n' && c != '\t') out += kReplacement;
-      else if (c == 0x7f) out += kReplacement;
-      else out += char(c);
-      ++i;
-      continue;
-    }
-    // Length and the allowed range of the second byte (no overlongs, surrogates or > U+10FFFF).
-    int len = 0;
-    unsigned char lo = 0x80, hi = 0xbf;
-    if (c >= 0xc2 && c <= 0xdf) len = 2;
-    else if (c >= 0xe0 && c <= 0xef) len = 3, lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
-    else if (c >= 0xf0 && c <= 0xf4) len = 4, lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
-    bool ok = len > 0 && i + size_t(len) <= s.size();
-    for (int k = 1; ok && k < len; ++k) {
-      const unsigned char b = static_cast<unsigned char>(s[i + size_t(k)]);
-      ok = k == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xbf);
-    }
-    if (ok) {
-      out.append(s.substr(i, size_t(len)));
-      i += size_t(len);
-    } else {
+    const size_t len = utf8_sequence_length(s, i);
+    if (len == 0 || (len == 1 && ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f))) {
       out += kReplacement;
       ++i;
+    } else {
+      out.append(s.substr(i, len));
+      i += len;
     }
   }
   return out;
 }
 
-TokenizedCorpus tokenize(const Corpus& corpus) {
+TokenizedCorpus tokenize(const Corpus& corpus, const Tokenizer& tok) {
   TokenizedCorpus t;
-  const ByteTokenizer tok;
+  t.vocab_size = tok.vocab_size();
+  t.end_of_record = tok.end_of_record();
   t.record_offsets.reserve(corpus.records.size() + 1);
   t.record_offsets.push_back(0);
   for (const auto& record : corpus.records) {
     tok.encode(record, t.tokens);
-    t.tokens.push_back(ByteTokenizer::kEndOfRecord);
+    t.tokens.push_back(tok.end_of_record());
     t.record_offsets.push_back(int64_t(t.tokens.size()));
   }
   return t;
@@ -254,8 +368,8 @@ struct CacheHeader {
 };
 }  // namespace
 
-uint64_t corpus_key(const Corpus& corpus) {
-  std::string desc = cat(ByteTokenizer::kName, "|", to_string(corpus.format));
+uint64_t corpus_key(const Corpus& corpus, const Tokenizer& tokenizer) {
+  std::string desc = cat(tokenizer.kind(), ":", tokenizer.identity(), "|", to_string(corpus.format));
   for (const auto& f : corpus.files) {
     struct stat st {};
     stat(f.c_str(), &st);
@@ -264,8 +378,8 @@ uint64_t corpus_key(const Corpus& corpus) {
   return fnv1a(desc.data(), desc.size());
 }
 
-TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache) {
-  const uint64_t key = corpus_key(corpus);
+TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache, const Tokenizer& tokenizer) {
+  const uint64_t key = corpus_key(corpus, tokenizer);
   if (from_cache) *from_cache = false;
   // Layout: header, record offsets (records + 1 x i64), tokens (u16: byte vocab), FNV-1a checksum.
   if (std::ifstream in{cache_path, std::ios::binary}) {
@@ -290,12 +404,15 @@ TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_p
         reject("truncated or damaged (checksum mismatch)");
       } else {
         t.tokens.assign(packed.begin(), packed.end());
+        t.vocab_size = tokenizer.vocab_size();
+        t.end_of_record = tokenizer.end_of_record();
         if (from_cache) *from_cache = true;
         return t;
       }
     }
   }
-  TokenizedCorpus t = tokenize(corpus);
+  TokenizedCorpus t = tokenize(corpus, tokenizer);
+  if (t.vocab_size > 65536) return t;  // the cache stores 16-bit tokens
   CacheHeader h{};
   std::memcpy(h.magic, kCacheMagic, 8);
   h.key = key;

@@ -3,6 +3,7 @@
 // (seed, step), so a resumed run sees the same batches as one that never stopped.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -29,16 +30,41 @@ Corpus read_corpus(const std::vector<std::string>& sources, const std::string& f
 // The default corpus: Debian's `fortunes` package.
 inline const char* kDefaultCorpus = "/usr/share/games/fortunes";
 
-// Byte-level tokenizer: tokens 0-255 are bytes, 256 ends a record (so a model learns where a
-// record stops). Any byte sequence round-trips.
-struct ByteTokenizer {
+// Text <-> tokens. Every tokenizer has an end-of-record token, appended after each record so a
+// model learns where one stops, and decodes it as a newline.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual std::string kind() const = 0;  // "byte-v1" or "bpe"
+  virtual int32_t vocab_size() const = 0;
+  virtual int32_t end_of_record() const = 0;
+  virtual void encode(std::string_view text, std::vector<int32_t>& out) const = 0;
+  virtual std::string decode(const int32_t* tokens, size_t n) const = 0;
+  // Changes whenever the tokenization could: part of the token cache's key.
+  virtual uint64_t identity() const = 0;
+};
+
+// Byte-level: tokens 0-255 are bytes, 256 ends a record. Any byte sequence round-trips.
+struct ByteTokenizer final : Tokenizer {
   static constexpr int32_t kEndOfRecord = 256;
   static constexpr int32_t kVocabSize = 257;
   static constexpr const char* kName = "byte-v1";
-  void encode(std::string_view text, std::vector<int32_t>& out) const;
-  // Bytes of the tokens; the end-of-record token becomes a newline.
-  std::string decode(const int32_t* tokens, size_t n) const;
+  std::string kind() const override { return kName; }
+  int32_t vocab_size() const override { return kVocabSize; }
+  int32_t end_of_record() const override { return kEndOfRecord; }
+  void encode(std::string_view text, std::vector<int32_t>& out) const override;
+  std::string decode(const int32_t* tokens, size_t n) const override;
+  uint64_t identity() const override { return 0x62797465ull; }
 };
+
+// BPE through sentencepiece, trained on the corpus's records with byte fallback (any byte still
+// encodes), identity normalization and no whitespace rewriting, and decoded by hybrit (byte
+// pieces to their bytes), so text round-trips exactly; the one exception is the character U+2581,
+// sentencepiece's space marker, which comes back as a space.
+// Token 0 is <unk> (never produced, thanks to byte fallback), 1 ends a record. The model file is
+// written to `model_path` (the run keeps it as tokenizer.model).
+std::unique_ptr<Tokenizer> train_bpe_tokenizer(const Corpus& corpus, int32_t vocab_size, const std::string& model_path);
+std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path);
 
 // Text for people: invalid UTF-8 sequences (a byte-level model can write any byte) and control
 // characters other than newline and tab become U+FFFD, so terminals and UTF-8 readers are safe.
@@ -49,16 +75,18 @@ struct TokenizedCorpus {
   std::vector<int32_t> tokens;
   std::vector<int64_t> record_offsets;  // records + 1 entries: record r is [offsets[r], offsets[r + 1])
   int32_t vocab_size = ByteTokenizer::kVocabSize;
+  int32_t end_of_record = ByteTokenizer::kEndOfRecord;
   int64_t records() const { return int64_t(record_offsets.size()) - 1; }
 };
 
-TokenizedCorpus tokenize(const Corpus& corpus);
+TokenizedCorpus tokenize(const Corpus& corpus, const Tokenizer& tokenizer = ByteTokenizer());
 // A key for the cache: the tokenizer, the format, and every file's path, size and mtime.
-uint64_t corpus_key(const Corpus& corpus);
+uint64_t corpus_key(const Corpus& corpus, const Tokenizer& tokenizer = ByteTokenizer());
 // Tokenizes through a binary cache at `cache_path` (written to a temporary file and renamed;
 // a stale, damaged or foreign cache is rebuilt with a warning, never trusted). `*from_cache`
 // says which happened.
-TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache = nullptr);
+TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache = nullptr,
+                                const Tokenizer& tokenizer = ByteTokenizer());
 
 // Record r goes to validation when a uniform draw keyed by (seed, r) falls below val_fraction:
 // the split depends on nothing else, so it is stable when records are appended. With

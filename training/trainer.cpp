@@ -5,6 +5,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 
 #include "core/log.hpp"
@@ -24,17 +25,36 @@ Overrides dispatch_overrides(const TrainConfig& c) {
   return o;
 }
 
-Split load_split(const TrainConfig& c, const std::string& cache_dir) {
-  const Corpus corpus = read_corpus(c.data.sources, c.data.format);
-  const TokenizedCorpus tokens = cache_dir.empty() ? tokenize(corpus) : tokenize_cached(corpus, (fs::path(cache_dir) / "tokens.bin").string());
-  Split s = split_by_record(tokens, c.data.val_fraction, c.seed);
-  const int64_t need = c.model.context + 1;
-  if (int64_t(s.train.size()) < need || int64_t(s.val.size()) < need)
-    fail(ErrorKind::invalid_argument, "data: the corpus splits into ", s.train.size(), " training and ", s.val.size(),
-         " validation tokens; each needs at least model.context + 1 = ", need, " (more data, or a larger data.val_fraction)");
-  return s;
+ModelConfig with_vocab(ModelConfig m, int64_t vocab) {
+  m.vocab_size = vocab;
+  return m;
 }
 }  // namespace
+
+// The tokenizer (a BPE one trained on the corpus, kept in cache_dir as tokenizer.model when there
+// is one), the corpus tokenized through the cache, and the split by record.
+Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir) {
+  const Corpus corpus = read_corpus(c.data.sources, c.data.format);
+  Data data;
+  if (c.data.tokenizer == "bpe") {
+    const bool temporary = cache_dir.empty();
+    const fs::path dir = temporary ? fs::temp_directory_path() / cat("hybrit-bpe-", ::getpid(), "-", reinterpret_cast<uintptr_t>(&data)) : fs::path(cache_dir);
+    fs::create_directories(dir);
+    log_info("training a BPE tokenizer of ", c.data.vocab_size, " tokens on ", corpus.records.size(), " records");
+    data.tokenizer = train_bpe_tokenizer(corpus, int32_t(c.data.vocab_size), (dir / "tokenizer.model").string());
+    if (temporary) fs::remove_all(dir);
+  } else {
+    data.tokenizer = std::make_unique<ByteTokenizer>();
+  }
+  const TokenizedCorpus tokens = cache_dir.empty() ? tokenize(corpus, *data.tokenizer)
+                                                   : tokenize_cached(corpus, (fs::path(cache_dir) / "tokens.bin").string(), nullptr, *data.tokenizer);
+  data.split = split_by_record(tokens, c.data.val_fraction, c.seed);
+  const int64_t need = c.model.context + 1;
+  if (int64_t(data.split.train.size()) < need || int64_t(data.split.val.size()) < need)
+    fail(ErrorKind::invalid_argument, "data: the corpus splits into ", data.split.train.size(), " training and ", data.split.val.size(),
+         " validation tokens; each needs at least model.context + 1 = ", need, " (more data, or a larger data.val_fraction)");
+  return data;
+}
 
 Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir)
     : config_(config),
@@ -44,14 +64,15 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir)
         o.use_environment = false;
         return o;
       }()),
-      split_(load_split(config, cache_dir)),
-      model_(config.model, dispatcher_, config.seed) {
+      data_(prepare(config, cache_dir)),
+      model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
+  config_.model.vocab_size = data_.tokenizer->vocab_size();
   inputs_.resize(size_t(config_.train.batch * config_.model.context));
   targets_.resize(inputs_.size());
 }
 
 void Trainer::batch(int64_t step, int32_t* inputs, int32_t* targets) const {
-  draw_batch(split_.train, step, int(config_.train.batch), int(config_.model.context), config_.seed, inputs, targets);
+  draw_batch(data_.split.train, step, int(config_.train.batch), int(config_.model.context), config_.seed, inputs, targets);
 }
 
 StepMetrics Trainer::step() {
@@ -96,17 +117,17 @@ double Trainer::evaluate() {
   const int64_t context = config_.model.context;
   double sum = 0;
   for (int64_t i = 0; i < t.eval_batches; ++i) {
-    draw_batch(split_.val, i, int(t.batch), int(context), config_.seed ^ kEvalStream, inputs_.data(), targets_.data());
+    draw_batch(data_.split.val, i, int(t.batch), int(context), config_.seed ^ kEvalStream, inputs_.data(), targets_.data());
     sum += model_.forward(inputs_.data(), targets_.data(), t.batch, context);
   }
   return sum / double(t.eval_batches);
 }
 
 std::string Trainer::sample(int64_t n, const std::string& prompt, double temperature, uint64_t seed) {
-  ByteTokenizer tok;
+  const Tokenizer& tok = *data_.tokenizer;
   std::vector<int32_t> tokens;
   tok.encode(prompt, tokens);
-  if (tokens.empty()) tokens.push_back(ByteTokenizer::kEndOfRecord);  // "a record starts here"
+  if (tokens.empty()) tokens.push_back(tok.end_of_record());  // "a record starts here"
   const int64_t V = config_.model.vocab_size, context = config_.model.context;
   Rng rng(seed, kSampleStream);
   for (int64_t i = 0; i < n; ++i) {
@@ -154,11 +175,12 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir) {
   if (ec) fail(ErrorKind::io, run_dir, ": cannot create the run folder (", ec.message(), ")");
   if (fs::exists(fs::path(run_dir) / "metrics.jsonl"))
     fail(ErrorKind::invalid_argument, run_dir, ": already holds a run (metrics.jsonl); choose another --out");
-  std::ofstream(fs::path(run_dir) / "config.yaml") << "# resolved from " << config.source << "\n" << config.to_yaml();
-  std::ofstream(fs::path(run_dir) / "tokenizer.json") << nlohmann::json{{"kind", ByteTokenizer::kName}, {"vocab_size", ByteTokenizer::kVocabSize},
-                                                                          {"end_of_record", ByteTokenizer::kEndOfRecord}}.dump(1)
-                                                       << "\n";
   Trainer trainer(config, run_dir);
+  std::ofstream(fs::path(run_dir) / "config.yaml") << "# resolved from " << config.source << "\n" << trainer.config().to_yaml();
+  nlohmann::json tok = {{"kind", trainer.tokenizer().kind()}, {"vocab_size", trainer.tokenizer().vocab_size()},
+                        {"end_of_record", trainer.tokenizer().end_of_record()}};
+  if (trainer.tokenizer().kind() == "bpe") tok["model"] = "tokenizer.model";
+  std::ofstream(fs::path(run_dir) / "tokenizer.json") << tok.dump(1) << "\n";
   const TrainLoopConfig& t = config.train;
   int64_t n_params = 0;
   for (const auto& s : trainer.model().params().slices()) n_params += s.numel;

@@ -38,14 +38,21 @@ class Trainer {
 
   int64_t steps_done() const { return step_; }
   const TrainConfig& config() const { return config_; }
-  const Split& split() const { return split_; }
+  const Split& split() const { return data_.split; }
+  const Tokenizer& tokenizer() const { return *data_.tokenizer; }
   Model& model() { return model_; }
   Dispatcher& dispatcher() { return dispatcher_; }
 
  private:
+  struct Data {
+    std::unique_ptr<Tokenizer> tokenizer;
+    Split split;
+  };
+  static Data prepare(const TrainConfig& config, const std::string& cache_dir);
+
   TrainConfig config_;
   Dispatcher dispatcher_;
-  Split split_;
+  Data data_;
   Model model_;
   int64_t step_ = 0;
   std::vector<int32_t> inputs_, targets_;

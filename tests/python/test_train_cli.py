@@ -38,6 +38,15 @@ def test_a_run_writes_its_folder(cli, tmp_path):
     assert json.loads((run / "tokenizer.json").read_text())["vocab_size"] == 257
 
 
+def test_a_bpe_run_keeps_its_tokenizer(cli, tmp_path):
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=3", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=512")
+    tok = json.loads((run / "tokenizer.json").read_text())
+    assert tok["kind"] == "bpe" and tok["model"] == "tokenizer.model" and 320 <= tok["vocab_size"] <= 512
+    assert (run / "tokenizer.model").stat().st_size > 1000
+    assert f"vocab_size: {tok['vocab_size']}" in (run / "config.yaml").read_text()
+
+
 def test_runs_repeat_bit_for_bit(cli, tmp_path):
     train(cli, tmp_path / "a", "--set", "train.steps=5")
     train(cli, tmp_path / "b", "--set", "train.steps=5")
