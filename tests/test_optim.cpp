@@ -167,6 +167,27 @@ TEST(Optimizer, StepsMatchReferenceMuonAndAdamW) {
   }
 }
 
+TEST(Optimizer, AdamWGroupsTakeTheirOwnLearningRateAndDecay) {
+  ParamTable t;
+  t.add("emb", {4}, ParamGroup::embedding);
+  t.add("head", {4}, ParamGroup::head);
+  t.add("norm", {4}, ParamGroup::norm);
+  t.allocate();
+  for (int64_t i = 0; i < t.numel(); ++i) t.params().data<float>()[i] = 1.0f;
+  OptimizerConfig cfg;
+  cfg.grad_clip = 0;
+  cfg.schedule.kind = Schedule::Kind::constant;
+  cfg.adamw.lr = 0.1;
+  cfg.adamw.weight_decay = 0.5;
+  cfg.adamw.head_lr = 0.01;      // head: its own lr, the shared decay
+  cfg.adamw.norm_weight_decay = 0.2;  // norm: the shared lr, its own decay
+  // Zero gradients: only the decay moves a parameter, by lr * wd.
+  optimizer_step(dispatcher(), t, cfg, 0);
+  EXPECT_NEAR(t.param(t.slice("emb")).data<float>()[0], 1.0 - 0.1 * 0.5, 1e-6);
+  EXPECT_NEAR(t.param(t.slice("head")).data<float>()[0], 1.0 - 0.01 * 0.5, 1e-6);
+  EXPECT_NEAR(t.param(t.slice("norm")).data<float>()[0], 1.0 - 0.1 * 0.2, 1e-6);
+}
+
 TEST(Optimizer, ClipsByGlobalNormAndRefusesNonFiniteGradients) {
   ParamTable t;
   t.add("a", {3}, ParamGroup::norm);

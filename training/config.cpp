@@ -206,6 +206,12 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
               {"beta2", [&](const YAML::Node& n, const std::string& k) { op.adamw.beta2 = as_double(n, k, o); }},
               {"eps", [&](const YAML::Node& n, const std::string& k) { op.adamw.eps = as_double(n, k, o); }},
               {"weight_decay", [&](const YAML::Node& n, const std::string& k) { op.adamw.weight_decay = as_double(n, k, o); }},
+              {"embedding_lr", [&](const YAML::Node& n, const std::string& k) { op.adamw.embedding_lr = as_double(n, k, o); }},
+              {"head_lr", [&](const YAML::Node& n, const std::string& k) { op.adamw.head_lr = as_double(n, k, o); }},
+              {"norm_lr", [&](const YAML::Node& n, const std::string& k) { op.adamw.norm_lr = as_double(n, k, o); }},
+              {"embedding_weight_decay", [&](const YAML::Node& n, const std::string& k) { op.adamw.embedding_weight_decay = as_double(n, k, o); }},
+              {"head_weight_decay", [&](const YAML::Node& n, const std::string& k) { op.adamw.head_weight_decay = as_double(n, k, o); }},
+              {"norm_weight_decay", [&](const YAML::Node& n, const std::string& k) { op.adamw.norm_weight_decay = as_double(n, k, o); }},
             });
           }},
        });
@@ -281,7 +287,13 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "ns_steps" << YAML::Value << optim.muon.ns_steps << YAML::Key << "weight_decay" << YAML::Value << optim.muon.weight_decay << YAML::EndMap;
   y << YAML::Key << "adamw" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << optim.adamw.lr;
   y << YAML::Key << "beta1" << YAML::Value << optim.adamw.beta1 << YAML::Key << "beta2" << YAML::Value << optim.adamw.beta2;
-  y << YAML::Key << "eps" << YAML::Value << optim.adamw.eps << YAML::Key << "weight_decay" << YAML::Value << optim.adamw.weight_decay << YAML::EndMap;
+  y << YAML::Key << "eps" << YAML::Value << optim.adamw.eps << YAML::Key << "weight_decay" << YAML::Value << optim.adamw.weight_decay;
+  const std::pair<const char*, double> groups[] = {{"embedding_lr", optim.adamw.embedding_lr}, {"head_lr", optim.adamw.head_lr},
+                                                   {"norm_lr", optim.adamw.norm_lr}, {"embedding_weight_decay", optim.adamw.embedding_weight_decay},
+                                                   {"head_weight_decay", optim.adamw.head_weight_decay}, {"norm_weight_decay", optim.adamw.norm_weight_decay}};
+  for (const auto& [key, value] : groups)
+    if (value >= 0) y << YAML::Key << key << YAML::Value << value;
+  y << YAML::EndMap;
   y << YAML::EndMap;
   y << YAML::EndMap;
   return std::string(y.c_str()) + "\n";

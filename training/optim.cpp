@@ -188,9 +188,16 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
       const float step_size = float(lr * muon_scale(s.shape[0], s.shape[1]));
       for (int64_t i = 0; i < s.numel; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
     } else {
-      // PyTorch's AdamW, in its order: decay, moments, bias-corrected step. Norm gains never decay.
-      const double lr = aw.lr * mult.lr;
-      const double wd = s.group == ParamGroup::norm ? 0.0 : aw.weight_decay * mult.weight_decay;
+      // PyTorch's AdamW, in its order: decay, moments, bias-corrected step; per-group values.
+      auto pick = [](double group_value, double fallback) { return group_value >= 0 ? group_value : fallback; };
+      const double group_lr = s.group == ParamGroup::embedding ? pick(aw.embedding_lr, aw.lr)
+                            : s.group == ParamGroup::head      ? pick(aw.head_lr, aw.lr)
+                                                               : pick(aw.norm_lr, aw.lr);
+      const double group_wd = s.group == ParamGroup::embedding ? pick(aw.embedding_weight_decay, aw.weight_decay)
+                            : s.group == ParamGroup::head      ? pick(aw.head_weight_decay, aw.weight_decay)
+                                                               : pick(aw.norm_weight_decay, 0.0);
+      const double lr = group_lr * mult.lr;
+      const double wd = group_wd * mult.weight_decay;
       const float decay = float(1.0 - lr * wd), step_size = float(lr / bc1), sqrt_bc2 = float(std::sqrt(bc2));
       const float b1 = float(aw.beta1), b2 = float(aw.beta2), eps = float(aw.eps);
       for (int64_t k = s.offset; k < s.offset + s.numel; ++k) {

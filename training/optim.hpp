@@ -55,6 +55,10 @@ struct AdamWConfig {
   double lr = 3e-3;
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double weight_decay = 0.0;  // decoupled, as in PyTorch's AdamW
+  // Per group (embedding, head, norm gains): a negative value means "as lr / weight_decay above",
+  // except that norm gains never decay unless norm_weight_decay is set.
+  double embedding_lr = -1, head_lr = -1, norm_lr = -1;
+  double embedding_weight_decay = -1, head_weight_decay = -1, norm_weight_decay = -1;
 };
 
 // Momentum convention: the exponential moving average m = beta m + (1 - beta) g, and with Nesterov
