@@ -74,6 +74,8 @@ int main(int argc, char** argv) {
   train->add_option("config", train_config, "the run's YAML file (see configs/tiny.yaml)")->required()->check(CLI::ExistingFile);
   train->add_option("--set", train_sets, "override a key, e.g. --set train.steps=100 (repeatable)");
   train->add_option("--out", train_out, "run folder (default: runs/<config name>-<date>-<time>)");
+  std::string train_resume;
+  train->add_option("--resume", train_resume, "continue from a checkpoint: its path, or `auto` (the newest valid one in --out)");
 
   try {
     app.parse(argc, argv);
@@ -97,13 +99,17 @@ int main(int argc, char** argv) {
     if (*train) {
       TrainConfig cfg = load_train_config(train_config, train_sets);
       cfg.dispatch.merge(options.overrides);
+      if (train_out.empty() && !train_resume.empty()) {
+        if (train_resume == "auto") fail(ErrorKind::invalid_argument, "--resume auto: name the run folder with --out");
+        train_out = std::filesystem::path(train_resume).parent_path().string();
+      }
       if (train_out.empty()) {
         const std::time_t now = std::time(nullptr);
         char stamp[32];
         std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
         train_out = cat("runs/", std::filesystem::path(train_config).stem().string(), "-", stamp);
       }
-      const RunResult r = run_training(cfg, train_out);
+      const RunResult r = run_training(cfg, train_out, train_resume);
       std::printf("%s after %lld steps: loss %.4f%s; run folder %s\n", r.interrupted ? "stopped" : "done", static_cast<long long>(r.steps_done),
                   r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "", train_out.c_str());
       if (!r.sample.empty()) std::printf("\nA sample from the model:\n%s\n", r.sample.c_str());

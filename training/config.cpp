@@ -176,6 +176,8 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
             if (t.sample_temperature < 0) bad(o.where(n, k), k, "expected a number >= 0");
           }},
          {"on_nonfinite", [&](const YAML::Node& n, const std::string& k) { t.on_nonfinite = as_choice(n, k, o, {"stop", "skip"}); }},
+         {"checkpoint_every", [&](const YAML::Node& n, const std::string& k) { t.checkpoint_every = as_int(n, k, o, 0); }},
+         {"keep_checkpoints", [&](const YAML::Node& n, const std::string& k) { t.keep_checkpoints = as_int(n, k, o, 1); }},
        });
      }},
     {"optim", [&](const YAML::Node& sec, const std::string& p) {
@@ -188,6 +190,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
               {"min_lr_ratio", [&](const YAML::Node& n, const std::string& k) { op.schedule.min_lr_ratio = as_double(n, k, o); }},
               {"decay_fraction", [&](const YAML::Node& n, const std::string& k) { op.schedule.decay_fraction = as_double(n, k, o); }},
               {"stage2_lr_ratio", [&](const YAML::Node& n, const std::string& k) { op.schedule.stage2_lr_ratio = as_double(n, k, o); }},
+              {"total_steps", [&](const YAML::Node& n, const std::string& k) { c.schedule_total_steps = as_int(n, k, o, 0); }},
             });
           }},
          {"muon", [&](const YAML::Node& s, const std::string& sp) {
@@ -219,7 +222,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
     {"dispatch", [&](const YAML::Node&, const std::string&) {}},  // checked by overrides_from_yaml below
   });
   c.dispatch = overrides_from_yaml(yaml_text, file_name);
-  c.optim.schedule.total_steps = t.steps;
+  c.optim.schedule.total_steps = c.schedule_total_steps > 0 ? c.schedule_total_steps : t.steps;
   // The tokenizer decides the vocabulary (BPE may settle on fewer tokens than asked for a small
   // corpus; the trainer then takes the count from the trained model).
   const int64_t tokenizer_vocab = d.tokenizer == "byte" ? 257 : d.vocab_size;
@@ -275,13 +278,17 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "log_every" << YAML::Value << train.log_every << YAML::Key << "sample_tokens" << YAML::Value << train.sample_tokens;
   y << YAML::Key << "sample_prompt" << YAML::Value << YAML::DoubleQuoted << train.sample_prompt;
   y << YAML::Key << "sample_temperature" << YAML::Value << train.sample_temperature;
-  y << YAML::Key << "on_nonfinite" << YAML::Value << train.on_nonfinite << YAML::EndMap;
+  y << YAML::Key << "on_nonfinite" << YAML::Value << train.on_nonfinite;
+  y << YAML::Key << "checkpoint_every" << YAML::Value << train.checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << train.keep_checkpoints;
+  y << YAML::EndMap;
   const char* kinds[] = {"constant", "cosine", "wsd", "bitnet_two_stage"};
   y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << optim.grad_clip;
   y << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value << kinds[int(optim.schedule.kind)];
   y << YAML::Key << "warmup_steps" << YAML::Value << optim.schedule.warmup_steps << YAML::Key << "min_lr_ratio" << YAML::Value << optim.schedule.min_lr_ratio;
   y << YAML::Key << "decay_fraction" << YAML::Value << optim.schedule.decay_fraction;
-  y << YAML::Key << "stage2_lr_ratio" << YAML::Value << optim.schedule.stage2_lr_ratio << YAML::EndMap;
+  y << YAML::Key << "stage2_lr_ratio" << YAML::Value << optim.schedule.stage2_lr_ratio;
+  if (schedule_total_steps > 0) y << YAML::Key << "total_steps" << YAML::Value << schedule_total_steps;
+  y << YAML::EndMap;
   y << YAML::Key << "muon" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << optim.muon.lr;
   y << YAML::Key << "momentum" << YAML::Value << optim.muon.momentum << YAML::Key << "nesterov" << YAML::Value << optim.muon.nesterov;
   y << YAML::Key << "ns_steps" << YAML::Value << optim.muon.ns_steps << YAML::Key << "weight_decay" << YAML::Value << optim.muon.weight_decay << YAML::EndMap;

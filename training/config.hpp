@@ -28,6 +28,8 @@ struct TrainLoopConfig {
   std::string sample_prompt;
   double sample_temperature = 0.8;
   std::string on_nonfinite = "stop";  // stop | skip
+  int64_t checkpoint_every = 0;       // 0: only at the end and on SIGINT/SIGTERM
+  int64_t keep_checkpoints = 3;       // the newest K are kept
 };
 
 struct TrainConfig {
@@ -37,6 +39,7 @@ struct TrainConfig {
   OptimizerConfig optim;
   TrainLoopConfig train;
   Overrides dispatch;
+  int64_t schedule_total_steps = 0;  // optim.schedule.total_steps; 0: train.steps
   std::string source = "defaults";  // the file it came from
 
   // The resolved configuration as YAML (every key, defaults filled in).

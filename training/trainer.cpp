@@ -4,7 +4,9 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
@@ -33,10 +35,12 @@ ModelConfig with_vocab(ModelConfig m, int64_t vocab) {
 
 // The tokenizer (a BPE one trained on the corpus, kept in cache_dir as tokenizer.model when there
 // is one), the corpus tokenized through the cache, and the split by record.
-Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir) {
+Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir, const std::string& tokenizer_model) {
   const Corpus corpus = read_corpus(c.data.sources, c.data.format);
   Data data;
-  if (c.data.tokenizer == "bpe") {
+  if (c.data.tokenizer == "bpe" && !tokenizer_model.empty()) {
+    data.tokenizer = load_bpe_tokenizer(tokenizer_model);
+  } else if (c.data.tokenizer == "bpe") {
     const bool temporary = cache_dir.empty();
     const fs::path dir = temporary ? fs::temp_directory_path() / cat("hybrit-bpe-", ::getpid(), "-", reinterpret_cast<uintptr_t>(&data)) : fs::path(cache_dir);
     fs::create_directories(dir);
@@ -56,7 +60,7 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
   return data;
 }
 
-Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir)
+Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model)
     : config_(config),
       dispatcher_([&] {
         DispatcherOptions o;
@@ -64,11 +68,64 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir)
         o.use_environment = false;
         return o;
       }()),
-      data_(prepare(config, cache_dir)),
+      data_(prepare(config, cache_dir, tokenizer_model)),
       model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
   config_.model.vocab_size = data_.tokenizer->vocab_size();
+  if (config_.data.tokenizer == "bpe")
+    tokenizer_model_path_ = !tokenizer_model.empty() ? tokenizer_model : cache_dir.empty() ? "" : (fs::path(cache_dir) / "tokenizer.model").string();
   inputs_.resize(size_t(config_.train.batch * config_.model.context));
   targets_.resize(inputs_.size());
+}
+
+namespace {
+std::string tokenizer_json(const Tokenizer& t) {
+  nlohmann::json tok = {{"kind", t.kind()}, {"vocab_size", t.vocab_size()}, {"end_of_record", t.end_of_record()}};
+  if (t.kind() == "bpe") tok["model"] = "tokenizer.model";
+  return tok.dump(1);
+}
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+}  // namespace
+
+void Trainer::save(const std::string& path) {
+  CheckpointMeta meta;
+  meta.step = step_;
+  meta.tokens_seen = step_ * config_.train.batch * config_.model.context;
+  meta.seed = config_.seed;
+  meta.config_yaml = config_.to_yaml();
+  meta.tokenizer_json = tokenizer_json(*data_.tokenizer);
+  if (!tokenizer_model_path_.empty()) meta.tokenizer_model = slurp(tokenizer_model_path_);
+  save_checkpoint(path, model_.params(), meta);
+}
+
+void Trainer::restore(const std::string& path) {
+  const CheckpointMeta meta = inspect_checkpoint(path, nullptr);
+  const TrainConfig then = parse_train_config(meta.config_yaml, path + " (its config)");
+  const ModelConfig &a = then.model, &b = config_.model;
+  const std::pair<std::string, std::pair<std::string, std::string>> fields[] = {
+      {"model.vocab_size", {cat(a.vocab_size), cat(b.vocab_size)}}, {"model.dim", {cat(a.dim), cat(b.dim)}},
+      {"model.n_layers", {cat(a.n_layers), cat(b.n_layers)}}, {"model.n_heads", {cat(a.n_heads), cat(b.n_heads)}},
+      {"model.n_kv_heads", {cat(a.kv_heads()), cat(b.kv_heads())}}, {"model.ffn_hidden", {cat(a.hidden()), cat(b.hidden())}},
+      {"model.context", {cat(a.context), cat(b.context)}}, {"model.rope_theta", {cat(a.rope_theta), cat(b.rope_theta)}},
+      {"model.norm_eps", {cat(a.norm_eps), cat(b.norm_eps)}}, {"model.ffn", {cat(int(a.ffn)), cat(int(b.ffn))}},
+      {"model.quant", {cat(int(a.quant)), cat(int(b.quant))}}, {"model.subln", {cat(a.subln), cat(b.subln)}},
+      {"model.tied_embeddings", {cat(a.tied_embeddings), cat(b.tied_embeddings)}},
+      {"data.tokenizer", {then.data.tokenizer, config_.data.tokenizer}}, {"data.format", {then.data.format, config_.data.format}},
+      {"data.val_fraction", {cat(then.data.val_fraction), cat(config_.data.val_fraction)}}, {"seed", {cat(then.seed), cat(config_.seed)}},
+      {"train.batch", {cat(then.train.batch), cat(config_.train.batch)}}};
+  for (const auto& [key, values] : fields)
+    if (values.first != values.second)
+      fail(ErrorKind::invalid_argument, "resume from ", path, ": ", key, " is ", values.first, " in the checkpoint but ", values.second,
+           " in ", config_.source, "; it cannot change when a run resumes");
+  std::string sources_then, sources_now;
+  for (const auto& s : then.data.sources) sources_then += s + " ";
+  for (const auto& s : config_.data.sources) sources_now += s + " ";
+  if (sources_then != sources_now)
+    fail(ErrorKind::invalid_argument, "resume from ", path, ": data.sources differ from the checkpoint's (", sources_then, "); they cannot change when a run resumes");
+  load_checkpoint(path, model_.params());
+  step_ = meta.step;
 }
 
 void Trainer::batch(int64_t step, int32_t* inputs, int32_t* targets) const {
@@ -169,18 +226,95 @@ std::string human_rate(double tokens_per_s) {
 }
 }  // namespace
 
-RunResult run_training(const TrainConfig& config, const std::string& run_dir) {
+namespace {
+// ckpt-*.h5 in a run folder, newest first (the step in the name is zero-padded).
+std::vector<std::string> checkpoints_newest_first(const std::string& run_dir) {
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(run_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("ckpt-", 0) == 0 && e.path().extension() == ".h5") found.push_back(e.path().string());
+  }
+  if (ec) fail(ErrorKind::io, run_dir, ": cannot list the run folder (", ec.message(), ")");
+  std::sort(found.rbegin(), found.rend());
+  return found;
+}
+}  // namespace
+
+namespace {
+std::string checkpoint_name(const std::string& run_dir, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "ckpt-%08lld.h5", static_cast<long long>(step));
+  return (fs::path(run_dir) / name).string();
+}
+
+void prune_checkpoints(const std::string& run_dir, int64_t keep) {
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator(run_dir))
+    if (e.path().filename().string().rfind("ckpt-", 0) == 0 && e.path().extension() == ".h5") found.push_back(e.path().string());
+  std::sort(found.begin(), found.end());
+  for (size_t i = 0; i + size_t(keep) < found.size(); ++i) fs::remove(found[i]);
+}
+
+// metrics.jsonl without the lines past `step`, rewritten through a temporary file.
+void truncate_metrics(const fs::path& file, int64_t step) {
+  std::ifstream in(file);
+  std::string kept, line;
+  while (std::getline(in, line))
+    if (!line.empty() && nlohmann::json::parse(line).value("step", int64_t(0)) <= step) kept += line + "\n";
+  std::ofstream(file.string() + ".tmp") << kept;
+  fs::rename(file.string() + ".tmp", file);
+}
+}  // namespace
+
+RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume) {
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   if (ec) fail(ErrorKind::io, run_dir, ": cannot create the run folder (", ec.message(), ")");
-  if (fs::exists(fs::path(run_dir) / "metrics.jsonl"))
-    fail(ErrorKind::invalid_argument, run_dir, ": already holds a run (metrics.jsonl); choose another --out");
-  Trainer trainer(config, run_dir);
+  const fs::path metrics_path = fs::path(run_dir) / "metrics.jsonl";
+  // Resuming: `resume` names one checkpoint, or "auto" tries the run's newest first and falls back
+  // to older ones when a file is damaged (saying so); a configuration that does not match is an
+  // error either way, since an older checkpoint has the same architecture.
+  const bool automatic = resume == "auto";
+  std::vector<std::string> candidates;
+  if (resume.empty()) {
+    if (fs::exists(metrics_path)) fail(ErrorKind::invalid_argument, run_dir, ": already holds a run (metrics.jsonl); choose another --out or --resume auto");
+  } else {
+    candidates = automatic ? checkpoints_newest_first(run_dir) : std::vector<std::string>{resume};
+    if (candidates.empty()) fail(ErrorKind::io, run_dir, ": no checkpoint to resume from");
+  }
+  std::string tokenizer_model;
+  for (const auto& candidate : candidates) {  // the tokens must be the checkpoint's
+    try {
+      const CheckpointMeta meta = inspect_checkpoint(candidate, nullptr);
+      if (!meta.tokenizer_model.empty()) {
+        tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
+        std::ofstream(tokenizer_model, std::ios::binary) << meta.tokenizer_model;
+      }
+      break;
+    } catch (const Error&) {
+      if (!automatic) throw;
+    }
+  }
+  Trainer trainer(config, run_dir, tokenizer_model);
+  std::string checkpoint;
+  for (const auto& candidate : candidates) {
+    try {
+      trainer.restore(candidate);
+      checkpoint = candidate;
+      break;
+    } catch (const Error& e) {
+      if (!automatic || e.kind() == ErrorKind::invalid_argument) throw;
+      log_warn("not resuming from ", candidate, ": ", e.what(), "; trying an older checkpoint");
+    }
+  }
+  if (!candidates.empty() && checkpoint.empty()) fail(ErrorKind::io, run_dir, ": no valid checkpoint to resume from");
+  if (!checkpoint.empty()) {
+    if (fs::exists(metrics_path)) truncate_metrics(metrics_path, trainer.steps_done());
+    log_info("resumed from ", checkpoint, " at step ", trainer.steps_done());
+  }
   std::ofstream(fs::path(run_dir) / "config.yaml") << "# resolved from " << config.source << "\n" << trainer.config().to_yaml();
-  nlohmann::json tok = {{"kind", trainer.tokenizer().kind()}, {"vocab_size", trainer.tokenizer().vocab_size()},
-                        {"end_of_record", trainer.tokenizer().end_of_record()}};
-  if (trainer.tokenizer().kind() == "bpe") tok["model"] = "tokenizer.model";
-  std::ofstream(fs::path(run_dir) / "tokenizer.json") << tok.dump(1) << "\n";
+  std::ofstream(fs::path(run_dir) / "tokenizer.json") << tokenizer_json(trainer.tokenizer()) << "\n";
   const TrainLoopConfig& t = config.train;
   int64_t n_params = 0;
   for (const auto& s : trainer.model().params().slices()) n_params += s.numel;
@@ -188,7 +322,13 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir) {
            "), ", trainer.split().train_records, " training and ", trainer.split().val_records, " validation records (", trainer.split().train.size(),
            " and ", trainer.split().val.size(), " tokens), ", t.steps, " steps of ", t.batch, " x ", config.model.context, " tokens");
 
-  std::ofstream metrics(fs::path(run_dir) / "metrics.jsonl");
+  std::ofstream metrics(metrics_path, std::ios::app);
+  int64_t last_saved = checkpoint.empty() ? -1 : trainer.steps_done();
+  auto save = [&] {
+    trainer.save(checkpoint_name(run_dir, trainer.steps_done()));
+    last_saved = trainer.steps_done();
+    prune_checkpoints(run_dir, t.keep_checkpoints);
+  };
   g_stop = false;
   auto old_int = std::signal(SIGINT, on_signal), old_term = std::signal(SIGTERM, on_signal);
   RunResult result;
@@ -209,6 +349,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir) {
       const std::string note = cat("loss ", std::to_string(m.loss).substr(0, 6), result.val_loss ? cat(" val ", std::to_string(*result.val_loss).substr(0, 6)) : "",
                                    " ", human_rate(m.tokens_per_s), " tok/s");
       bar.update(m.step, note);
+      if (t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0) save();
       if (!bar.drawing() && (m.step % t.log_every == 0 || m.val_loss || m.step == 1))
         log_info("step ", m.step, "/", t.steps, " ", note, m.skipped ? " (skipped: not finite)" : "");
     }
@@ -223,7 +364,9 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir) {
   std::signal(SIGTERM, old_term);
   result.steps_done = trainer.steps_done();
   result.interrupted = trainer.steps_done() < t.steps;
-  if (result.interrupted) log_info("interrupted after step ", result.steps_done, "; metrics are in ", (fs::path(run_dir) / "metrics.jsonl").string());
+  if (last_saved != trainer.steps_done()) save();  // at the end, and on SIGINT/SIGTERM
+  if (result.interrupted)
+    log_info("interrupted after step ", result.steps_done, "; saved ", checkpoint_name(run_dir, result.steps_done), " (continue with --resume auto)");
   if (t.sample_tokens > 0) {
     result.sample = printable_utf8(trainer.sample(t.sample_tokens, t.sample_prompt, t.sample_temperature, config.seed));
     std::ofstream(fs::path(run_dir) / "sample.txt") << result.sample << "\n";

@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 
+#include "training/checkpoint.hpp"
 #include "training/config.hpp"
 #include "training/data.hpp"
 
@@ -24,7 +25,9 @@ class Trainer {
  public:
   // Reads and tokenizes the corpus (through a token cache in `cache_dir` when it is not empty),
   // splits it by record, and builds the model.
-  explicit Trainer(const TrainConfig& config, const std::string& cache_dir = "");
+  // tokenizer_model: a BPE model file to use instead of training one (a resumed run uses the
+  // checkpoint's, so the tokens are the same).
+  explicit Trainer(const TrainConfig& config, const std::string& cache_dir = "", const std::string& tokenizer_model = "");
 
   // One optimizer step on the batch of the current step (drawn from (seed, step)).
   StepMetrics step();
@@ -35,6 +38,13 @@ class Trainer {
 
   // The training batch of a step (what step() uses at that step): inputs and targets, batch x context each.
   void batch(int64_t step, int32_t* inputs, int32_t* targets) const;
+
+  // Checkpoints: everything needed to continue bit for bit (see checkpoint.hpp).
+  void save(const std::string& path);
+  // Loads a checkpoint's parameters, optimizer state and step. Refuses one whose architecture,
+  // tokenizer, data or seed differ from this trainer's configuration, naming the key; settings
+  // such as train.steps or the evaluation interval may change.
+  void restore(const std::string& path);
 
   int64_t steps_done() const { return step_; }
   const TrainConfig& config() const { return config_; }
@@ -48,13 +58,14 @@ class Trainer {
     std::unique_ptr<Tokenizer> tokenizer;
     Split split;
   };
-  static Data prepare(const TrainConfig& config, const std::string& cache_dir);
+  static Data prepare(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model);
 
   TrainConfig config_;
   Dispatcher dispatcher_;
   Data data_;
   Model model_;
   int64_t step_ = 0;
+  std::string tokenizer_model_path_;  // the BPE model file a checkpoint carries
   std::vector<int32_t> inputs_, targets_;
 };
 
@@ -66,8 +77,12 @@ struct RunResult {
   std::string sample;
 };
 
-// The whole run into `run_dir` (made if missing; refused if it already holds a run). Progress bar
-// on a terminal, plain log lines otherwise. SIGINT/SIGTERM finish the current step and stop.
-RunResult run_training(const TrainConfig& config, const std::string& run_dir);
+// The whole run into `run_dir` (made if missing; refused if it already holds a run, unless
+// resuming). Progress bar on a terminal, plain log lines otherwise. Checkpoints every
+// train.checkpoint_every steps, at the end and on SIGINT/SIGTERM (which finish the current step and
+// stop), keeping the newest train.keep_checkpoints. `resume`: a checkpoint path, "auto" (the newest
+// checkpoint in run_dir that loads; damaged newer ones are skipped with a warning) or empty.
+RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume = "");
+
 
 }  // namespace hybrit

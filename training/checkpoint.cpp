@@ -1,0 +1,268 @@
+#include "training/checkpoint.hpp"
+
+#include <fcntl.h>
+#include <hdf5.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <memory>
+
+namespace hybrit {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kFormat = "hybrit-checkpoint";
+constexpr const char* kMomentumConvention = "ema: m = b m + (1 - b) g; nesterov: u = b m + (1 - b) g";
+const char* const kBuffers[] = {"params", "optim/adam_m", "optim/adam_v", "optim/muon_momentum"};
+
+uint64_t fnv1a(const void* data, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+// HDF5 handles closed on scope exit.
+struct Handle {
+  hid_t id;
+  herr_t (*close)(hid_t);
+  Handle(hid_t i, herr_t (*c)(hid_t)) : id(i), close(c) {}
+  ~Handle() {
+    if (id >= 0) close(id);
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  operator hid_t() const { return id; }
+};
+
+void quiet_hdf5() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }  // errors become our messages
+
+void check(herr_t status, const std::string& path, const std::string& what) {
+  if (status < 0) fail(ErrorKind::io, path, ": HDF5 failed to ", what);
+}
+
+void write_scalar_attr(hid_t obj, const char* name, hid_t type, const void* value, const std::string& path) {
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Handle attr(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  check(attr.id, path, cat("create attribute ", name));
+  check(H5Awrite(attr, type, value), path, cat("write attribute ", name));
+}
+
+void write_string_attr(hid_t obj, const char* name, const std::string& value, const std::string& path) {
+  Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type, H5T_VARIABLE);
+  H5Tset_cset(type, H5T_CSET_UTF8);
+  const char* p = value.c_str();
+  write_scalar_attr(obj, name, type, &p, path);
+}
+
+bool has_attr(hid_t obj, const char* name) { return H5Aexists(obj, name) > 0; }
+
+template <class T>
+T read_scalar_attr(hid_t obj, const char* name, hid_t type, const std::string& path) {
+  if (!has_attr(obj, name)) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is missing");
+  Handle attr(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
+  T v{};
+  if (attr.id < 0 || H5Aread(attr, type, &v) < 0) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is unreadable");
+  return v;
+}
+
+std::string read_string_attr(hid_t obj, const char* name, const std::string& path) {
+  if (!has_attr(obj, name)) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is missing");
+  Handle attr(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
+  Handle type(H5Aget_type(attr), H5Tclose);
+  if (H5Tget_class(type) != H5T_STRING) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is not a string");
+  Handle mem(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_cset(mem, H5Tget_cset(type));  // HDF5 converts no string between character sets
+  if (H5Tis_variable_str(type) > 0) {
+    H5Tset_size(mem, H5T_VARIABLE);
+    char* p = nullptr;
+    if (H5Aread(attr, mem, &p) < 0 || !p) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is unreadable");
+    std::string s(p);
+    H5free_memory(p);
+    return s;
+  }
+  const size_t n = H5Tget_size(type);
+  H5Tset_size(mem, n);
+  std::string s(n, '\0');
+  if (H5Aread(attr, mem, s.data()) < 0) fail(ErrorKind::corrupt_data, path, ": attribute ", name, " is unreadable");
+  return s.substr(0, s.find('\0'));
+}
+
+void write_dataset(hid_t file, const std::string& name, const float* data, const Shape& shape, const std::string& path) {
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl, 1);
+  Handle ds(H5Dcreate2(file, name.c_str(), H5T_IEEE_F32LE, space, lcpl, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+  check(ds.id, path, cat("create dataset ", name));
+  check(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), path, cat("write dataset ", name));
+  int64_t n = 1;
+  for (int64_t e : shape) n *= e;
+  const uint64_t sum = fnv1a(data, size_t(n) * sizeof(float));
+  write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, path);
+}
+
+// Reads a float dataset, checking shape and checksum; `out` is written only when all is well.
+void read_dataset(hid_t file, const std::string& name, const Shape& expect, float* out, const std::string& path) {
+  if (H5Lexists(file, name.c_str(), H5P_DEFAULT) <= 0) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is missing");
+  Handle ds(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (ds.id < 0) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " cannot be opened");
+  Handle space(H5Dget_space(ds), H5Sclose);
+  const int rank = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
+  if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  const Shape got(dims.begin(), dims.end());
+  if (got != expect) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(got), ", the model needs ", shape_str(expect));
+  int64_t n = 1;
+  for (int64_t e : expect) n *= e;
+  std::vector<float> buf(static_cast<size_t>(n));
+  if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0)
+    fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is unreadable (truncated file?)");
+  const uint64_t expect_sum = read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path);
+  if (fnv1a(buf.data(), buf.size() * sizeof(float)) != expect_sum)
+    fail(ErrorKind::corrupt_data, path, ": dataset ", name, " fails its checksum (the file is damaged)");
+  std::memcpy(out, buf.data(), buf.size() * sizeof(float));
+}
+
+Tensor& buffer_of(ParamTable& t, int which) {
+  switch (which) {
+    case 0: return t.params();
+    case 1: return t.adam_m();
+    case 2: return t.adam_v();
+    default: return t.muon_momentum();
+  }
+}
+
+void fsync_path(const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), flags);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+hid_t open_checkpoint(const std::string& path) {
+  quiet_hdf5();
+  if (!fs::exists(path)) fail(ErrorKind::io, path, ": no such checkpoint");
+  if (H5Fis_hdf5(path.c_str()) <= 0) fail(ErrorKind::corrupt_data, path, ": not an HDF5 file (truncated or damaged?)");
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (file < 0) fail(ErrorKind::corrupt_data, path, ": cannot be opened as HDF5 (truncated or damaged?)");
+  return file;
+}
+
+CheckpointMeta read_meta(hid_t file, const std::string& path) {
+  if (!has_attr(file, "format") || read_string_attr(file, "format", path) != kFormat)
+    fail(ErrorKind::corrupt_data, path, ": not a hybrit checkpoint (attribute format is not '", kFormat, "')");
+  const int version = read_scalar_attr<int>(file, "format_version", H5T_NATIVE_INT, path);
+  if (version != kCheckpointVersion)
+    fail(ErrorKind::unsupported, path, ": checkpoint format version ", version, ", this hybrit reads version ", kCheckpointVersion);
+  CheckpointMeta m;
+  m.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
+  m.tokens_seen = read_scalar_attr<int64_t>(file, "tokens_seen", H5T_NATIVE_INT64, path);
+  m.seed = read_scalar_attr<uint64_t>(file, "seed", H5T_NATIVE_UINT64, path);
+  m.config_yaml = read_string_attr(file, "config", path);
+  m.tokenizer_json = read_string_attr(file, "tokenizer", path);
+  if (H5Lexists(file, "tokenizer_model", H5P_DEFAULT) > 0) {
+    Handle ds(H5Dopen2(file, "tokenizer_model", H5P_DEFAULT), H5Dclose);
+    Handle space(H5Dget_space(ds), H5Sclose);
+    hsize_t n = 0;
+    H5Sget_simple_extent_dims(space, &n, nullptr);
+    m.tokenizer_model.resize(size_t(n));
+    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, m.tokenizer_model.data()) < 0)
+      fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model is unreadable");
+    const uint64_t expect = read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path);
+    if (fnv1a(m.tokenizer_model.data(), m.tokenizer_model.size()) != expect)
+      fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model fails its checksum (the file is damaged)");
+  }
+  return m;
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta) {
+  quiet_hdf5();
+  const std::string tmp = path + ".tmp";
+  {
+    Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    if (file.id < 0) fail(ErrorKind::io, tmp, ": cannot create the checkpoint file");
+    write_string_attr(file, "format", kFormat, tmp);
+    const int version = kCheckpointVersion;
+    write_scalar_attr(file, "format_version", H5T_NATIVE_INT, &version, tmp);
+    write_scalar_attr(file, "step", H5T_NATIVE_INT64, &meta.step, tmp);
+    write_scalar_attr(file, "tokens_seen", H5T_NATIVE_INT64, &meta.tokens_seen, tmp);
+    write_scalar_attr(file, "seed", H5T_NATIVE_UINT64, &meta.seed, tmp);
+    write_string_attr(file, "config", meta.config_yaml, tmp);
+    write_string_attr(file, "tokenizer", meta.tokenizer_json, tmp);
+    write_string_attr(file, "muon_momentum_convention", kMomentumConvention, tmp);
+    for (int b = 0; b < 4; ++b) {
+      float* base = buffer_of(table, b).data<float>();
+      for (const auto& s : table.slices())
+        write_dataset(file, cat(kBuffers[b], "/", s.name), base + s.offset, s.shape, tmp);
+    }
+    if (!meta.tokenizer_model.empty()) {
+      const hsize_t n = meta.tokenizer_model.size();
+      Handle space(H5Screate_simple(1, &n, nullptr), H5Sclose);
+      Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+      check(ds.id, tmp, "create dataset tokenizer_model");
+      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write dataset tokenizer_model");
+      const uint64_t sum = fnv1a(meta.tokenizer_model.data(), meta.tokenizer_model.size());
+      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
+    }
+    check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
+  }
+  fsync_path(tmp, O_RDONLY);
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) fail(ErrorKind::io, path, ": cannot move the new checkpoint into place (", ec.message(), ")");
+  fsync_path(fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string(), O_RDONLY | O_DIRECTORY);
+}
+
+CheckpointMeta load_checkpoint(const std::string& path, ParamTable& table) {
+  Handle file(open_checkpoint(path), H5Fclose);
+  const CheckpointMeta meta = read_meta(file, path);
+  // Everything is read and checked into scratch buffers first: a bad file changes nothing.
+  std::vector<std::vector<float>> staged(4, std::vector<float>(size_t(table.numel()), 0.0f));
+  for (int b = 0; b < 4; ++b)
+    for (const auto& s : table.slices()) read_dataset(file, cat(kBuffers[b], "/", s.name), s.shape, staged[b].data() + s.offset, path);
+  for (int b = 0; b < 4; ++b) std::memcpy(buffer_of(table, b).raw(), staged[b].data(), staged[b].size() * sizeof(float));
+  return meta;
+}
+
+CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets) {
+  Handle file(open_checkpoint(path), H5Fclose);
+  const CheckpointMeta meta = read_meta(file, path);
+  if (!datasets) return meta;
+  for (const char* group : kBuffers) {
+    if (H5Lexists(file, group, H5P_DEFAULT) <= 0) continue;
+    Handle g(H5Gopen2(file, group, H5P_DEFAULT), H5Gclose);
+    H5G_info_t info{};
+    H5Gget_info(g, &info);
+    for (hsize_t i = 0; i < info.nlinks; ++i) {
+      const ssize_t len = H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+      std::string name(size_t(std::max<ssize_t>(len, 0)), '\0');
+      H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+      CheckpointDataset d;
+      d.name = cat(group, "/", name);
+      Handle ds(H5Dopen2(g, name.c_str(), H5P_DEFAULT), H5Dclose);
+      Handle space(H5Dget_space(ds), H5Sclose);
+      const int rank = H5Sget_simple_extent_ndims(space);
+      std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
+      if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+      d.shape.assign(dims.begin(), dims.end());
+      int64_t n = 1;
+      for (int64_t e : d.shape) n *= e;
+      std::vector<float> buf(static_cast<size_t>(n));
+      d.checksum = has_attr(ds, "fnv1a64") ? read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path) : 0;
+      d.checksum_ok = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) >= 0 &&
+                      fnv1a(buf.data(), buf.size() * sizeof(float)) == d.checksum;
+      datasets->push_back(std::move(d));
+    }
+  }
+  return meta;
+}
+
+}  // namespace hybrit

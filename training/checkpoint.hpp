@@ -1,0 +1,45 @@
+// HDF5 checkpoints: one file holds everything a run needs to continue bit for bit. Layout
+// (readable with h5py; documented in training/README.md):
+//   attributes of /: format "hybrit-checkpoint", format_version 1, step, tokens_seen, seed,
+//                     config (resolved YAML), tokenizer (JSON), muon_momentum_convention
+//   /params/<name>, /optim/adam_m/<name>, /optim/adam_v/<name>, /optim/muon_momentum/<name>:
+//                     f32 datasets in the parameter's shape, each with an attribute fnv1a64
+//   /tokenizer_model: the BPE model's bytes (u8), when the tokenizer is BPE
+// Written to a temporary file in the same folder, flushed and fsynced, then renamed, so a crash
+// mid-write leaves the previous checkpoint intact.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "training/optim.hpp"
+
+namespace hybrit {
+
+struct CheckpointMeta {
+  int64_t step = 0;
+  int64_t tokens_seen = 0;
+  uint64_t seed = 0;
+  std::string config_yaml;
+  std::string tokenizer_json;
+  std::string tokenizer_model;  // bytes; empty for the byte tokenizer
+};
+
+inline constexpr int kCheckpointVersion = 1;
+
+void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta);
+// Checks the format, version, every dataset's presence, shape and checksum against `table`'s
+// layout, then fills the table's buffers. Any problem: an Error naming the file and what is wrong,
+// and the table is left unchanged.
+CheckpointMeta load_checkpoint(const std::string& path, ParamTable& table);
+
+struct CheckpointDataset {
+  std::string name;   // e.g. "params/blocks.0.wq"
+  Shape shape;
+  uint64_t checksum = 0;
+  bool checksum_ok = false;
+};
+// Reads everything without a table (for `hybrit checkpoint inspect`): metadata and every dataset
+// with its checksum verified. Errors only when the file is unreadable or not a checkpoint.
+CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets);
+
+}  // namespace hybrit
