@@ -59,7 +59,7 @@ def test_bad_input_is_one_line(cli, tmp_path):
     run = tmp_path / "run"
     train(cli, run, "--set", "train.steps=2")
     again = train(cli, run, "--set", "train.steps=2", check=False)
-    assert again.returncode == 1 and again.stderr.strip() == f"hybrit: error: {run}: already holds a run (metrics.jsonl); choose another --out"
+    assert again.returncode == 1 and again.stderr.strip() == f"hybrit: error: {run}: already holds a run (metrics.jsonl); choose another --out or --resume auto"
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dim: 50\n  n_heads: 4\n")
     r = subprocess.run([cli, "train", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True)
