@@ -77,6 +77,15 @@ int main(int argc, char** argv) {
   std::string train_resume;
   train->add_option("--resume", train_resume, "continue from a checkpoint: its path, or `auto` (the newest valid one in --out)");
 
+  std::string ckpt_path, export_out;
+  CLI::App* ckpt = app.add_subcommand("checkpoint", "look into or convert a training checkpoint");
+  ckpt->require_subcommand(1);
+  CLI::App* inspect = ckpt->add_subcommand("inspect", "step, config summary, and every dataset with its checksum verified");
+  inspect->add_option("path", ckpt_path, "checkpoint file (.h5)")->required();
+  CLI::App* exporter = ckpt->add_subcommand("export", "write the packed inference file (ternary weights at 2 bits each plus scales)");
+  exporter->add_option("path", ckpt_path, "checkpoint file (.h5)")->required();
+  exporter->add_option("--out", export_out, "the inference file to write")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -94,6 +103,40 @@ int main(int argc, char** argv) {
       const HardwareInfo& hw = hardware();
       if (info_json) std::cout << hardware_json(hw).dump(2) << "\n";
       else print_info(hw);
+      return 0;
+    }
+    if (*inspect) {
+      std::vector<CheckpointDataset> datasets;
+      const CheckpointMeta meta = inspect_checkpoint(ckpt_path, &datasets);
+      const TrainConfig cfg = parse_train_config(meta.config_yaml, ckpt_path + " (its config)");
+      const nlohmann::json tok = nlohmann::json::parse(meta.tokenizer_json);
+      std::printf("checkpoint  %s\nstep        %lld (%lld tokens seen), seed %llu\n", ckpt_path.c_str(), static_cast<long long>(meta.step),
+                  static_cast<long long>(meta.tokens_seen), static_cast<unsigned long long>(meta.seed));
+      std::printf("model       %lld layers, dim %lld, %lld heads (%lld kv), ffn %s %lld, context %lld, quant %s%s%s\n",
+                  static_cast<long long>(cfg.model.n_layers), static_cast<long long>(cfg.model.dim), static_cast<long long>(cfg.model.n_heads),
+                  static_cast<long long>(cfg.model.kv_heads()), cfg.model.ffn == ModelConfig::Ffn::swiglu ? "swiglu" : "relu2",
+                  static_cast<long long>(cfg.model.hidden()), static_cast<long long>(cfg.model.context),
+                  cfg.model.quant == ModelConfig::Quant::ternary ? "ternary" : "none", cfg.model.subln ? ", subln" : "",
+                  cfg.model.tied_embeddings ? ", tied embeddings" : "");
+      std::printf("tokenizer   %s, %d tokens\n\n", tok.value("kind", "?").c_str(), tok.value("vocab_size", 0));
+      int bad = 0;
+      int64_t params = 0;
+      for (const auto& d : datasets) {
+        int64_t n = 1;
+        for (int64_t e : d.shape) n *= e;
+        if (d.name.rfind("params/", 0) == 0) params += n;
+        std::printf("  %-40s %-14s %016llx %s\n", d.name.c_str(), shape_str(d.shape).c_str(), static_cast<unsigned long long>(d.checksum),
+                    d.checksum_ok ? "ok" : "CHECKSUM MISMATCH");
+        bad += !d.checksum_ok;
+      }
+      std::printf("\n%lld parameters; %zu datasets, %d failing their checksum\n", static_cast<long long>(params), datasets.size(), bad);
+      if (bad) fail(ErrorKind::corrupt_data, ckpt_path, ": ", bad, " datasets fail their checksum");
+      return 0;
+    }
+    if (*exporter) {
+      Dispatcher dispatcher(options);
+      const int64_t bytes = export_for_inference(dispatcher, ckpt_path, export_out);
+      std::printf("wrote %s: %s of weights\n", export_out.c_str(), format_bytes(double(bytes)).c_str());
       return 0;
     }
     if (*train) {

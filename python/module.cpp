@@ -508,6 +508,35 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       py::arg("config"), py::arg("out") = py::none(), py::arg("sets") = std::vector<std::string>{},
       "Runs `hybrit train` from Python: a config path or dict; returns the run folder, steps, losses and the sample.");
 
+  m.def(
+      "_load_checkpoint",
+      [](const std::string& path) {
+        CheckpointMeta meta;
+        std::vector<NamedArray> arrays;
+        {
+          py::gil_scoped_release release;
+          arrays = read_checkpoint_arrays(path, &meta);
+        }
+        py::dict params, optim;
+        for (auto& a : arrays) {
+          std::vector<py::ssize_t> shape(a.shape.begin(), a.shape.end());
+          py::array_t<float> arr(shape);
+          std::memcpy(arr.mutable_data(), a.values.data(), a.values.size() * sizeof(float));
+          if (a.name.rfind("params/", 0) == 0) params[py::str(a.name.substr(7))] = arr;
+          else optim[py::str(a.name.substr(6))] = arr;
+        }
+        py::dict out;
+        out["step"] = meta.step;
+        out["tokens_seen"] = meta.tokens_seen;
+        out["seed"] = meta.seed;
+        out["config_yaml"] = meta.config_yaml;
+        out["tokenizer"] = meta.tokenizer_json;
+        out["params"] = params;
+        out["optimizer"] = optim;
+        return out;
+      },
+      py::arg("path"));
+
   m.def("default_profile_path", &default_profile_path);
   m.attr("__version__") = HYBRIT_VERSION;
 }

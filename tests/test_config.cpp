@@ -44,7 +44,7 @@ TEST(TrainConfig, SetOverridesApplyAndAreChecked) {
   EXPECT_EQ(c.model.quant, ModelConfig::Quant::none);
   EXPECT_EQ(c.data.sources, (std::vector<std::string>{"x"}));
   EXPECT_EQ(error_of("", {"train.stepz=5"}),
-            "--set train.stepz=5: train.stepz: unknown key (expected one of: batch, checkpoint_every, eval_batches, eval_every, keep_checkpoints, "
+            "--set train.stepz=5: train.stepz: unknown key (expected one of: batch, checkpoint_every, eval_batches, eval_every, keep_best, keep_checkpoints, "
             "log_every, on_nonfinite, sample_prompt, sample_temperature, sample_tokens, steps)");
   EXPECT_EQ(error_of("", {"model.dim=50"}), "--set model.dim=50: model.dim (50) must be divisible by model.n_heads (4)");
   EXPECT_EQ(error_of("", {"steps"}), "--set steps: expected key=value");

@@ -1,4 +1,5 @@
 #include "training/checkpoint.hpp"
+#include "training/config.hpp"
 
 #include <fcntl.h>
 #include <hdf5.h>
@@ -263,6 +264,81 @@ CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<Checkpoin
     }
   }
   return meta;
+}
+
+int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const std::string& out_path) {
+  CheckpointMeta meta;
+  const std::vector<NamedArray> arrays = read_checkpoint_arrays(checkpoint, &meta);
+  const TrainConfig cfg = parse_train_config(meta.config_yaml, checkpoint + " (its config)");
+  const bool ternary = cfg.model.quant == ModelConfig::Quant::ternary;
+  quiet_hdf5();
+  const std::string tmp = out_path + ".tmp";
+  int64_t weight_bytes = 0;
+  {
+    Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    if (file.id < 0) fail(ErrorKind::io, tmp, ": cannot create the export file");
+    write_string_attr(file, "format", "hybrit-inference", tmp);
+    const int version = 1;
+    write_scalar_attr(file, "format_version", H5T_NATIVE_INT, &version, tmp);
+    write_scalar_attr(file, "step", H5T_NATIVE_INT64, &meta.step, tmp);
+    write_string_attr(file, "config", meta.config_yaml, tmp);
+    write_string_attr(file, "tokenizer", meta.tokenizer_json, tmp);
+    if (!meta.tokenizer_model.empty()) {
+      const hsize_t n = meta.tokenizer_model.size();
+      Handle space(H5Screate_simple(1, &n, nullptr), H5Sclose);
+      Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write tokenizer_model");
+    }
+    for (const auto& a : arrays) {
+      if (a.name.rfind("params/", 0) != 0) continue;  // optimizer state stays behind
+      const std::string name = a.name.substr(7);
+      const bool bitlinear = ternary && name.rfind("blocks.", 0) == 0 && a.shape.size() == 2;
+      if (!bitlinear) {
+        write_dataset(file, name, a.values.data(), a.shape, tmp);
+        weight_bytes += int64_t(a.values.size() * sizeof(float));
+        continue;
+      }
+      Tensor w = Tensor::wrap(const_cast<float*>(a.values.data()), a.shape, DType::f32, nullptr);
+      Tensor q = Tensor::empty(a.shape, DType::i8);
+      const float scale = d.quantize_ternary(w, q);
+      const int64_t rows = a.shape[0], cols = a.shape[1], packed_cols = (cols + 3) / 4;
+      Tensor packed = Tensor::empty({rows, packed_cols}, DType::ternary2);
+      d.pack_ternary(q, packed);
+      const hsize_t dims[2] = {hsize_t(rows), hsize_t(packed_cols)};
+      Handle space(H5Screate_simple(2, dims, nullptr), H5Sclose);
+      Handle ds(H5Dcreate2(file, (name + ".packed").c_str(), H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+      check(ds.id, tmp, cat("create dataset ", name, ".packed"));
+      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, packed.raw()), tmp, cat("write dataset ", name, ".packed"));
+      write_scalar_attr(ds, "scale", H5T_NATIVE_FLOAT, &scale, tmp);
+      write_scalar_attr(ds, "cols", H5T_NATIVE_INT64, &cols, tmp);
+      const uint64_t sum = fnv1a(packed.raw(), packed.nbytes());
+      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
+      weight_bytes += int64_t(packed.nbytes()) + int64_t(sizeof(float));
+    }
+    check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
+  }
+  fsync_path(tmp, O_RDONLY);
+  std::error_code ec;
+  fs::rename(tmp, out_path, ec);
+  if (ec) fail(ErrorKind::io, out_path, ": cannot move the export into place (", ec.message(), ")");
+  return weight_bytes;
+}
+
+std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, CheckpointMeta* meta) {
+  std::vector<CheckpointDataset> datasets;
+  const CheckpointMeta m = inspect_checkpoint(path, &datasets);
+  if (meta) *meta = m;
+  Handle file(open_checkpoint(path), H5Fclose);
+  std::vector<NamedArray> out;
+  for (const auto& d : datasets) {
+    NamedArray a{d.name, d.shape, {}};
+    int64_t n = 1;
+    for (int64_t e : d.shape) n *= e;
+    a.values.resize(size_t(n));
+    read_dataset(file, d.name, d.shape, a.values.data(), path);
+    out.push_back(std::move(a));
+  }
+  return out;
 }
 
 }  // namespace hybrit

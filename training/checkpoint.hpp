@@ -42,4 +42,21 @@ struct CheckpointDataset {
 // with its checksum verified. Errors only when the file is unreadable or not a checkpoint.
 CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets);
 
+// Every f32 dataset of a checkpoint by name ("params/tok_emb", "optim/adam_m/..."), checksums
+// verified (an Error naming the first that fails).
+struct NamedArray {
+  std::string name;
+  Shape shape;
+  std::vector<float> values;
+};
+std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, CheckpointMeta* meta);
+
+// The packed inference file of a checkpoint (HDF5, format "hybrit-inference", version 1): the
+// config, the tokenizer (and its BPE model), and per parameter either `<name>` (f32: embedding,
+// head, norm gains, and every matrix of a quant-none model) or, for the BitLinear weights of a
+// ternary model, `<name>.packed` (u8, rows x ceil(cols / 4), code q + 1 per 2 bits, as
+// pack_ternary) with attributes `scale` (the absmean scale, f32) and `cols`. Quantization and
+// packing go through `dispatcher`. Returns the bytes of weights written.
+int64_t export_for_inference(Dispatcher& dispatcher, const std::string& checkpoint, const std::string& out_path);
+
 }  // namespace hybrit

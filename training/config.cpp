@@ -178,6 +178,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
          {"on_nonfinite", [&](const YAML::Node& n, const std::string& k) { t.on_nonfinite = as_choice(n, k, o, {"stop", "skip"}); }},
          {"checkpoint_every", [&](const YAML::Node& n, const std::string& k) { t.checkpoint_every = as_int(n, k, o, 0); }},
          {"keep_checkpoints", [&](const YAML::Node& n, const std::string& k) { t.keep_checkpoints = as_int(n, k, o, 1); }},
+         {"keep_best", [&](const YAML::Node& n, const std::string& k) { t.keep_best = as_bool(n, k, o); }},
        });
      }},
     {"optim", [&](const YAML::Node& sec, const std::string& p) {
@@ -280,6 +281,7 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "sample_temperature" << YAML::Value << train.sample_temperature;
   y << YAML::Key << "on_nonfinite" << YAML::Value << train.on_nonfinite;
   y << YAML::Key << "checkpoint_every" << YAML::Value << train.checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << train.keep_checkpoints;
+  y << YAML::Key << "keep_best" << YAML::Value << train.keep_best;
   y << YAML::EndMap;
   const char* kinds[] = {"constant", "cosine", "wsd", "bitnet_two_stage"};
   y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << optim.grad_clip;

@@ -30,6 +30,7 @@ struct TrainLoopConfig {
   std::string on_nonfinite = "stop";  // stop | skip
   int64_t checkpoint_every = 0;       // 0: only at the end and on SIGINT/SIGTERM
   int64_t keep_checkpoints = 3;       // the newest K are kept
+  bool keep_best = false;             // also best.h5: the checkpoint with the lowest validation loss
 };
 
 struct TrainConfig {

@@ -324,6 +324,18 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
 
   std::ofstream metrics(metrics_path, std::ios::app);
   int64_t last_saved = checkpoint.empty() ? -1 : trainer.steps_done();
+  double best_val = INFINITY;
+  if (t.keep_best && fs::exists(fs::path(run_dir) / "best.h5")) {  // a resumed run keeps beating its old best
+    try {
+      const CheckpointMeta best = inspect_checkpoint((fs::path(run_dir) / "best.h5").string(), nullptr);
+      std::ifstream in(metrics_path);
+      for (std::string line; std::getline(in, line);) {
+        const auto j = nlohmann::json::parse(line);
+        if (j.value("step", int64_t(-1)) == best.step && j.contains("val_loss")) best_val = j["val_loss"].get<double>();
+      }
+    } catch (const Error&) {
+    }
+  }
   auto save = [&] {
     trainer.save(checkpoint_name(run_dir, trainer.steps_done()));
     last_saved = trainer.steps_done();
@@ -346,6 +358,10 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
       metrics << line.dump() << "\n" << std::flush;
       result.last_loss = m.loss;
       if (m.val_loss) result.val_loss = m.val_loss;
+      if (m.val_loss && t.keep_best && *m.val_loss < best_val) {
+        best_val = *m.val_loss;
+        trainer.save((fs::path(run_dir) / "best.h5").string());
+      }
       const std::string note = cat("loss ", std::to_string(m.loss).substr(0, 6), result.val_loss ? cat(" val ", std::to_string(*result.val_loss).substr(0, 6)) : "",
                                    " ", human_rate(m.tokens_per_s), " tok/s");
       bar.update(m.step, note);

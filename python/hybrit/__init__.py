@@ -14,7 +14,22 @@ shape). Errors from the library map to ValueError (bad input), OSError (files), 
 """
 from ._hybrit import Dispatcher, Model, Trainer, __version__, default_profile_path, dispatch_report, info, train
 
-__all__ = ["Dispatcher", "Model", "Trainer", "train", "dispatch_report", "info", "default_profile_path", "op_size"]
+__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "dispatch_report", "info", "default_profile_path", "op_size"]
+
+
+def load_checkpoint(path):
+    """A checkpoint's contents, checksums verified: {"step", "tokens_seen", "seed", "config" (a
+    dict), "config_yaml", "tokenizer" (a dict), "params": {name: array}, "optimizer": {name: array}}."""
+    import json
+
+    import yaml  # PyYAML, a dependency of Debian's python3-torch
+
+    from ._hybrit import _load_checkpoint
+
+    out = _load_checkpoint(str(path))
+    out["config"] = yaml.safe_load(out["config_yaml"])
+    out["tokenizer"] = json.loads(out["tokenizer"])
+    return out
 
 
 def op_size(op, *dims):

@@ -137,3 +137,49 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoint_loadable(cli, tmp_p
     r = subprocess.run(args[:-6] + ["--set", f"train.steps={len(metrics(run)) + 1}", "--set", "train.sample_tokens=0", "--resume", "auto"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_export_and_load_checkpoint(cli, tmp_path):
+    import hybrit
+
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=3", "--set", "train.keep_best=true", "--set", "train.eval_every=1")
+    ckpt = run / "ckpt-00000003.h5"
+    out = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True, check=True).stdout
+    assert "step        3 (768 tokens seen)" in out and "quant ternary" in out and "0 failing their checksum" in out
+    assert out.count(" ok\n") == 4 * len([line for line in out.splitlines() if line.strip().startswith("params/")])
+
+    c = hybrit.load_checkpoint(ckpt)
+    assert c["step"] == 3 and c["config"]["model"]["dim"] == 64 and c["tokenizer"]["kind"] == "byte-v1"
+    with h5py.File(ckpt, "r") as f:
+        for name, value in c["params"].items():
+            np.testing.assert_array_equal(value, f["params/" + name][...])
+    assert set(c["optimizer"]) == {f"{group}/{name}" for group in ("adam_m", "adam_v", "muon_momentum") for name in c["params"]}
+
+    # The export: block matrices as 2-bit codes that decode to the checkpoint's ternary weights.
+    exported = tmp_path / "model.hyb"
+    subprocess.run([cli, "checkpoint", "export", str(ckpt), "--out", str(exported)], check=True, capture_output=True)
+    d = hybrit.Dispatcher()
+    with h5py.File(exported, "r") as f:
+        assert f.attrs["format"] == "hybrit-inference"
+        for name, value in c["params"].items():
+            if name.startswith("blocks.") and value.ndim == 2:
+                q, s = d.quantize_ternary(value)
+                packed = f[name + ".packed"]
+                assert packed.shape == (value.shape[0], (value.shape[1] + 3) // 4)
+                np.testing.assert_array_equal(d.unpack_ternary(packed[...], value.shape[1]), q)
+                assert np.float32(packed.attrs["scale"]) == np.float32(s)
+            else:
+                np.testing.assert_array_equal(f[name][...], value)
+    assert exported.stat().st_size < ckpt.stat().st_size / 5
+
+    # keep_best: best.h5 holds the step with the lowest validation loss so far
+    vals = {m["step"]: m["val_loss"] for m in metrics(run)}
+    assert hybrit.load_checkpoint(run / "best.h5")["step"] == min(vals, key=vals.get)
+
+    # a damaged file: inspect names it and exits 1
+    damage(ckpt, "flipped byte")
+    r = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True)
+    assert r.returncode == 1 and "CHECKSUM MISMATCH" in r.stdout and "1 datasets fail their checksum" in r.stderr
+    with pytest.raises(RuntimeError, match="fails its checksum"):
+        hybrit.load_checkpoint(ckpt)
