@@ -478,7 +478,24 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       .def_property_readonly("steps_done", &Trainer::steps_done)
       .def("parameters", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), false); })
       .def("gradients", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), true); })
-      .def("config_yaml", [](const Trainer& t) { return t.config().to_yaml(); }, "The resolved configuration as YAML.");
+      .def("config_yaml", [](const Trainer& t) { return t.config().to_yaml(); }, "The resolved configuration as YAML.")
+      .def("metrics", [](Trainer& t) {
+             py::dict out;
+             for (int o = 0; o < kOpCount; ++o)
+               for (int b = 0; b < kBackendCount; ++b) {
+                 const MetricsRow r = t.dispatcher().metrics().get(Op(o), BackendKind(b));
+                 if (!r.calls) continue;
+                 const char* op = to_string(Op(o));
+                 if (!out.contains(op)) out[op] = py::dict();
+                 py::dict row;
+                 row["calls"] = r.calls;
+                 row["elements"] = r.elements;
+                 row["bytes"] = r.bytes;
+                 row["seconds"] = r.seconds;
+                 out[op][py::str(to_string(BackendKind(b)))] = row;
+               }
+             return out;
+           }, "The dispatcher's metrics for this run: {op: {backend: {calls, elements, bytes, seconds}}}.");
 
   m.def(
       "train",

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
@@ -383,6 +384,11 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   if (last_saved != trainer.steps_done()) save();  // at the end, and on SIGINT/SIGTERM
   if (result.interrupted)
     log_info("interrupted after step ", result.steps_done, "; saved ", checkpoint_name(run_dir, result.steps_done), " (continue with --resume auto)");
+  // Which backend ran what, and for how long (DESIGN: printed at the end of a run).
+  log_info("dispatcher metrics (also in ", (fs::path(run_dir) / "dispatch_metrics.txt").string(), "):");
+  std::string line_buffer;
+  std::ofstream(fs::path(run_dir) / "dispatch_metrics.txt") << trainer.dispatcher().metrics().table();
+  for (std::istringstream lines(trainer.dispatcher().metrics().table()); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
   if (t.sample_tokens > 0) {
     result.sample = printable_utf8(trainer.sample(t.sample_tokens, t.sample_prompt, t.sample_temperature, config.seed));
     std::ofstream(fs::path(run_dir) / "sample.txt") << result.sample << "\n";

@@ -38,6 +38,9 @@ def test_trainer_steps_evaluates_samples_and_exposes_views(tmp_path):
     text = t.sample(tokens=30, prompt="The ", temperature=0.0)
     assert text.startswith("The ") and len(text.encode()) >= 4
     assert "dim: 32" in t.config_yaml()
+    m = t.metrics()  # the dispatcher's: the model's matmuls and quantizers went through it
+    assert sum(row["calls"] for row in m["matmul"].values()) > 0
+    assert sum(row["calls"] for row in m["quantize_ternary"].values()) > 0
     assert (tmp_path / "tokens.bin").exists()
 
 

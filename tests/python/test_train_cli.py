@@ -26,7 +26,8 @@ def test_a_run_writes_its_folder(cli, tmp_path):
     run = tmp_path / "run"
     r = train(cli, run, "--set", "train.steps=6", "--set", "train.eval_every=3")
     assert "done after 6 steps" in r.stdout and "A sample from the model" in r.stdout
-    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "sample.txt", "tokens.bin"):
+    assert "dispatcher metrics" in r.stderr and "matmul" in (run / "dispatch_metrics.txt").read_text()
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "sample.txt", "tokens.bin", "ckpt-00000006.h5"):
         assert (run / name).exists(), name
     lines = metrics(run)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
