@@ -62,6 +62,25 @@ std::pair<py::array, Tensor> output_array(const py::object& out, const Shape& sh
   return {py::reinterpret_borrow<py::array>(out), t};
 }
 
+// Dispatcher metrics as {op: {backend: {calls, elements, bytes, seconds}}}, ops that ran only.
+py::dict metrics_dict(const Metrics& metrics) {
+  py::dict out;
+  for (int o = 0; o < kOpCount; ++o)
+    for (int b = 0; b < kBackendCount; ++b) {
+      const MetricsRow r = metrics.get(Op(o), BackendKind(b));
+      if (!r.calls) continue;
+      const char* op = to_string(Op(o));
+      if (!out.contains(op)) out[op] = py::dict();
+      py::dict row;
+      row["calls"] = r.calls;
+      row["elements"] = r.elements;
+      row["bytes"] = r.bytes;
+      row["seconds"] = r.seconds;
+      out[op][py::str(to_string(BackendKind(b)))] = row;
+    }
+  return out;
+}
+
 Overrides overrides_from(const std::optional<std::string>& backend, const std::optional<std::map<std::string, std::string>>& ops,
                          const std::optional<std::string>& simd, int threads, const std::optional<std::string>& profile) {
   Overrides o;
@@ -196,23 +215,7 @@ class PyDispatcher {
     return out;
   }
 
-  py::dict metrics() const {
-    py::dict out;
-    for (int o = 0; o < kOpCount; ++o)
-      for (int b = 0; b < kBackendCount; ++b) {
-        const MetricsRow r = d_->metrics().get(Op(o), BackendKind(b));
-        if (!r.calls) continue;
-        const char* op = to_string(Op(o));
-        if (!out.contains(op)) out[op] = py::dict();
-        py::dict row;
-        row["calls"] = r.calls;
-        row["elements"] = r.elements;
-        row["bytes"] = r.bytes;
-        row["seconds"] = r.seconds;
-        out[op][py::str(to_string(BackendKind(b)))] = row;
-      }
-    return out;
-  }
+  py::dict metrics() const { return metrics_dict(d_->metrics()); }
 
   void reset_metrics() { d_->metrics().reset(); }
 
@@ -479,23 +482,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       .def("parameters", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), false); })
       .def("gradients", [](const py::object& self) { return table_views(self, self.cast<Trainer&>().model().params(), true); })
       .def("config_yaml", [](const Trainer& t) { return t.config().to_yaml(); }, "The resolved configuration as YAML.")
-      .def("metrics", [](Trainer& t) {
-             py::dict out;
-             for (int o = 0; o < kOpCount; ++o)
-               for (int b = 0; b < kBackendCount; ++b) {
-                 const MetricsRow r = t.dispatcher().metrics().get(Op(o), BackendKind(b));
-                 if (!r.calls) continue;
-                 const char* op = to_string(Op(o));
-                 if (!out.contains(op)) out[op] = py::dict();
-                 py::dict row;
-                 row["calls"] = r.calls;
-                 row["elements"] = r.elements;
-                 row["bytes"] = r.bytes;
-                 row["seconds"] = r.seconds;
-                 out[op][py::str(to_string(BackendKind(b)))] = row;
-               }
-             return out;
-           }, "The dispatcher's metrics for this run: {op: {backend: {calls, elements, bytes, seconds}}}.");
+      .def("metrics", [](Trainer& t) { return metrics_dict(t.dispatcher().metrics()); },
+           "The dispatcher's metrics for this run: {op: {backend: {calls, elements, bytes, seconds}}}.");
 
   m.def(
       "train",
