@@ -9,6 +9,7 @@
 
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
+#include "clustering/kmeans.hpp"
 #include "training/model.hpp"
 #include "training/trainer.hpp"
 
@@ -541,6 +542,53 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         return out;
       },
       py::arg("path"));
+
+  py::class_<KMeansResult>(m, "KMeansResult", "centroids (k, d) float32, labels (n,) int32, inertia, n_iter, converged")
+      .def_property_readonly("centroids", [](const KMeansResult& r) {
+        py::array_t<float> a({r.centroids.dim(0), r.centroids.dim(1)});
+        std::memcpy(a.mutable_data(), r.centroids.raw(), r.centroids.nbytes());
+        return a;
+      })
+      .def_property_readonly("labels", [](const KMeansResult& r) {
+        py::array_t<int32_t> a({r.labels.dim(0)});
+        std::memcpy(a.mutable_data(), r.labels.raw(), r.labels.nbytes());
+        return a;
+      })
+      .def_readonly("inertia", &KMeansResult::inertia)
+      .def_readonly("n_iter", &KMeansResult::iterations)
+      .def_readonly("converged", &KMeansResult::converged)
+      .def("__repr__", [](const KMeansResult& r) {
+        return cat("<hybrit.KMeansResult k=", r.centroids.dim(0), " inertia=", r.inertia, " n_iter=", r.iterations, " converged=", r.converged ? "True" : "False", ">");
+      });
+
+  m.def(
+      "kmeans",
+      [](const py::object& x_obj, int64_t k, uint64_t seed, int n_init, int max_iter, double tol, const py::object& init,
+         int64_t max_points_per_centroid, bool spherical, std::optional<std::string> backend) {
+        Tensor x = view<float>(x_obj, "x", 2, 2, "float32");
+        KMeansOptions o;
+        o.k = k, o.seed = seed, o.n_init = n_init, o.max_iter = max_iter, o.tol = tol;
+        o.max_points_per_centroid = max_points_per_centroid, o.spherical = spherical;
+        if (py::isinstance<py::str>(init)) {
+          const std::string s = init.cast<std::string>();
+          if (s == "k-means++") o.init = KMeansOptions::Init::kmeanspp;
+          else if (s == "random") o.init = KMeansOptions::Init::random;
+          else throw py::value_error(cat("init: expected 'k-means++', 'random' or a (k, d) float32 array, got '", s, "'"));
+        } else {
+          o.init = KMeansOptions::Init::given;
+          o.initial_centroids = view<float>(init, "init", 2, 2, "float32").clone();
+        }
+        DispatcherOptions dopts;
+        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+        py::gil_scoped_release release;
+        Dispatcher d(dopts);
+        return kmeans(d, x, o);
+      },
+      py::arg("x"), py::arg("k"), py::arg("seed") = 0, py::arg("n_init") = 1, py::arg("max_iter") = 300, py::arg("tol") = 1e-4,
+      py::arg("init") = "k-means++", py::arg("max_points_per_centroid") = 256, py::arg("spherical") = false, py::arg("backend") = py::none(),
+      "k-means on float32 points (n, d): k-means++ (greedy) or random or given init, Lloyd iterations through the dispatcher, "
+      "empty clusters moved to the farthest points, sub-sampling to k * max_points_per_centroid points (0: all) for training; "
+      "labels and inertia always cover every point.");
 
   m.def("default_profile_path", &default_profile_path);
   m.attr("__version__") = HYBRIT_VERSION;

@@ -12,9 +12,10 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
-from ._hybrit import Dispatcher, Model, Trainer, __version__, default_profile_path, dispatch_report, info, train
+from ._hybrit import Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, info, kmeans, train
 
-__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "dispatch_report", "info", "default_profile_path", "op_size"]
+__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "dispatch_report", "info",
+           "default_profile_path", "op_size"]
 
 
 def load_checkpoint(path):
