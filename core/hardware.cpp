@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "core/hash.hpp"
 
 namespace hybrit {
 
@@ -41,9 +42,8 @@ std::string HardwareInfo::fingerprint() const {
   std::ostringstream s;
   s << cpu_model << "|simd=" << to_string(best_simd()) << "|cpus=" << granted_cpus;
   for (const auto& d : cuda_devices) s << "|gpu=" << d.name << ":" << d.compute_major << d.compute_minor;
-  // FNV-1a: short, stable across runs and compilers, readable in a file name.
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s.str()) h = (h ^ c) * 1099511628211ull;
+  const std::string text = s.str();
+  const uint64_t h = fnv1a64(text.data(), text.size());
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
   return hex;

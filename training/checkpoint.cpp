@@ -1,5 +1,6 @@
 #include "training/checkpoint.hpp"
 #include "training/config.hpp"
+#include "core/hash.hpp"
 
 #include <fcntl.h>
 #include <hdf5.h>
@@ -18,13 +19,6 @@ namespace {
 constexpr const char* kFormat = "hybrit-checkpoint";
 constexpr const char* kMomentumConvention = "ema: m = b m + (1 - b) g; nesterov: u = b m + (1 - b) g";
 const char* const kBuffers[] = {"params", "optim/adam_m", "optim/adam_v", "optim/muon_momentum"};
-
-uint64_t fnv1a(const void* data, size_t n) {
-  uint64_t h = 1469598103934665603ull;
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
 
 // HDF5 handles closed on scope exit.
 struct Handle {
@@ -103,7 +97,7 @@ void write_dataset(hid_t file, const std::string& name, const float* data, const
   check(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), path, cat("write dataset ", name));
   int64_t n = 1;
   for (int64_t e : shape) n *= e;
-  const uint64_t sum = fnv1a(data, size_t(n) * sizeof(float));
+  const uint64_t sum = fnv1a64(data, size_t(n) * sizeof(float));
   write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, path);
 }
 
@@ -124,7 +118,7 @@ void read_dataset(hid_t file, const std::string& name, const Shape& expect, floa
   if (H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0)
     fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is unreadable (truncated file?)");
   const uint64_t expect_sum = read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path);
-  if (fnv1a(buf.data(), buf.size() * sizeof(float)) != expect_sum)
+  if (fnv1a64(buf.data(), buf.size() * sizeof(float)) != expect_sum)
     fail(ErrorKind::corrupt_data, path, ": dataset ", name, " fails its checksum (the file is damaged)");
   std::memcpy(out, buf.data(), buf.size() * sizeof(float));
 }
@@ -176,7 +170,7 @@ CheckpointMeta read_meta(hid_t file, const std::string& path) {
     if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, m.tokenizer_model.data()) < 0)
       fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model is unreadable");
     const uint64_t expect = read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path);
-    if (fnv1a(m.tokenizer_model.data(), m.tokenizer_model.size()) != expect)
+    if (fnv1a64(m.tokenizer_model.data(), m.tokenizer_model.size()) != expect)
       fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model fails its checksum (the file is damaged)");
   }
   return m;
@@ -210,7 +204,7 @@ void save_checkpoint(const std::string& path, ParamTable& table, const Checkpoin
       Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
       check(ds.id, tmp, "create dataset tokenizer_model");
       check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write dataset tokenizer_model");
-      const uint64_t sum = fnv1a(meta.tokenizer_model.data(), meta.tokenizer_model.size());
+      const uint64_t sum = fnv1a64(meta.tokenizer_model.data(), meta.tokenizer_model.size());
       write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
     }
     check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
@@ -259,7 +253,7 @@ CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<Checkpoin
       std::vector<float> buf(static_cast<size_t>(n));
       d.checksum = has_attr(ds, "fnv1a64") ? read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path) : 0;
       d.checksum_ok = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) >= 0 &&
-                      fnv1a(buf.data(), buf.size() * sizeof(float)) == d.checksum;
+                      fnv1a64(buf.data(), buf.size() * sizeof(float)) == d.checksum;
       datasets->push_back(std::move(d));
     }
   }
@@ -311,7 +305,7 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
       check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, packed.raw()), tmp, cat("write dataset ", name, ".packed"));
       write_scalar_attr(ds, "scale", H5T_NATIVE_FLOAT, &scale, tmp);
       write_scalar_attr(ds, "cols", H5T_NATIVE_INT64, &cols, tmp);
-      const uint64_t sum = fnv1a(packed.raw(), packed.nbytes());
+      const uint64_t sum = fnv1a64(packed.raw(), packed.nbytes());
       write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
       weight_bytes += int64_t(packed.nbytes()) + int64_t(sizeof(float));
     }

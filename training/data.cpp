@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "core/hash.hpp"
 #include "core/log.hpp"
 #include "core/rng.hpp"
 
@@ -218,8 +219,7 @@ class BpeTokenizer final : public Tokenizer {
       if (!sp_.IsByte(byte_ids_[b])) fail(ErrorKind::corrupt_data, model_path, ": no byte-fallback piece ", piece, " (train with byte fallback)");
     }
     const std::string bytes = read_file(model_path);
-    identity_ = 1469598103934665603ull;
-    for (unsigned char b : bytes) identity_ = (identity_ ^ b) * 1099511628211ull;
+    identity_ = fnv1a64(bytes.data(), bytes.size());
   }
   std::string kind() const override { return "bpe"; }
   int32_t vocab_size() const override { return sp_.GetPieceSize(); }
@@ -352,12 +352,6 @@ TokenizedCorpus tokenize(const Corpus& corpus, const Tokenizer& tok) {
 }
 
 namespace {
-uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 constexpr char kCacheMagic[8] = {'H', 'Y', 'B', 'T', 'O', 'K', 'S', '1'};
 
 struct CacheHeader {
@@ -375,7 +369,7 @@ uint64_t corpus_key(const Corpus& corpus, const Tokenizer& tokenizer) {
     stat(f.c_str(), &st);
     desc += cat("|", f, ":", st.st_size, ":", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec);
   }
-  return fnv1a(desc.data(), desc.size());
+  return fnv1a64(desc.data(), desc.size());
 }
 
 TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_path, bool* from_cache, const Tokenizer& tokenizer) {
@@ -397,9 +391,9 @@ TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_p
       in.read(reinterpret_cast<char*>(t.record_offsets.data()), std::streamsize(t.record_offsets.size() * sizeof(int64_t)));
       in.read(reinterpret_cast<char*>(packed.data()), std::streamsize(packed.size() * sizeof(uint16_t)));
       in.read(reinterpret_cast<char*>(&checksum), sizeof checksum);
-      uint64_t expect = fnv1a(&h, sizeof h);
-      expect = fnv1a(t.record_offsets.data(), t.record_offsets.size() * sizeof(int64_t), expect);
-      expect = fnv1a(packed.data(), packed.size() * sizeof(uint16_t), expect);
+      uint64_t expect = fnv1a64(&h, sizeof h);
+      expect = fnv1a64(t.record_offsets.data(), t.record_offsets.size() * sizeof(int64_t), expect);
+      expect = fnv1a64(packed.data(), packed.size() * sizeof(uint16_t), expect);
       if (!in || checksum != expect || t.record_offsets.back() != int64_t(h.tokens)) {
         reject("truncated or damaged (checksum mismatch)");
       } else {
@@ -419,9 +413,9 @@ TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_p
   h.records = uint64_t(t.records());
   h.tokens = t.tokens.size();
   std::vector<uint16_t> packed(t.tokens.begin(), t.tokens.end());
-  uint64_t checksum = fnv1a(&h, sizeof h);
-  checksum = fnv1a(t.record_offsets.data(), t.record_offsets.size() * sizeof(int64_t), checksum);
-  checksum = fnv1a(packed.data(), packed.size() * sizeof(uint16_t), checksum);
+  uint64_t checksum = fnv1a64(&h, sizeof h);
+  checksum = fnv1a64(t.record_offsets.data(), t.record_offsets.size() * sizeof(int64_t), checksum);
+  checksum = fnv1a64(packed.data(), packed.size() * sizeof(uint16_t), checksum);
   const std::string tmp = cache_path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
