@@ -49,6 +49,15 @@ std::string HardwareInfo::fingerprint() const {
   return hex;
 }
 
+std::string format_seconds(double s) {
+  char buf[32];
+  if (!std::isfinite(s)) return "n/a";
+  if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1f us", s * 1e6);
+  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
+  else std::snprintf(buf, sizeof buf, "%.2f s", s);
+  return buf;
+}
+
 std::string format_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;

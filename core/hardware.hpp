@@ -42,5 +42,7 @@ struct HardwareInfo {
 const HardwareInfo& cpu_hardware();
 
 std::string format_bytes(double bytes);
+// "12.3 us", "4.56 ms", "7.89 s"; "n/a" for a non-finite value.
+std::string format_seconds(double seconds);
 
 }  // namespace hybrit

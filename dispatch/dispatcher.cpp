@@ -19,14 +19,6 @@ namespace hybrit {
 namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-std::string format_seconds(double s) {
-  char buf[32];
-  if (!std::isfinite(s)) return "n/a";
-  if (s < 1e-3) std::snprintf(buf, sizeof buf, "%.1f us", s * 1e6);
-  else if (s < 1.0) std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
-  else std::snprintf(buf, sizeof buf, "%.2f s", s);
-  return buf;
-}
 }  // namespace
 
 // ------------------------------------------------------------------ sizes

@@ -184,11 +184,6 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
-std::string pretty_seconds(double s) {
-  if (s < 1e-3) return fmt("%.1f us", s * 1e6);
-  if (s < 1) return fmt("%.2f ms", s * 1e3);
-  return fmt("%.2f s", s);
-}
 
 }  // namespace
 
@@ -383,7 +378,7 @@ std::string format_report(const json& r) {
       std::snprintf(line, sizeof line, "  %-22s", row["size"].get<std::string>().c_str());
       out += line;
       for (const auto& n : names) {
-        std::snprintf(line, sizeof line, " %10s %8.2f %5.0f%%", pretty_seconds(row["seconds"][n].get<double>()).c_str(), row["rate"][n].get<double>(),
+        std::snprintf(line, sizeof line, " %10s %8.2f %5.0f%%", format_seconds(row["seconds"][n].get<double>()).c_str(), row["rate"][n].get<double>(),
                       100 * row["share_of_ceiling"][n].get<double>());
         out += line;
       }
