@@ -227,10 +227,11 @@ CheckpointMeta load_checkpoint(const std::string& path, ParamTable& table) {
   return meta;
 }
 
-CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets) {
-  Handle file(open_checkpoint(path), H5Fclose);
-  const CheckpointMeta meta = read_meta(file, path);
-  if (!datasets) return meta;
+namespace {
+// Every f32 dataset of the buffer groups, read once: `visit(dataset, values)` with the checksum
+// already compared.
+template <class Visit>
+void for_each_dataset(hid_t file, const std::string& path, const Visit& visit) {
   for (const char* group : kBuffers) {
     if (H5Lexists(file, group, H5P_DEFAULT) <= 0) continue;
     Handle g(H5Gopen2(file, group, H5P_DEFAULT), H5Gclose);
@@ -250,13 +251,20 @@ CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<Checkpoin
       d.shape.assign(dims.begin(), dims.end());
       int64_t n = 1;
       for (int64_t e : d.shape) n *= e;
-      std::vector<float> buf(static_cast<size_t>(n));
+      std::vector<float> values(static_cast<size_t>(n));
       d.checksum = has_attr(ds, "fnv1a64") ? read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path) : 0;
-      d.checksum_ok = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) >= 0 &&
-                      fnv1a64(buf.data(), buf.size() * sizeof(float)) == d.checksum;
-      datasets->push_back(std::move(d));
+      d.checksum_ok = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()) >= 0 &&
+                      fnv1a64(values.data(), values.size() * sizeof(float)) == d.checksum;
+      visit(std::move(d), std::move(values));
     }
   }
+}
+}  // namespace
+
+CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets) {
+  Handle file(open_checkpoint(path), H5Fclose);
+  const CheckpointMeta meta = read_meta(file, path);
+  if (datasets) for_each_dataset(file, path, [&](CheckpointDataset&& d, std::vector<float>&&) { datasets->push_back(std::move(d)); });
   return meta;
 }
 
@@ -319,19 +327,14 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
 }
 
 std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, CheckpointMeta* meta) {
-  std::vector<CheckpointDataset> datasets;
-  const CheckpointMeta m = inspect_checkpoint(path, &datasets);
-  if (meta) *meta = m;
   Handle file(open_checkpoint(path), H5Fclose);
+  const CheckpointMeta m = read_meta(file, path);
+  if (meta) *meta = m;
   std::vector<NamedArray> out;
-  for (const auto& d : datasets) {
-    NamedArray a{d.name, d.shape, {}};
-    int64_t n = 1;
-    for (int64_t e : d.shape) n *= e;
-    a.values.resize(size_t(n));
-    read_dataset(file, d.name, d.shape, a.values.data(), path);
-    out.push_back(std::move(a));
-  }
+  for_each_dataset(file, path, [&](CheckpointDataset&& d, std::vector<float>&& values) {
+    if (!d.checksum_ok) fail(ErrorKind::corrupt_data, path, ": dataset ", d.name, " fails its checksum (the file is damaged)");
+    out.push_back({std::move(d.name), std::move(d.shape), std::move(values)});
+  });
   return out;
 }
 
