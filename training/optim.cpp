@@ -165,7 +165,6 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
     report.clipped = true;
   }
   const Schedule::Multipliers mult = config.schedule.at(step);
-  report.lr_multiplier = mult.lr;
 
   const AdamWConfig& aw = config.adamw;
   const double bc1 = 1.0 - std::pow(aw.beta1, double(step + 1)), bc2 = 1.0 - std::pow(aw.beta2, double(step + 1));

@@ -109,7 +109,6 @@ struct OptimizerConfig {
 
 struct StepReport {
   double grad_norm = 0;  // before clipping
-  double lr_multiplier = 0;
   bool clipped = false;
 };
 
