@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "clustering/reduce.hpp"
 #include "core/log.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
@@ -46,6 +47,14 @@ void print_info(const HardwareInfo& hw) {
   std::printf("fingerprint    %s\n", hw.fingerprint().c_str());
 }
 
+// runs/<config name>-<date>-<time>
+std::string default_run_folder(const std::string& config_path) {
+  const std::time_t now = std::time(nullptr);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  return cat("runs/", std::filesystem::path(config_path).stem().string(), "-", stamp);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -76,6 +85,13 @@ int main(int argc, char** argv) {
   train->add_option("--out", train_out, "run folder (default: runs/<config name>-<date>-<time>)");
   std::string train_resume;
   train->add_option("--resume", train_resume, "continue from a checkpoint: its path, or `auto` (the newest valid one in --out)");
+
+  std::string reduce_config, reduce_out;
+  std::vector<std::string> reduce_sets;
+  CLI::App* reduce = app.add_subcommand("reduce", "shrink a corpus: embed records, cluster them, keep a subset by strategy (see configs/reduce.yaml)");
+  reduce->add_option("config", reduce_config, "the reduction's YAML file")->required()->check(CLI::ExistingFile);
+  reduce->add_option("--set", reduce_sets, "override a key, e.g. --set reduce.strategy=hard (repeatable)");
+  reduce->add_option("--out", reduce_out, "output folder (default: runs/<config name>-<date>-<time>)");
 
   std::string ckpt_path, export_out;
   CLI::App* ckpt = app.add_subcommand("checkpoint", "look into or convert a training checkpoint");
@@ -146,16 +162,20 @@ int main(int argc, char** argv) {
         if (train_resume == "auto") fail(ErrorKind::invalid_argument, "--resume auto: name the run folder with --out");
         train_out = std::filesystem::path(train_resume).parent_path().string();
       }
-      if (train_out.empty()) {
-        const std::time_t now = std::time(nullptr);
-        char stamp[32];
-        std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
-        train_out = cat("runs/", std::filesystem::path(train_config).stem().string(), "-", stamp);
-      }
+      if (train_out.empty()) train_out = default_run_folder(train_config);
       const RunResult r = run_training(cfg, train_out, train_resume);
       std::printf("%s after %lld steps: loss %.4f%s; run folder %s\n", r.interrupted ? "stopped" : "done", static_cast<long long>(r.steps_done),
                   r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "", train_out.c_str());
       if (!r.sample.empty()) std::printf("\nA sample from the model:\n%s\n", r.sample.c_str());
+      return 0;
+    }
+    if (*reduce) {
+      ReduceConfig cfg = load_reduce_config(reduce_config, reduce_sets);
+      cfg.dispatch.merge(options.overrides);
+      if (reduce_out.empty()) reduce_out = default_run_folder(reduce_config);
+      const nlohmann::json r = run_reduce(cfg, reduce_out);
+      std::cout << format_reduce_report(r);
+      std::printf("report: %s/report.json; train on it with --set data.sources=%s\n", reduce_out.c_str(), r["output"].get<std::string>().c_str());
       return 0;
     }
     if (*report) {

@@ -10,12 +10,14 @@
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
 #include "clustering/kmeans.hpp"
+#include "clustering/reduce.hpp"
 #include "training/model.hpp"
 #include "training/trainer.hpp"
 
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <map>
 
 namespace py = pybind11;
 using namespace hybrit;
@@ -465,6 +467,14 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
              py::gil_scoped_release release;
              return t.evaluate();
            }, "Mean validation loss over train.eval_batches fixed batches.")
+      .def("save", [](Trainer& t, const std::string& path) {
+             py::gil_scoped_release release;
+             t.save(path);
+           }, py::arg("path"), "Writes a checkpoint (HDF5): parameters, optimizer state, step, config, tokenizer.")
+      .def("restore", [](Trainer& t, const std::string& path) {
+             py::gil_scoped_release release;
+             t.restore(path);
+           }, py::arg("path"), "Loads a checkpoint of the same architecture, data and seed; continues from its step.")
       .def("sample", [](Trainer& t, int64_t tokens, const std::string& prompt, double temperature, uint64_t seed) {
              std::string s;
              {
@@ -589,6 +599,133 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       "k-means on float32 points (n, d): k-means++ (greedy) or random or given init, Lloyd iterations through the dispatcher, "
       "empty clusters moved to the farthest points, sub-sampling to k * max_points_per_centroid points (0: all) for training; "
       "labels and inertia always cover every point.");
+
+  m.def(
+      "read_corpus",
+      [](const std::vector<std::string>& sources, const std::string& format) {
+        Corpus c = read_corpus(sources, format);
+        py::dict d;
+        d["format"] = to_string(c.format);
+        d["files"] = c.files;
+        d["records"] = c.records;
+        return d;
+      },
+      py::arg("sources"), py::arg("format") = "auto",
+      "The training readers: files, folders or globs in format auto, text, fortune or jsonl. Returns {format, files, records}.");
+
+  m.def(
+      "embed_text",
+      [](const std::vector<std::string>& records, int64_t dim, std::pair<int, int> char_ngrams, std::pair<int, int> word_ngrams) {
+        NgramEmbeddingOptions o;
+        o.dim = dim;
+        std::tie(o.char_min, o.char_max) = char_ngrams;
+        std::tie(o.word_min, o.word_max) = word_ngrams;
+        Tensor t;
+        {
+          py::gil_scoped_release release;
+          t = embed_ngrams(records, o);
+        }
+        auto [a, out] = new_array<float>(t.shape());
+        std::memcpy(out.raw(), t.raw(), t.nbytes());
+        return a;
+      },
+      py::arg("records"), py::arg("dim") = 1024, py::arg("char_ngrams") = std::pair<int, int>{3, 5}, py::arg("word_ngrams") = std::pair<int, int>{1, 2},
+      "Model-free embeddings of text records: hashed character and word n-grams (inclusive length ranges, (0, 0) for none), "
+      "TF-IDF weighted, L2-normalised. Returns (len(records), dim) float32.");
+
+  m.def(
+      "embed_with_checkpoint",
+      [](const std::vector<std::string>& records, const std::string& checkpoint, int64_t max_tokens, int64_t batch, std::optional<std::string> backend) {
+        ModelEmbeddingOptions o;
+        o.checkpoint = checkpoint, o.max_tokens = max_tokens, o.batch = batch;
+        DispatcherOptions dopts;
+        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+        Tensor t;
+        {
+          py::gil_scoped_release release;
+          Dispatcher d(dopts);
+          t = embed_with_model(d, records, o);
+        }
+        auto [a, out] = new_array<float>(t.shape());
+        std::memcpy(out.raw(), t.raw(), t.nbytes());
+        return a;
+      },
+      py::arg("records"), py::arg("checkpoint"), py::arg("max_tokens") = 512, py::arg("batch") = 16, py::arg("backend") = py::none(),
+      "Model-based embeddings: each record's tokens (the first max_tokens) through a training checkpoint's model, final hidden "
+      "states averaged, L2-normalised. Returns (len(records), model dim) float32.");
+
+  m.def(
+      "select",
+      [](const py::object& x_obj, const std::string& strategy, std::optional<double> fraction, std::optional<int64_t> count, std::optional<double> eps,
+         std::optional<int64_t> k, uint64_t seed, int max_iter, bool spherical, double report_eps, std::optional<std::string> backend) {
+        Tensor x = view<float>(x_obj, "embeddings", 2, 2, "float32");
+        SelectOptions so;
+        const std::map<std::string, ReduceStrategy> strategies = {{"nearest", ReduceStrategy::nearest}, {"balanced", ReduceStrategy::balanced},
+                                                                  {"semdedup", ReduceStrategy::semdedup}, {"hard", ReduceStrategy::hard},
+                                                                  {"random", ReduceStrategy::random}};
+        auto it = strategies.find(strategy);
+        if (it == strategies.end()) throw py::value_error(cat("strategy: expected nearest, balanced, semdedup, hard or random, got '", strategy, "'"));
+        so.strategy = it->second, so.fraction = fraction, so.count = count, so.eps = eps, so.seed = seed, so.report_eps = report_eps;
+        KMeansOptions ko;
+        const int64_t n = x.dim(0);
+        ko.k = k ? *k : std::max<int64_t>(1, std::llround(std::sqrt(double(n))));
+        ko.seed = seed, ko.max_iter = max_iter, ko.spherical = spherical;
+        DispatcherOptions dopts;
+        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+        KMeansResult clusters;
+        Selection sel;
+        {
+          py::gil_scoped_release release;
+          Dispatcher d(dopts);
+          if (so.strategy != ReduceStrategy::random) clusters = kmeans(d, x, ko);
+          sel = select_records(d, x, clusters, so);
+        }
+        py::dict out;
+        out["kept"] = py::array_t<int64_t>(py::ssize_t(sel.kept.size()), sel.kept.data());
+        out["distance"] = py::array_t<float>(py::ssize_t(sel.distance.size()), sel.distance.data());
+        out["dup_score"] = py::array_t<float>(py::ssize_t(sel.dup_score.size()), sel.dup_score.data());
+        out["cluster_size"] = py::array_t<int64_t>(py::ssize_t(sel.cluster_size.size()), sel.cluster_size.data());
+        out["cluster_kept"] = py::array_t<int64_t>(py::ssize_t(sel.cluster_kept.size()), sel.cluster_kept.data());
+        out["near_duplicates"] = sel.near_duplicates;
+        out["near_duplicates_removed"] = sel.near_duplicates_removed;
+        out["eps"] = sel.eps_used;
+        out["kmeans"] = so.strategy == ReduceStrategy::random ? py::object(py::none()) : py::cast(clusters);
+        return out;
+      },
+      py::arg("embeddings"), py::arg("strategy"), py::kw_only(), py::arg("fraction") = py::none(), py::arg("count") = py::none(), py::arg("eps") = py::none(),
+      py::arg("k") = py::none(), py::arg("seed") = 1, py::arg("max_iter") = 100, py::arg("spherical") = true, py::arg("report_eps") = 0.05,
+      py::arg("backend") = py::none(),
+      "Which records to keep: clusters the (n, d) float32 embeddings with k-means (k defaults to round(sqrt(n))) and applies "
+      "the strategy (nearest, balanced, semdedup, hard, random) for a target given as exactly one of fraction, count or "
+      "(semdedup) eps. Returns a dict: kept (indices, ascending), distance, dup_score, cluster_size, cluster_kept, "
+      "near_duplicates, near_duplicates_removed, eps, kmeans (a KMeansResult).");
+
+  m.def(
+      "reduce",
+      [](const py::object& config, std::optional<std::string> out, const std::vector<std::string>& sets) {
+        ReduceConfig cfg;
+        if (py::isinstance<py::str>(config) || py::hasattr(config, "__fspath__")) cfg = load_reduce_config(py::str(config).cast<std::string>(), sets);
+        else if (py::isinstance<py::dict>(config))
+          cfg = parse_reduce_config(py::module_::import("json").attr("dumps")(config).cast<std::string>(), "<config dict>", sets);
+        else throw py::type_error("config must be a path to a YAML file or a dict");
+        if (!out) {
+          const std::time_t now = std::time(nullptr);
+          char stamp[32];
+          std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+          out = cat("runs/", cfg.source == "<config dict>" ? std::string("reduce") : std::filesystem::path(cfg.source).stem().string(), "-", stamp);
+        }
+        nlohmann::json report;
+        {
+          py::gil_scoped_release release;
+          report = run_reduce(cfg, *out);
+        }
+        py::dict d = json_to_python(report);
+        d["out_dir"] = *out;
+        return d;
+      },
+      py::arg("config"), py::arg("out") = py::none(), py::arg("sets") = std::vector<std::string>{},
+      "Runs `hybrit reduce` from Python: a config path or dict (see configs/reduce.yaml); writes the reduced corpus, "
+      "selection.tsv and report.json into `out` and returns the report as a dict (with out_dir).");
 
   m.def("default_profile_path", &default_profile_path);
   m.attr("__version__") = HYBRIT_VERSION;

@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <memory>
 
 namespace hybrit {
@@ -335,6 +336,28 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
     if (!d.checksum_ok) fail(ErrorKind::corrupt_data, path, ": dataset ", d.name, " fails its checksum (the file is damaged)");
     out.push_back({std::move(d.name), std::move(d.shape), std::move(values)});
   });
+  return out;
+}
+
+CheckpointModel load_checkpoint_model(Dispatcher& dispatcher, const std::string& path) {
+  CheckpointModel out;
+  const std::vector<NamedArray> arrays = read_checkpoint_arrays(path, &out.meta);
+  out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
+  if (out.meta.tokenizer_model.empty()) out.tokenizer = std::make_unique<ByteTokenizer>();
+  else out.tokenizer = bpe_tokenizer_from_bytes(out.meta.tokenizer_model, path + " (its tokenizer)");
+  // BPE may have settled on fewer tokens than data.vocab_size asked for; the model was built with the real count.
+  out.config.model.vocab_size = out.tokenizer->vocab_size();
+  out.model = std::make_unique<Model>(out.config.model, dispatcher, out.config.seed);
+  ParamTable& table = out.model->params();
+  std::map<std::string, const NamedArray*> by_name;
+  for (const auto& a : arrays) by_name[a.name] = &a;
+  for (const ParamSlice& s : table.slices()) {
+    auto it = by_name.find("params/" + s.name);
+    if (it == by_name.end()) fail(ErrorKind::corrupt_data, path, ": parameter ", s.name, " is missing");
+    if (it->second->shape != s.shape)
+      fail(ErrorKind::corrupt_data, path, ": parameter ", s.name, " has shape ", shape_str(it->second->shape), ", the config needs ", shape_str(s.shape));
+    std::memcpy(table.param(s).data<float>(), it->second->values.data(), size_t(s.numel) * sizeof(float));
+  }
   return out;
 }
 

@@ -8,10 +8,13 @@
 // Written to a temporary file in the same folder, flushed and fsynced, then renamed, so a crash
 // mid-write leaves the previous checkpoint intact.
 #pragma once
+#include <memory>
 #include <string>
 #include <vector>
 
-#include "training/optim.hpp"
+#include "training/config.hpp"
+#include "training/data.hpp"
+#include "training/model.hpp"
 
 namespace hybrit {
 
@@ -58,5 +61,16 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
 // pack_ternary) with attributes `scale` (the absmean scale, f32) and `cols`. Quantization and
 // packing go through `dispatcher`. Returns the bytes of weights written.
 int64_t export_for_inference(Dispatcher& dispatcher, const std::string& checkpoint, const std::string& out_path);
+
+// A training checkpoint's model, ready to run forward: its resolved config, its tokenizer (rebuilt
+// from the BPE model bytes it carries) and the model with every parameter loaded (checksums
+// verified; a missing or misshapen parameter is an Error naming it).
+struct CheckpointModel {
+  TrainConfig config;
+  CheckpointMeta meta;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Model> model;
+};
+CheckpointModel load_checkpoint_model(Dispatcher& dispatcher, const std::string& path);
 
 }  // namespace hybrit

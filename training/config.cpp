@@ -1,4 +1,5 @@
 #include "training/config.hpp"
+#include "training/yaml_schema.hpp"
 
 #include <yaml-cpp/yaml.h>
 
@@ -9,17 +10,8 @@
 
 namespace hybrit {
 
-namespace {
-
-// Where each key came from, for messages: "run.yaml:7" or "--set model.dim=50".
-struct Origins {
-  std::string file;
-  std::map<std::string, std::string> of_key;
-  std::string where(const YAML::Node& n, const std::string& key) const {
-    if (auto it = of_key.find(key); it != of_key.end()) return it->second;
-    return n.Mark().line >= 0 ? cat(file, ":", n.Mark().line + 1) : file;
-  }
-};
+// The schema helpers (declared in yaml_schema.hpp), shared with the data-reduction config.
+namespace schema {
 
 [[noreturn]] void bad(const std::string& where, const std::string& key, const std::string& what) {
   fail(ErrorKind::invalid_argument, where, ": ", key, ": ", what);
@@ -56,8 +48,6 @@ std::string as_choice(const YAML::Node& n, const std::string& key, const Origins
   }
   bad(o.where(n, key), key, cat("expected one of ", all, ", got '", v, "'"));
 }
-
-using Handler = std::function<void(const YAML::Node&, const std::string&)>;
 
 // Walks a mapping with one handler per allowed key; anything else is an unknown key.
 void walk(const YAML::Node& map, const std::string& prefix, const Origins& o, const std::map<std::string, Handler>& keys) {
@@ -100,9 +90,7 @@ void apply_set(YAML::Node& root, const std::string& assignment, Origins& o) {
   o.of_key[path] = "--set " + assignment;
 }
 
-}  // namespace
-
-TrainConfig parse_train_config(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets) {
+YAML::Node load_yaml(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets, Origins& o) {
   YAML::Node root;
   try {
     root = YAML::Load(yaml_text);
@@ -110,8 +98,18 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
     fail(ErrorKind::invalid_argument, file_name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
-  Origins o{file_name, {}};
+  o.file = file_name;
   for (const auto& s : sets) apply_set(root, s, o);
+  return root;
+}
+
+}  // namespace schema
+
+using namespace schema;
+
+TrainConfig parse_train_config(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets) {
+  Origins o;
+  const YAML::Node root = load_yaml(yaml_text, file_name, sets, o);
 
   TrainConfig c;
   c.source = file_name;

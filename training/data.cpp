@@ -208,18 +208,18 @@ namespace {
 
 class BpeTokenizer final : public Tokenizer {
  public:
-  explicit BpeTokenizer(const std::string& model_path) : path_(model_path) {
-    const auto status = sp_.Load(model_path);
-    if (!status.ok()) fail(ErrorKind::corrupt_data, model_path, ": not a sentencepiece model (", status.ToString(), ")");
-    if (sp_.eos_id() != 1) fail(ErrorKind::corrupt_data, model_path, ": expected the end-of-record token at id 1, got ", sp_.eos_id());
+  // `name` names the model in messages (its file, or the checkpoint that carries it).
+  BpeTokenizer(const std::string& model_bytes, const std::string& name) : path_(name) {
+    const auto status = sp_.LoadFromSerializedProto(model_bytes);
+    if (!status.ok()) fail(ErrorKind::corrupt_data, name, ": not a sentencepiece model (", status.ToString(), ")");
+    if (sp_.eos_id() != 1) fail(ErrorKind::corrupt_data, name, ": expected the end-of-record token at id 1, got ", sp_.eos_id());
     for (int b = 0; b < 256; ++b) {
       char piece[8];
       std::snprintf(piece, sizeof piece, "<0x%02X>", b);
       byte_ids_[b] = sp_.PieceToId(piece);
-      if (!sp_.IsByte(byte_ids_[b])) fail(ErrorKind::corrupt_data, model_path, ": no byte-fallback piece ", piece, " (train with byte fallback)");
+      if (!sp_.IsByte(byte_ids_[b])) fail(ErrorKind::corrupt_data, name, ": no byte-fallback piece ", piece, " (train with byte fallback)");
     }
-    const std::string bytes = read_file(model_path);
-    identity_ = fnv1a64(bytes.data(), bytes.size());
+    identity_ = fnv1a64(model_bytes.data(), model_bytes.size());
   }
   std::string kind() const override { return "bpe"; }
   int32_t vocab_size() const override { return sp_.GetPieceSize(); }
@@ -282,7 +282,12 @@ class BpeTokenizer final : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path) { return std::make_unique<BpeTokenizer>(model_path); }
+std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path) {
+  return std::make_unique<BpeTokenizer>(read_file(model_path), model_path);
+}
+std::unique_ptr<Tokenizer> bpe_tokenizer_from_bytes(const std::string& model_bytes, const std::string& name) {
+  return std::make_unique<BpeTokenizer>(model_bytes, name);
+}
 
 std::unique_ptr<Tokenizer> train_bpe_tokenizer(const Corpus& corpus, int32_t vocab_size, const std::string& model_path) {
   if (vocab_size < 320 || vocab_size > 65536)

@@ -65,6 +65,8 @@ struct ByteTokenizer final : Tokenizer {
 // written to `model_path` (the run keeps it as tokenizer.model).
 std::unique_ptr<Tokenizer> train_bpe_tokenizer(const Corpus& corpus, int32_t vocab_size, const std::string& model_path);
 std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path);
+// The same from the model's bytes (as a checkpoint carries them); `name` is for messages.
+std::unique_ptr<Tokenizer> bpe_tokenizer_from_bytes(const std::string& model_bytes, const std::string& name);
 
 // Text for people: invalid UTF-8 sequences (a byte-level model can write any byte) and control
 // characters other than newline and tab become U+FFFD, so terminals and UTF-8 readers are safe.

@@ -47,6 +47,8 @@ class Model {
   // mean cross-entropy and keeps what backward() needs.
   double forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq);
   const Tensor& logits() const { return logits_; }  // (batch * seq, vocab)
+  // The last forward's final hidden states (after the final RMSNorm, what the head reads): (batch * seq, dim).
+  const Tensor& final_hidden() const { return xf; }
   // Adds the gradients of the last forward's loss to params().grads().
   void backward();
 

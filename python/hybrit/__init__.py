@@ -12,9 +12,9 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
-from ._hybrit import Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, info, kmeans, train
+from ._hybrit import Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
 
-__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "dispatch_report", "info",
+__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
            "default_profile_path", "op_size"]
 
 
