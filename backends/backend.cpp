@@ -23,7 +23,7 @@ BackendKind parse_backend(const std::string& text, const std::string& what) {
 }
 
 static const char* kOpNames[kOpCount] = {"quantize_ternary", "quantize_int8_rows", "pack_ternary", "unpack_ternary",
-                                          "matmul", "kmeans_assign", "kmeans_update"};
+                                          "matmul", "kmeans_assign", "kmeans_update", "matmul_ternary"};
 
 const char* to_string(Op op) { return kOpNames[static_cast<int>(op)]; }
 
@@ -171,6 +171,23 @@ const HardwareInfo& hardware() {
     return h;
   }();
   return hw;
+}
+
+void Backend::matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y) {
+  const char* op = "matmul_ternary";
+  expect(xq.dtype() == DType::i8 && xq.ndim() == 2, op, cat("activations must be a 2-D i8 matrix, got ", desc(xq)));
+  const int64_t m = xq.dim(0), k = xq.dim(1);
+  expect(x_scales.dtype() == DType::f32 && x_scales.numel() == m, op, cat("activation scales must be f32 with ", m, " elements, got ", desc(x_scales)));
+  expect((w_packed.dtype() == DType::ternary2 || w_packed.dtype() == DType::u8) && w_packed.ndim() == 2 && w_packed.dim(1) == hybrit_packed_cols(k), op,
+         cat("packed weights must be ternary2 (n, ", hybrit_packed_cols(k), ") for k = ", k, ", got ", desc(w_packed)));
+  const int64_t n = w_packed.dim(0);
+  expect(y.dtype() == DType::f32 && y.ndim() == 2 && y.dim(0) == m && y.dim(1) == n, op, cat("output must be f32 (", m, ", ", n, "), got ", desc(y)));
+  expect(std::isfinite(w_scale) && w_scale > 0, op, cat("the weight scale must be positive and finite, got ", w_scale));
+  check_device(xq, op, "activations");
+  check_device(x_scales, op, "activation scales");
+  check_device(w_packed, op, "packed weights");
+  check_device(y, op, "output");
+  run_matmul_ternary(xq, x_scales, w_packed, w_scale, y, m, n, k);
 }
 
 }  // namespace hybrit

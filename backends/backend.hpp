@@ -16,8 +16,8 @@ const char* to_string(BackendKind kind);
 // "c" | "tbb" | "cuda"; Error(invalid_argument) naming `what` otherwise.
 BackendKind parse_backend(const std::string& text, const std::string& what);
 
-enum class Op { quantize_ternary = 0, quantize_int8_rows, pack_ternary, unpack_ternary, matmul, kmeans_assign, kmeans_update };
-inline constexpr int kOpCount = 7;
+enum class Op { quantize_ternary = 0, quantize_int8_rows, pack_ternary, unpack_ternary, matmul, kmeans_assign, kmeans_update, matmul_ternary };
+inline constexpr int kOpCount = 8;
 const char* to_string(Op op);
 Op parse_op(const std::string& text, const std::string& what);
 
@@ -48,6 +48,10 @@ class Backend {
   void kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist);
   // x (n, d), labels (n,) i32 -> sums (k, d) f64 and counts (k,) i64.
   void kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts);
+  // The BitLinear product at inference: xq (m, k) i8 with per-row scales (m,) f32 (x ~ xq / scale,
+  // as quantize_int8_rows makes them), w (n, ceil(k / 4)) ternary2 (pack_ternary's layout) with
+  // its scale -> y (m, n) f32 = (xq . q_w^T) * w_scale / x_scale, the dot products exact in integers.
+  void matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y);
 
  protected:
   virtual float run_quantize_ternary(const Tensor& w, Tensor& q) = 0;
@@ -57,6 +61,8 @@ class Backend {
   virtual void run_matmul(const Tensor& a, const Tensor& b, Tensor& c, int64_t m, int64_t n, int64_t k, const MatmulArgs& args) = 0;
   virtual void run_kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist) = 0;
   virtual void run_kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) = 0;
+  virtual void run_matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y, int64_t m, int64_t n,
+                                  int64_t k) = 0;
 
  private:
   void check_device(const Tensor& t, const char* op, const char* name) const;

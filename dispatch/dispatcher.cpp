@@ -23,7 +23,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // ------------------------------------------------------------------ sizes
 
-bool is_compute_bound(Op op) { return op == Op::matmul || op == Op::kmeans_assign; }
+bool is_compute_bound(Op op) { return op == Op::matmul || op == Op::kmeans_assign || op == Op::matmul_ternary; }
 
 OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
   OpSize s;
@@ -51,6 +51,10 @@ OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
     case Op::kmeans_update:  // (n, k, d)
       s.work = A * C, s.transfer_bytes = s.touched_bytes = 4 * A * C + 4 * A + 8 * B * C + 8 * B;
       s.label = cat("n=", a, " k=", b, " d=", c);
+      break;
+    case Op::matmul_ternary:  // (m, n, k): int8 activations, 2-bit weights, f32 out; integer ops
+      s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = A * C + 4 * A + B * std::ceil(C / 4) + 4 * A * B;
+      s.label = cat(a, "x", b, "x", c);
       break;
   }
   return s;
@@ -95,7 +99,7 @@ Profile default_profile(const HardwareInfo& hw) {
     const OpSize unit = is_compute_bound(op) ? op_size(op, 1024, 256, 64) : op_size(op, 1024, 1024, 64);
     const double bytes_per_work = unit.touched_bytes / unit.work, flops_per_work = unit.flops / unit.work;
     // Work per tbb task, as the tbb backend splits it: below this a call runs as one task.
-    const double grain = op == Op::matmul ? 1e6 : op == Op::kmeans_assign ? 1024.0 * 256 * 64 : op == Op::kmeans_update ? 4096.0 * 64 : 65536;
+    const double grain = op == Op::matmul || op == Op::matmul_ternary ? 1e6 : op == Op::kmeans_assign ? 1024.0 * 256 * 64 : op == Op::kmeans_update ? 4096.0 * 64 : 65536;
     std::vector<ProfilePoint> c_pts, tbb_pts, cuda_pts;
     for (double work = 1e2; work <= 1e12; work *= 2) {
       const double one_core = is_compute_bound(op) ? flops_per_work * work / core_flops : bytes_per_work * work / core_bandwidth;
@@ -500,6 +504,12 @@ void Dispatcher::matmul(const Tensor& a, const Tensor& b, Tensor& c, const Matmu
   const auto [br, bc] = as_matrix(b);
   const int64_t m = args.trans_a ? ac : ar, k = args.trans_a ? ar : ac, n = args.trans_b ? br : bc;
   route(op_size(Op::matmul, m, n, k), a.device(), [&](Backend& be) { be.matmul(a, b, c, args); });
+}
+
+void Dispatcher::matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y) {
+  const auto [m, k] = as_matrix(xq);
+  route(op_size(Op::matmul_ternary, m, as_matrix(w_packed).first, k), xq.device(),
+        [&](Backend& b) { b.matmul_ternary(xq, x_scales, w_packed, w_scale, y); });
 }
 
 void Dispatcher::kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist) {

@@ -25,7 +25,7 @@ struct OpSize {
   std::string label;  // e.g. "1024x1024x1024"
 };
 // Dimensions per op: quantize_ternary (n); quantize_int8_rows, pack/unpack (rows, cols);
-// matmul (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).
+// matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).
 OpSize op_size(Op op, int64_t a, int64_t b = 1, int64_t c = 1);
 bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, kmeans_assign), else GB/s
 
@@ -156,6 +156,7 @@ class Dispatcher {
   void pack_ternary(const Tensor& q, Tensor& packed);
   void unpack_ternary(const Tensor& packed, Tensor& q);
   void matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulArgs& args = {});
+  void matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y);
   void kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist);
   void kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts);
 

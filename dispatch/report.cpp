@@ -86,6 +86,18 @@ OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
       both([x, y, z](auto& be) { be.matmul(*x, *y, *z, MatmulArgs{}); });
       break;
     }
+    case Op::matmul_ternary: {
+      auto xq = std::make_shared<Tensor>(Tensor::empty({a, c}, DType::i8));
+      auto scales = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
+      auto w = std::make_shared<Tensor>(Tensor::empty({b, (c + 3) / 4}, DType::ternary2));
+      Rng rng(11, 4);
+      for (int64_t i = 0; i < xq->numel(); ++i) xq->data<int8_t>()[i] = int8_t(int(rng.below(255)) - 127);
+      for (int64_t i = 0; i < a; ++i) scales->data<float>()[i] = 1.0f + rng.uniform();
+      for (int64_t i = 0; i < w->numel(); ++i) w->data<uint8_t>()[i] = uint8_t(rng.below(3) | rng.below(3) << 2 | rng.below(3) << 4 | rng.below(3) << 6);
+      auto y = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::f32));
+      both([xq, scales, w, y](auto& be) { be.matmul_ternary(*xq, *scales, *w, 0.5f, *y); });
+      break;
+    }
     case Op::kmeans_assign:
     case Op::kmeans_update: {
       auto x = std::make_shared<Tensor>(random_tensor({a, c}, 6));
@@ -126,6 +138,9 @@ std::vector<Dims> ladder(Op op, bool quick) {
     case Op::matmul:
       return quick ? std::vector<Dims>{{32, 32, 32}, {64, 64, 64}, {128, 128, 128}, {256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}}
                    : std::vector<Dims>{{16, 16, 16}, {32, 32, 32}, {64, 64, 64}, {128, 128, 128}, {256, 256, 256}, {512, 512, 512}, {1024, 1024, 1024}, {2048, 2048, 2048}};
+    case Op::matmul_ternary:  // decode (a few rows) to prefill (many) against a 2048 or 4096 square layer
+      return quick ? std::vector<Dims>{{1, 2048, 2048}, {8, 2048, 2048}, {64, 2048, 2048}}
+                   : std::vector<Dims>{{1, 2048, 2048}, {1, 4096, 4096}, {8, 4096, 4096}, {16, 4096, 4096}, {256, 4096, 4096}};
     case Op::kmeans_assign:
       return quick ? std::vector<Dims>{{256, 256, 64}, {4096, 256, 64}, {65536, 256, 64}}
                    : std::vector<Dims>{{256, 256, 64}, {4096, 256, 64}, {65536, 256, 64}, {262144, 256, 64}};

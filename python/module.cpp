@@ -179,6 +179,17 @@ class PyDispatcher {
     return result;
   }
 
+  py::array matmul_ternary(const py::object& x_obj, const py::object& s_obj, const py::object& w_obj, float w_scale, const py::object& out) {
+    Tensor xq = view<int8_t>(x_obj, "xq", 2, 2, "int8"), scales = view<float>(s_obj, "x_scales", 1, 1, "float32");
+    Tensor w = view<uint8_t>(w_obj, "w_packed", 2, 2, "uint8");
+    auto [result, y] = output_array<float>(out, {xq.dim(0), w.dim(0)}, "float32");
+    {
+      py::gil_scoped_release release;
+      d_->matmul_ternary(xq, scales, w, w_scale, y);
+    }
+    return result;
+  }
+
   py::tuple kmeans_assign(const py::object& x_obj, const py::object& c_obj) {
     Tensor x = view<float>(x_obj, "x", 2, 2, "float32"), cen = view<float>(c_obj, "centroids", 2, 2, "float32");
     auto [labels, lt] = new_array<int32_t>({x.dim(0)});
@@ -397,6 +408,10 @@ Arguments win over the environment, which wins over the config file.)doc")
       .def("matmul", &PyDispatcher::matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
            py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("out") = py::none(),
            "alpha * op(a) @ op(b) + beta * out, float32. With out given, the result is written there (in place).")
+      .def("matmul_ternary", &PyDispatcher::matmul_ternary, py::arg("xq"), py::arg("x_scales"), py::arg("w_packed"), py::arg("w_scale"),
+           py::arg("out") = py::none(),
+           "int8 activations (m, k) with float32 row scales (x ~ xq / scale), uint8 packed ternary weights (n, ceil(k / 4)) "
+           "with their scale -> float32 (m, n) = (xq @ q_w.T) * w_scale / x_scales[:, None], dot products exact in integers.")
       .def("kmeans_assign", &PyDispatcher::kmeans_assign, py::arg("x"), py::arg("centroids"),
            "(n, d), (k, d) float32 -> (int32 labels, float32 squared distances); ties go to the lowest index.")
       .def("kmeans_update", &PyDispatcher::kmeans_update, py::arg("x"), py::arg("labels"), py::arg("k"),

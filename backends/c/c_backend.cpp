@@ -57,6 +57,12 @@ class CBackend final : public Backend {
                                     counts.data<int64_t>(), bad);
     });
   }
+  void run_matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y, int64_t m, int64_t n,
+                          int64_t k) override {
+    check(Op::matmul_ternary, [&](int64_t*) {
+      return hybrit_c_matmul_ternary(kr_, xq.data<int8_t>(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), n, w_scale, y.data<float>());
+    });
+  }
 
  private:
   SimdLevel level_;

@@ -48,6 +48,10 @@ typedef struct {
   /* GEMM micro-kernel: C[m x n] += alpha * Ap * Bp, Ap packed MR-tall, Bp packed NR-wide. */
   int mr, nr, mc, kc, nc;
   void (*gemm_ukr)(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float alpha, int m, int n);
+  /* Ternary dot products of one packed weight row (nbytes bytes, codes q + 1) with `rows` (1 to 4)
+   * activation rows in block order (see hybrit_c_ternary_prepare), x_stride bytes apart:
+   * acc[i] = sum_j code_j * x_i[j]. Integer-exact, so every ISA gives the same values. */
+  void (*ternary_dot)(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc);
 } hybrit_c_kernels;
 
 /* Kernel table of a given ISA. Calling an ISA the CPU lacks is the caller's mistake: the C++
@@ -72,6 +76,26 @@ int hybrit_c_quantize_int8_rows(const hybrit_c_kernels* kr, const float* x, int6
 int hybrit_c_pack_ternary(const int8_t* q, int64_t rows, int64_t cols, uint8_t* packed, int64_t* bad_index);
 int hybrit_c_unpack_ternary(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* q, int64_t* bad_index);
 static inline int64_t hybrit_packed_cols(int64_t cols) { return (cols + 3) / 4; }
+
+/* Ternary matmul, y (m x n) = (xq (m x k, int8) . W^T) * w_scale / x_scales[i], W (n x k) packed
+ * as hybrit_c_pack_ternary makes it. Activations are first put in block order: blocks of
+ * HYBRIT_TERNARY_BLOCK weights (64 packed bytes); within a block, x[4b + t] goes to t * 64 + b,
+ * so the t-th 2-bit field of 64 consecutive packed bytes meets 64 consecutive activations. Rows
+ * are padded with zeros to a whole block (k_padded), so padding codes add nothing. The dot of
+ * codes (q + 1) is corrected by the row sum of x: sum(q x) = sum((q + 1) x) - sum(x).
+ * Accumulators: int32 inside the SIMD kernels, flushed to int64 every 4096 blocks (1M weights),
+ * so no row length overflows them. */
+#define HYBRIT_TERNARY_BLOCK 256
+static inline int64_t hybrit_ternary_padded(int64_t k) { return (k + HYBRIT_TERNARY_BLOCK - 1) / HYBRIT_TERNARY_BLOCK * HYBRIT_TERNARY_BLOCK; }
+/* xq (m x k) -> x_blocked (m x k_padded) and x_sums (m). */
+void hybrit_c_ternary_prepare(const int8_t* xq, int64_t m, int64_t k, int8_t* x_blocked, int64_t* x_sums);
+/* Output columns [n_begin, n_end) of y (row stride ldy). */
+void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, const int64_t* x_sums, const float* x_scales, int64_t m,
+                           int64_t k, const uint8_t* w, float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy);
+/* The scalar tail the SIMD kernels share: adds the dots of packed bytes [from, nbytes) to acc. */
+void hybrit_c_ternary_dot_tail(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t from, int64_t nbytes, int64_t* acc);
+int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
+                            int64_t n, float w_scale, float* y);
 
 /* Row-major C[M x N] = alpha * op(A) * op(B) + beta * C; op(A) is M x K. With beta == 0, C is not
  * read (a NaN there does not leak), as in BLAS. */

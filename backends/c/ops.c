@@ -82,9 +82,28 @@ static void gemm_ukr_scalar(int64_t kc, const float* ap, const float* bp, float*
     for (int j = 0; j < n; ++j) c[i * ldc + j] += alpha * acc[i][j];
 }
 
+void hybrit_c_ternary_dot_tail(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t from, int64_t nbytes, int64_t* acc) {
+  for (int i = 0; i < rows; ++i) {
+    const int8_t* xi = x + i * x_stride;
+    int64_t total = 0;
+    for (int64_t b = from; b < nbytes; ++b) {
+      const uint8_t c = w[b];
+      const int8_t* xb = xi + (b >> 6) * HYBRIT_TERNARY_BLOCK + (b & 63);
+      total += (int64_t)(c & 3) * xb[0] + (int64_t)((c >> 2) & 3) * xb[64] + (int64_t)((c >> 4) & 3) * xb[128] + (int64_t)(c >> 6) * xb[192];
+    }
+    acc[i] += total;
+  }
+}
+
+static void ternary_dot_scalar(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
+  for (int i = 0; i < rows; ++i) acc[i] = 0;
+  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, 0, nbytes, acc);
+}
+
 static const hybrit_c_kernels scalar_kernels = {
     HYBRIT_ISA_SCALAR, chunk_abs_sums_scalar, ternary_pass_scalar, absmax_scalar, int8_pass_scalar, argmin_update_scalar,
-    SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,             gemm_ukr_scalar};
+    SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,             gemm_ukr_scalar,
+    ternary_dot_scalar};
 
 /* ---------------- selection ---------------- */
 
@@ -415,5 +434,54 @@ int hybrit_c_kmeans_update(const float* X, int64_t n, int64_t d, const int32_t* 
       *bad_index = hybrit_c_first_nonfinite(X, n * d) / (d ? d : 1);
       return HYBRIT_C_NONFINITE;
     }
+  return HYBRIT_C_OK;
+}
+
+/* ---------------- ternary matmul ---------------- */
+
+void hybrit_c_ternary_prepare(const int8_t* xq, int64_t m, int64_t k, int8_t* x_blocked, int64_t* x_sums) {
+  const int64_t kp = hybrit_ternary_padded(k);
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* src = xq + i * k;
+    int8_t* dst = x_blocked + i * kp;
+    memset(dst, 0, (size_t)kp);
+    int64_t sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t block = j / HYBRIT_TERNARY_BLOCK, within = j % HYBRIT_TERNARY_BLOCK;
+      dst[block * HYBRIT_TERNARY_BLOCK + (within & 3) * 64 + (within >> 2)] = src[j];
+      sum += src[j];
+    }
+    x_sums[i] = sum;
+  }
+}
+
+void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, const int64_t* x_sums, const float* x_scales, int64_t m,
+                           int64_t k, const uint8_t* w, float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy) {
+  const int64_t kp = hybrit_ternary_padded(k), nbytes = hybrit_packed_cols(k);
+  int64_t acc[4];
+  for (int64_t r = n_begin; r < n_end; ++r) {
+    const uint8_t* wr = w + r * nbytes;
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+      const int rows = m - i0 < 4 ? (int)(m - i0) : 4;
+      kr->ternary_dot(x_blocked + i0 * kp, rows, kp, wr, nbytes, acc);
+      for (int i = 0; i < rows; ++i)
+        y[(i0 + i) * ldy + r] = (float)((double)(acc[i] - x_sums[i0 + i]) * (double)w_scale / (double)x_scales[i0 + i]);
+    }
+  }
+}
+
+int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
+                            int64_t n, float w_scale, float* y) {
+  int8_t* xb = (int8_t*)malloc((size_t)(m * hybrit_ternary_padded(k)) + 64);
+  int64_t* sums = (int64_t*)malloc((size_t)m * sizeof(int64_t) + 8);
+  if (!xb || !sums) {
+    free(xb);
+    free(sums);
+    return HYBRIT_C_NOMEM;
+  }
+  hybrit_c_ternary_prepare(xq, m, k, xb, sums);
+  hybrit_c_ternary_rows(kr, xb, sums, x_scales, m, k, w, w_scale, 0, n, y, n);
+  free(xb);
+  free(sums);
   return HYBRIT_C_OK;
 }

@@ -160,8 +160,41 @@ static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c
     for (int j = 0; j < n; ++j) c[i * ldc + j] += tile[i][j];
 }
 
+/* Block b of 64 packed bytes in two 32-byte halves; field t of each byte meets x[b*256 + t*64 + h*32 ...]. */
+static void ternary_dot_avx2(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
+  const int64_t blocks = nbytes / 64;
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int i = 0; i < rows; ++i) acc[i] = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i p = _mm256_loadu_si256((const __m256i*)(w + blk * 64 + h * 32));
+      const __m256i c0 = _mm256_and_si256(p, three), c1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), three);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), three), c3 = _mm256_and_si256(_mm256_srli_epi16(p, 6), three);
+      for (int i = 0; i < rows; ++i) {
+        const int8_t* xb = x + i * x_stride + blk * 256 + h * 32;
+        /* u8 codes <= 2 times s8: a pair sums to at most 512, four of them to 2048: no int16 saturation. */
+        __m256i s = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i*)xb));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i*)(xb + 64))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i*)(xb + 128))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i*)(xb + 192))));
+        a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(s, ones));
+      }
+    }
+    if ((blk & 4095) == 4095 || blk + 1 == blocks) {  /* at most 8192 per lane per block: flush long before 2^31 */
+      for (int i = 0; i < rows; ++i) {
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i*)lanes, a[i]);
+        for (int l = 0; l < 8; ++l) acc[i] += lanes[l];
+        a[i] = _mm256_setzero_si256();
+      }
+    }
+  }
+  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, blocks * 64, nbytes, acc);
+}
+
 static const hybrit_c_kernels avx2_kernels = {
     HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, argmin_update_avx2, MR, NR, 144, 256,
-    2048, gemm_ukr_avx2};
+    2048, gemm_ukr_avx2, ternary_dot_avx2};
 
 const hybrit_c_kernels* hybrit_c_kernels_avx2(void) { return &avx2_kernels; }

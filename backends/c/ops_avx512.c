@@ -1,6 +1,7 @@
 /* AVX-512 (F, BW, VL, DQ) variants. Only called when the probe reports all four. */
 #include <float.h>
 #include <immintrin.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -137,8 +138,78 @@ static void gemm_ukr_avx512(int64_t kc, const float* ap, const float* bp, float*
   }
 }
 
+/* One block of 64 packed bytes per iteration; field t meets x[b*256 + t*64 ...]. AVX-512BW has no
+ * u8 x s8 dot into int32 in one step, so madd(maddubs) as AVX2 does, twice as wide. */
+static void ternary_dot_avx512(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
+  const int64_t blocks = nbytes / 64;
+  const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi16(1);
+  __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int i = 0; i < rows; ++i) acc[i] = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const __m512i p = _mm512_loadu_si512((const void*)(w + blk * 64));
+    const __m512i c0 = _mm512_and_si512(p, three), c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), three);
+    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), three), c3 = _mm512_and_si512(_mm512_srli_epi16(p, 6), three);
+    for (int i = 0; i < rows; ++i) {
+      const int8_t* xb = x + i * x_stride + blk * 256;
+      __m512i s = _mm512_maddubs_epi16(c0, _mm512_loadu_si512((const void*)xb));
+      s = _mm512_add_epi16(s, _mm512_maddubs_epi16(c1, _mm512_loadu_si512((const void*)(xb + 64))));
+      s = _mm512_add_epi16(s, _mm512_maddubs_epi16(c2, _mm512_loadu_si512((const void*)(xb + 128))));
+      s = _mm512_add_epi16(s, _mm512_maddubs_epi16(c3, _mm512_loadu_si512((const void*)(xb + 192))));
+      a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(s, ones));
+    }
+    if ((blk & 4095) == 4095 || blk + 1 == blocks) {
+      for (int i = 0; i < rows; ++i) {
+        acc[i] += _mm512_reduce_add_epi32(a[i]);
+        a[i] = _mm512_setzero_si512();
+      }
+    }
+  }
+  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, blocks * 64, nbytes, acc);
+}
+
+/* With AVX-512 VNNI, vpdpbusd does u8 x s8 -> int32 in one instruction. Chosen at run time when
+ * the CPU reports avx512vnni (Ice Lake, Zen 4 and later). */
+__attribute__((target("avx512vnni"))) static void ternary_dot_avx512vnni(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w,
+                                                                          int64_t nbytes, int64_t* acc) {
+  const int64_t blocks = nbytes / 64;
+  const __m512i three = _mm512_set1_epi8(3);
+  __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int i = 0; i < rows; ++i) acc[i] = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const __m512i p = _mm512_loadu_si512((const void*)(w + blk * 64));
+    const __m512i c0 = _mm512_and_si512(p, three), c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), three);
+    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), three), c3 = _mm512_and_si512(_mm512_srli_epi16(p, 6), three);
+    for (int i = 0; i < rows; ++i) {
+      const int8_t* xb = x + i * x_stride + blk * 256;
+      __m512i s = _mm512_dpbusd_epi32(a[i], c0, _mm512_loadu_si512((const void*)xb));
+      s = _mm512_dpbusd_epi32(s, c1, _mm512_loadu_si512((const void*)(xb + 64)));
+      s = _mm512_dpbusd_epi32(s, c2, _mm512_loadu_si512((const void*)(xb + 128)));
+      a[i] = _mm512_dpbusd_epi32(s, c3, _mm512_loadu_si512((const void*)(xb + 192)));
+    }
+    if ((blk & 4095) == 4095 || blk + 1 == blocks) {
+      for (int i = 0; i < rows; ++i) {
+        acc[i] += _mm512_reduce_add_epi32(a[i]);
+        a[i] = _mm512_setzero_si512();
+      }
+    }
+  }
+  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, blocks * 64, nbytes, acc);
+}
+
 static const hybrit_c_kernels avx512_kernels = {
     HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, argmin_update_avx512, MR, NR,
-    144, 256, 2048, gemm_ukr_avx512};
+    144, 256, 2048, gemm_ukr_avx512, ternary_dot_avx512};
+static hybrit_c_kernels avx512_vnni_kernels;
+static int with_vnni;
+static pthread_once_t vnni_once = PTHREAD_ONCE_INIT;
+static void pick_vnni(void) {
+  avx512_vnni_kernels = avx512_kernels;
+  avx512_vnni_kernels.ternary_dot = ternary_dot_avx512vnni;
+  __builtin_cpu_init();
+  with_vnni = __builtin_cpu_supports("avx512vnni");
+}
 
-const hybrit_c_kernels* hybrit_c_kernels_avx512(void) { return &avx512_kernels; }
+const hybrit_c_kernels* hybrit_c_kernels_avx512(void) {
+  pthread_once(&vnni_once, pick_vnni);
+  return with_vnni ? &avx512_vnni_kernels : &avx512_kernels;
+}

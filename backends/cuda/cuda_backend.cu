@@ -206,6 +206,31 @@ __global__ void update_kernel(const float* x, int64_t n, int64_t d, const int32_
   }
 }
 
+// One block per (output column r, activation row i): threads stride over the packed bytes of
+// weight row r, the int dot product is summed in the block (exact), then scaled as the CPU does.
+__global__ void matmul_ternary_kernel(const int8_t* xq, const float* x_scales, int64_t k, const uint8_t* w, float w_scale, int64_t n,
+                                      float* y) {
+  const int64_t r = blockIdx.x, i = blockIdx.y, nbytes = (k + 3) / 4;
+  const uint8_t* wr = w + r * nbytes;
+  const int8_t* xi = xq + i * k;
+  long long acc = 0;
+  for (int64_t b = threadIdx.x; b < nbytes; b += blockDim.x) {
+    const unsigned c = wr[b];
+    for (int t = 0; t < 4; ++t) {
+      const int64_t j = 4 * b + t;
+      if (j < k) acc += (long long)(int((c >> (2 * t)) & 3u) - 1) * xi[j];
+    }
+  }
+  __shared__ long long partial[kThreads];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) y[i * n + r] = float(double(partial[0]) * double(w_scale) / double(x_scales[i]));
+}
+
 __global__ void finite_kernel(const double* v, int64_t n, unsigned long long* bad) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     if (!isfinite(v[i])) atomicMin(bad, (unsigned long long)i);
@@ -357,6 +382,18 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaGetLastError());
     finish(labels, l_out);
     finish(dist, d_out);
+  }
+
+  void run_matmul_ternary(const Tensor& x_in, const Tensor& s_in, const Tensor& w_in, float w_scale, Tensor& y_out, int64_t m, int64_t n,
+                          int64_t k) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Tensor xq = input(x_in), scales = input(s_in), w = input(w_in);
+    Tensor y = output(y_out, false);
+    if (m > 0 && n > 0)
+      matmul_ternary_kernel<<<dim3(unsigned(n), unsigned(m)), kThreads>>>(xq.data<int8_t>(), scales.data<float>(), k, w.data<uint8_t>(), w_scale, n,
+                                                                          y.data<float>());
+    CUDA_CHECK(cudaGetLastError());
+    finish(y, y_out);
   }
 
   void run_kmeans_update(const Tensor& x_in, const Tensor& l_in, Tensor& s_out, Tensor& c_out) override {

@@ -140,6 +140,25 @@ class TbbBackend final : public Backend {
   // faiss scheme). Where partials would not fit the memory budget, each (cluster, dimension) sum
   // runs over its points in point order instead, exactly as the C backend: wide points split by
   // column slices, narrow ones bucketed by label with a stable counting sort.
+  // Activations into block order once, then output columns (weight rows) in fixed pieces: integer
+  // dot products, so the result is the c backend's, bit for bit, on any thread count.
+  void run_matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y, int64_t m, int64_t n,
+                          int64_t k) override {
+    const int64_t kp = hybrit_ternary_padded(k);
+    std::vector<int8_t> blocked(size_t(m * kp) + 64);
+    std::vector<int64_t> sums(size_t(std::max<int64_t>(m, 1)));
+    // Weight rows per task: about 64 KiB of packed weights times the activation rows.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, hybrit_packed_cols(k) * std::min<int64_t>(m, 4)));
+    arena_.execute([&] {
+      for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
+        hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
+      });
+      for_chunks(n, grain, [&](int64_t r0, int64_t r1) {
+        hybrit_c_ternary_rows(kr_, blocked.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0, r1,
+                              y.data<float>(), n);
+      });
+    });
+  }
   void run_kmeans_update(const Tensor& xt, const Tensor& lt, Tensor& st, Tensor& ctt) override {
     const float* x = xt.data<float>();
     const int32_t* labels = lt.data<int32_t>();
