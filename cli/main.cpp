@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "clustering/reduce.hpp"
+#include "inference/engine.hpp"
 #include "core/log.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
@@ -93,6 +94,25 @@ int main(int argc, char** argv) {
   reduce->add_option("--set", reduce_sets, "override a key, e.g. --set reduce.strategy=hard (repeatable)");
   reduce->add_option("--out", reduce_out, "output folder (default: runs/<config name>-<date>-<time>)");
 
+  std::string gen_checkpoint, gen_prompt;
+  std::vector<std::string> gen_stop;
+  GenerationRequest gen;
+  bool gen_f32 = false;
+  gen.sampling.temperature = 0.8;
+  CLI::App* generate = app.add_subcommand("generate", "write text with a trained model (packed ternary weights, KV cache), streamed as it is made");
+  generate->add_option("--checkpoint", gen_checkpoint, "training checkpoint (.h5)")->required()->check(CLI::ExistingFile);
+  generate->add_option("--prompt", gen_prompt, "text the output continues")->required();
+  generate->add_option("--max-tokens", gen.max_tokens, "most tokens to write")->capture_default_str();
+  generate->add_option("--temperature", gen.sampling.temperature, "0: greedy")->capture_default_str();
+  generate->add_option("--top-k", gen.sampling.top_k, "keep the k most likely tokens (0: off)")->capture_default_str();
+  generate->add_option("--top-p", gen.sampling.top_p, "nucleus: the smallest set reaching this probability (1: off)")->capture_default_str();
+  generate->add_option("--min-p", gen.sampling.min_p, "drop tokens below this fraction of the top probability (0: off)")->capture_default_str();
+  generate->add_option("--repetition-penalty", gen.sampling.repetition_penalty, "divide (or multiply) logits of tokens already seen (1: off)")
+      ->capture_default_str();
+  generate->add_option("--seed", gen.sampling.seed, "the same seed gives the same text")->capture_default_str();
+  generate->add_option("--stop", gen_stop, "end the output before this text (repeatable)");
+  generate->add_flag("--f32", gen_f32, "use f32 weights (the ternary values times their scale) instead of the packed 2-bit kernel");
+
   std::string ckpt_path, export_out;
   CLI::App* ckpt = app.add_subcommand("checkpoint", "look into or convert a training checkpoint");
   ckpt->require_subcommand(1);
@@ -167,6 +187,29 @@ int main(int argc, char** argv) {
       std::printf("%s after %lld steps: loss %.4f%s; run folder %s\n", r.interrupted ? "stopped" : "done", static_cast<long long>(r.steps_done),
                   r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "", train_out.c_str());
       if (!r.sample.empty()) std::printf("\nA sample from the model:\n%s\n", r.sample.c_str());
+      return 0;
+    }
+    if (*generate) {
+      Dispatcher dispatcher(options);
+      InferenceModel model(dispatcher, gen_checkpoint, !gen_f32);
+      Engine engine(model, EngineOptions{0, 1, 256, 1});
+      model.tokenizer().encode(gen_prompt, gen.prompt);
+      gen.stop = gen_stop;
+      FinishReason why = FinishReason::none;
+      int64_t tokens = 0;
+      gen.on_event = [&](const GenerationEvent& e) {
+        std::fputs(printable_utf8(e.text).c_str(), stdout);
+        std::fflush(stdout);
+        tokens += e.token >= 0;
+        if (e.finished != FinishReason::none) why = e.finished;
+      };
+      std::fputs(gen_prompt.c_str(), stdout);
+      Timer timer;
+      engine.submit(std::move(gen));
+      engine.run();
+      std::printf("\n");
+      std::fprintf(stderr, "hybrit: %lld tokens in %.2f s (%.1f tokens/s, %s weights), finished: %s\n", static_cast<long long>(tokens), timer.seconds(),
+                   double(tokens) / timer.seconds(), model.packed() ? "packed 2-bit" : "f32", to_string(why));
       return 0;
     }
     if (*reduce) {

@@ -12,9 +12,9 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
-from ._hybrit import Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
+from ._hybrit import _Generator, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
 
-__all__ = ["Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
+__all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
            "default_profile_path", "op_size"]
 
 
@@ -46,3 +46,73 @@ def op_size(op, *dims):
     if len(dims) != expected[op]:
         raise ValueError(f"{op} takes {expected[op]} dims, got {len(dims)}")
     return list(dims)
+
+
+class Generator:
+    """Text generation from a training checkpoint: packed ternary weights, a paged KV cache and
+    continuous batching (inference/engine.hpp).
+
+    g = hybrit.Generator("runs/tiny/ckpt-00002000.h5")
+    g.generate(["Q: ", "A fool"], max_tokens=100, temperature=0.8, seed=1)   # batched, a list of dicts
+    for piece in g.stream("Life is", max_tokens=50): print(piece, end="")
+
+    Sampling, in this order: repetition_penalty, temperature (0: greedy), top_k, top_p, min_p, one
+    draw keyed by (seed, output position). Outputs end at the end-of-record token ("eos"),
+    max_tokens ("length"), a stop string ("stop") or the model's context ("context").
+    """
+
+    def __init__(self, checkpoint, packed=True, kv_blocks=0, max_running=16, prefill_chunk=256, backend=None):
+        self._g = _Generator(str(checkpoint), packed, kv_blocks, max_running, prefill_chunk, backend)
+        self.info = self._g.info()
+
+    def _submit(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+        tokens = self._g.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return self._g.submit(tokens, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+
+    def generate(self, prompts, max_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, stop=None):
+        """All prompts batched together; returns one dict per prompt (text, tokens, finish_reason),
+        or one dict for a single string prompt."""
+        single = isinstance(prompts, str)
+        ids = [self._submit(p, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop) for p in ([prompts] if single else prompts)]
+        out = {i: {"text": b"", "tokens": [], "finish_reason": None} for i in ids}
+        while any(o["finish_reason"] is None for o in out.values()):
+            for request, token, text, finished in self._g.step():
+                o = out[request]
+                o["text"] += text
+                if token >= 0:
+                    o["tokens"].append(token)
+                if finished:
+                    o["finish_reason"] = finished
+        results = [dict(out[i], text=out[i]["text"].decode("utf-8", errors="replace")) for i in ids]
+        return results[0] if single else results
+
+    def stream(self, prompt, max_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, stop=None):
+        """Yields the text as it is made (whole UTF-8 characters); closing the iterator cancels the request."""
+        request = self._submit(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        self.last_finish_reason = None
+        try:
+            while self.last_finish_reason is None:
+                for r, token, text, finished in self._g.step():
+                    if r != request:
+                        continue
+                    if text:
+                        yield text.decode("utf-8", errors="replace")
+                    if finished:
+                        self.last_finish_reason = finished
+        finally:
+            if self.last_finish_reason is None:
+                self._g.cancel(request)
+                while not self._g.idle():
+                    self._g.step()
+
+    def last_logits(self, tokens):
+        """The next-token logits after `tokens` (a list of ids), computed as the engine does."""
+        return self._g.last_logits([int(t) for t in tokens])
+
+    def stats(self):
+        """Engine and KV cache counters: running, waiting, tokens, preemptions, blocks in use, prefix hits."""
+        return self._g.stats()
+
+    def encode(self, text):
+        return self._g.encode(text)

@@ -1,0 +1,320 @@
+#include "inference/engine.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/hash.hpp"
+
+namespace hybrit {
+
+void SamplingParams::validate() const {
+  if (!(temperature >= 0) || !std::isfinite(temperature)) fail(ErrorKind::invalid_argument, "temperature: expected a number >= 0, got ", temperature);
+  if (top_k < 0) fail(ErrorKind::invalid_argument, "top_k: expected an integer >= 0 (0: off), got ", top_k);
+  if (!(top_p > 0 && top_p <= 1)) fail(ErrorKind::invalid_argument, "top_p: expected a number in (0, 1], got ", top_p);
+  if (!(min_p >= 0 && min_p <= 1)) fail(ErrorKind::invalid_argument, "min_p: expected a number in [0, 1], got ", min_p);
+  if (!(repetition_penalty > 0) || !std::isfinite(repetition_penalty))
+    fail(ErrorKind::invalid_argument, "repetition_penalty: expected a number > 0 (1: off), got ", repetition_penalty);
+}
+
+int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p, const std::vector<int32_t>& history, int64_t index) {
+  std::vector<double> l(logits, logits + vocab);
+  if (p.repetition_penalty != 1.0) {
+    std::vector<char> seen(size_t(vocab), 0);
+    for (int32_t t : history)
+      if (t >= 0 && t < vocab && !seen[size_t(t)]) {
+        seen[size_t(t)] = 1;
+        l[size_t(t)] = l[size_t(t)] > 0 ? l[size_t(t)] / p.repetition_penalty : l[size_t(t)] * p.repetition_penalty;
+      }
+  }
+  if (p.temperature == 0) return int32_t(std::max_element(l.begin(), l.end()) - l.begin());  // the first of equal maxima
+  const double top = *std::max_element(l.begin(), l.end());
+  std::vector<std::pair<double, int32_t>> probs(static_cast<size_t>(vocab));
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += (probs[size_t(i)] = {std::exp((l[size_t(i)] - top) / p.temperature), int32_t(i)}).first;
+  for (auto& pr : probs) pr.first /= sum;
+  std::stable_sort(probs.begin(), probs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  size_t keep = probs.size();
+  if (p.top_k > 0) keep = std::min(keep, size_t(p.top_k));
+  if (p.top_p < 1) {
+    double cum = 0;
+    size_t i = 0;
+    while (i < keep && cum < p.top_p) cum += probs[i++].first;
+    keep = std::max<size_t>(1, i);
+  }
+  if (p.min_p > 0) {
+    const double floor = p.min_p * probs[0].first;
+    size_t i = 1;
+    while (i < keep && probs[i].first >= floor) ++i;
+    keep = i;
+  }
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += probs[i].first;
+  Rng rng(p.seed, 0x73616d706c65ull, uint64_t(index));  // one counter per output position
+  const double u = (double(rng.next_u32() >> 5) * 67108864.0 + double(rng.next_u32() >> 6)) * 0x1p-53 * total;
+  double cum = 0;
+  for (size_t i = 0; i < keep; ++i)
+    if ((cum += probs[i].first) > u) return probs[i].second;
+  return probs[keep - 1].second;
+}
+
+const char* to_string(FinishReason r) {
+  switch (r) {
+    case FinishReason::none: return "none";
+    case FinishReason::eos: return "eos";
+    case FinishReason::length: return "length";
+    case FinishReason::stop: return "stop";
+    case FinishReason::context: return "context";
+    case FinishReason::cancelled: return "cancelled";
+  }
+  return "?";
+}
+
+namespace {
+
+// Bytes of `s` that end on a whole UTF-8 character: an incomplete trailing sequence is held back
+// for the next token (a byte-level model writes characters a byte at a time).
+size_t complete_utf8_prefix(const std::string& s) {
+  size_t n = s.size(), back = 0;
+  while (back < 4 && back < n && (static_cast<unsigned char>(s[n - 1 - back]) & 0xC0) == 0x80) ++back;
+  if (back >= n) return n;
+  const unsigned char lead = static_cast<unsigned char>(s[n - 1 - back]);
+  const size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+  if (need == 1 || need <= back + 1) return n;  // ASCII, a complete sequence, or invalid bytes (sent as they are)
+  return n - 1 - back;
+}
+
+}  // namespace
+
+Engine::Engine(InferenceModel& model, const EngineOptions& o)
+    : model_(model),
+      options_(o),
+      cache_(o.kv_blocks > 0 ? o.kv_blocks : std::max<int64_t>(1, o.max_running) * ((model.config().context + kKvBlockTokens) / kKvBlockTokens),
+             model.config().n_layers, model.config().kv_heads(), model.config().head_dim()) {
+  if (o.max_running < 1) fail(ErrorKind::invalid_argument, "max_running: expected >= 1, got ", o.max_running);
+  if (o.prefill_chunk < 1) fail(ErrorKind::invalid_argument, "prefill_chunk: expected >= 1, got ", o.prefill_chunk);
+  const int64_t one_sequence = (model.config().context + kKvBlockTokens) / kKvBlockTokens;
+  if (cache_.blocks() < one_sequence)
+    fail(ErrorKind::invalid_argument, "kv_blocks: ", cache_.blocks(), " blocks cannot hold one sequence of the full context (", model.config().context,
+         " tokens need ", one_sequence, ")");
+}
+
+int64_t Engine::submit(GenerationRequest r) {
+  const int64_t context = model_.config().context, vocab = model_.config().vocab_size;
+  if (r.prompt.empty()) fail(ErrorKind::invalid_argument, "prompt: empty (give at least one token)");
+  if (int64_t(r.prompt.size()) > context)
+    fail(ErrorKind::invalid_argument, "prompt: ", r.prompt.size(), " tokens exceed the model's context of ", context);
+  for (int32_t t : r.prompt)
+    if (t < 0 || t >= vocab) fail(ErrorKind::invalid_argument, "prompt: token ", t, " is outside [0, ", vocab, ")");
+  if (r.max_tokens < 1) fail(ErrorKind::invalid_argument, "max_tokens: expected >= 1, got ", r.max_tokens);
+  r.sampling.validate();
+  for (const auto& s : r.stop)
+    if (s.empty()) fail(ErrorKind::invalid_argument, "stop: an empty stop string would end every output at once");
+  if (int64_t(waiting_.size()) >= options_.max_waiting)
+    fail(ErrorKind::unsupported, "queue full: ", waiting_.size(), " requests are waiting (max_waiting ", options_.max_waiting, ")");
+  auto s = std::make_unique<Sequence>();
+  s->id = next_id_++;
+  s->tokens = r.prompt;
+  s->prompt_len = int64_t(r.prompt.size());
+  s->request = std::move(r);
+  const int64_t id = s->id;
+  waiting_.push_back(std::move(s));
+  return id;
+}
+
+void Engine::cancel(int64_t id) {
+  for (auto& s : waiting_)
+    if (s->id == id) s->cancelled = true;
+  for (auto& s : running_)
+    if (s->id == id) s->cancelled = true;
+}
+
+// Reuses cached blocks for the longest registered prefix (whole blocks before the last token,
+// which is always recomputed for its logits), then checks that the rest fits.
+bool Engine::admit(Sequence& s) {
+  uint64_t h = kFnv1aOffset;
+  const int64_t reusable = (int64_t(s.tokens.size()) - 1) / kKvBlockTokens;
+  for (int64_t b = 0; b < reusable; ++b) {
+    h = fnv1a64(s.tokens.data() + b * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), h);
+    const int32_t block = cache_.lookup(h);
+    if (block < 0) break;
+    s.blocks.push_back(block);
+    s.block_hashes.push_back(h);
+  }
+  s.computed = int64_t(s.blocks.size()) * kKvBlockTokens;
+  const int64_t need = (int64_t(s.tokens.size()) + kKvBlockTokens) / kKvBlockTokens - int64_t(s.blocks.size());
+  if (cache_.available() < need) {
+    release(s);
+    return false;
+  }
+  stats_.prompt_tokens_cached += s.computed;
+  return true;
+}
+
+bool Engine::ensure_blocks(Sequence& s, int64_t upto) {
+  while (int64_t(s.blocks.size()) * kKvBlockTokens < upto) {
+    const int32_t b = cache_.allocate();
+    if (b < 0) return false;
+    s.blocks.push_back(b);
+  }
+  return true;
+}
+
+void Engine::release(Sequence& s) {
+  for (int32_t b : s.blocks) cache_.release(b);
+  s.blocks.clear();
+  s.block_hashes.clear();
+  s.computed = 0;
+}
+
+void Engine::preempt_newest() {
+  std::unique_ptr<Sequence> s = std::move(running_.back());
+  running_.pop_back();
+  release(*s);  // recomputed from its tokens (prompt and output so far) when admitted again
+  ++stats_.preemptions;
+  waiting_.push_front(std::move(s));
+}
+
+void Engine::emit(Sequence& s, int32_t token, FinishReason why) {
+  size_t upto = s.text.size();
+  if (why == FinishReason::none) {
+    upto = complete_utf8_prefix(s.text);
+    // Text that may be the start of a stop string waits until it is known not to be one.
+    for (const auto& stop : s.request.stop)
+      for (size_t len = std::min(stop.size() - 1, upto); len > 0; --len)
+        if (s.text.compare(upto - len, len, stop, 0, len) == 0) {
+          upto = std::min(upto, std::max(s.text_sent, upto - len));
+          break;
+        }
+  }
+  GenerationEvent e;
+  e.request = s.id, e.token = token, e.finished = why;
+  if (upto > s.text_sent) e.text = s.text.substr(s.text_sent, upto - s.text_sent), s.text_sent = upto;
+  if (s.request.on_event && (token >= 0 || !e.text.empty() || why != FinishReason::none)) s.request.on_event(e);
+}
+
+void Engine::finish(Sequence& s, FinishReason why, int32_t token) {
+  emit(s, token, why);
+  release(s);
+  ++stats_.finished;
+}
+
+bool Engine::step() {
+  // Cancelled requests leave first.
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    if ((*it)->cancelled) {
+      finish(**it, FinishReason::cancelled, -1);
+      it = waiting_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (size_t i = 0; i < running_.size();) {
+    if (running_[i]->cancelled) {
+      finish(*running_[i], FinishReason::cancelled, -1);
+      running_.erase(running_.begin() + int64_t(i));
+    } else {
+      ++i;
+    }
+  }
+  while (!waiting_.empty() && int64_t(running_.size()) < options_.max_running && admit(*waiting_.front())) {
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  if (running_.empty()) return !waiting_.empty();
+
+  // The plan: every decoding sequence adds its one token; prompts are computed in chunks that
+  // share the prefill budget, oldest first. Blocks that cannot be found preempt the newest.
+  std::vector<ForwardSlice> slices;
+  std::vector<Sequence*> owners;
+  int64_t budget = options_.prefill_chunk;
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Sequence& s = *running_[i];
+    const int64_t remaining = int64_t(s.tokens.size()) - s.computed;
+    const int64_t count = remaining == 1 ? 1 : std::min(remaining, budget);
+    if (count < 1) continue;
+    bool fits = ensure_blocks(s, s.computed + count);
+    while (!fits && running_.back().get() != &s) {
+      preempt_newest();
+      fits = ensure_blocks(s, s.computed + count);
+    }
+    if (!fits) {  // this sequence is the newest: it waits for blocks
+      preempt_newest();
+      break;
+    }
+    if (remaining > 1) budget -= count;
+    ForwardSlice sl;
+    sl.tokens = s.tokens.data() + s.computed;
+    sl.start = s.computed, sl.count = count, sl.block_table = &s.blocks;
+    sl.want_logits = s.computed + count == int64_t(s.tokens.size());
+    slices.push_back(sl);
+    owners.push_back(&s);
+  }
+  if (slices.empty()) return true;
+  const Tensor logits = model_.forward(slices, cache_);
+  ++stats_.steps;
+
+  const int64_t vocab = model_.config().vocab_size, context = model_.config().context;
+  const int32_t eos = model_.tokenizer().end_of_record();
+  int64_t row = 0;
+  std::vector<Sequence*> done;
+  for (size_t i = 0; i < slices.size(); ++i) {
+    Sequence& s = *owners[i];
+    if (s.computed < s.prompt_len) stats_.prompt_tokens_computed += std::min(slices[i].count, s.prompt_len - s.computed);
+    s.computed += slices[i].count;
+    // Full blocks become shareable under the chained hash of every token up to their end.
+    while (int64_t(s.block_hashes.size()) < s.computed / kKvBlockTokens) {
+      const size_t b = s.block_hashes.size();
+      const uint64_t prev = b == 0 ? kFnv1aOffset : s.block_hashes[b - 1];
+      s.block_hashes.push_back(fnv1a64(s.tokens.data() + int64_t(b) * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), prev));
+      cache_.register_block(s.block_hashes.back(), s.blocks[b]);
+    }
+    if (!slices[i].want_logits) continue;
+    const int64_t index = int64_t(s.tokens.size()) - s.prompt_len;
+    const int32_t token = sample_token(logits.data<float>() + row++ * vocab, vocab, s.request.sampling, s.tokens, index);
+    s.tokens.push_back(token);
+    ++stats_.tokens_generated;
+    FinishReason why = FinishReason::none;
+    if (token == eos) {
+      why = FinishReason::eos;
+    } else {
+      const std::vector<int32_t> out(s.tokens.begin() + s.prompt_len, s.tokens.end());
+      s.text = model_.tokenizer().decode(out.data(), out.size());
+      for (const auto& stop : s.request.stop) {
+        const size_t at = s.text.find(stop);
+        if (at != std::string::npos && at >= s.text_sent) {
+          s.text.resize(at);
+          why = FinishReason::stop;
+        }
+      }
+    }
+    if (why == FinishReason::none && index + 1 >= s.request.max_tokens) why = FinishReason::length;
+    if (why == FinishReason::none && int64_t(s.tokens.size()) > context) why = FinishReason::context;
+    if (why == FinishReason::none) emit(s, token, why);
+    else {
+      finish(s, why, token);
+      done.push_back(&s);
+    }
+  }
+  if (!done.empty())
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [&](const auto& s) { return std::find(done.begin(), done.end(), s.get()) != done.end(); }),
+                   running_.end());
+  return !idle();
+}
+
+void Engine::run() {
+  while (step()) {
+  }
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s = stats_;
+  s.running = int64_t(running_.size());
+  s.waiting = int64_t(waiting_.size());
+  s.kv = cache_.stats();
+  for (const auto& q : running_) s.wasted_slots += int64_t(q->blocks.size()) * kKvBlockTokens - q->computed;
+  return s;
+}
+
+}  // namespace hybrit

@@ -1,0 +1,327 @@
+#include "inference/model.hpp"
+
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace hybrit {
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+KvCache::KvCache(int64_t blocks, int64_t layers, int64_t kv_heads, int64_t head_dim)
+    : blocks_(blocks), layers_(layers), row_(kv_heads * head_dim) {
+  if (blocks < 1) fail(ErrorKind::invalid_argument, "kv cache: at least one block is needed, got ", blocks);
+  data_.assign(size_t(blocks * layers * 2 * kKvBlockTokens * row_), 0.0f);
+  refs_.assign(size_t(blocks), 0);
+  hash_of_.assign(size_t(blocks), 0);
+  registered_.assign(size_t(blocks), 0);
+  for (int64_t b = blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
+}
+
+int32_t KvCache::allocate() {
+  int32_t b = -1;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else if (!evictable_.empty()) {
+    b = evictable_.front();  // the cached prefix released longest ago goes first
+    evictable_.pop_front();
+    evictable_at_.erase(b);
+    by_hash_.erase(hash_of_[size_t(b)]);
+    registered_[size_t(b)] = 0;
+  } else {
+    return -1;
+  }
+  refs_[size_t(b)] = 1;
+  return b;
+}
+
+void KvCache::release(int32_t b) {
+  if (--refs_[size_t(b)] > 0) return;
+  if (registered_[size_t(b)]) {
+    evictable_.push_back(b);
+    evictable_at_[b] = std::prev(evictable_.end());
+  } else {
+    free_.push_back(b);
+  }
+}
+
+int32_t KvCache::lookup(uint64_t hash) {
+  ++lookups_;
+  auto it = by_hash_.find(hash);
+  if (it == by_hash_.end()) return -1;
+  ++hits_;
+  const int32_t b = it->second;
+  if (refs_[size_t(b)] == 0) {
+    evictable_.erase(evictable_at_[b]);
+    evictable_at_.erase(b);
+  }
+  ++refs_[size_t(b)];
+  return b;
+}
+
+void KvCache::register_block(uint64_t hash, int32_t b) {
+  if (registered_[size_t(b)] || by_hash_.count(hash)) return;  // the first copy of a prefix is the one shared
+  by_hash_[hash] = b;
+  hash_of_[size_t(b)] = hash;
+  registered_[size_t(b)] = 1;
+}
+
+KvCache::Stats KvCache::stats() const {
+  Stats s;
+  s.blocks = blocks_;
+  s.free = int64_t(free_.size());
+  s.cached = int64_t(evictable_.size());
+  s.in_use = blocks_ - s.free - s.cached;
+  s.prefix_lookups = lookups_;
+  s.prefix_hits = hits_;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+namespace {
+
+void rmsnorm(const float* x, const float* g, float* y, int64_t n, int64_t d, double eps) {
+  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
+    const float* xr = x + r * d;
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
+    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * ri * g[j];
+  });
+}
+
+// y (n, rows) = x (n, cols) W^T (W is (rows, cols)), each element a dot in one fixed order, so a
+// row's result does not depend on the other rows (a GEMM's blocking may depend on the shape).
+void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_t rows, float* y) {
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows, 16), [&](const tbb::blocked_range<int64_t>& range) {
+    for (int64_t r = range.begin(); r != range.end(); ++r) {
+      const float* wr = w + r * cols;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xi = x + i * cols;
+        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= cols; j += 8)
+          for (int l = 0; l < 8; ++l) lanes[l] += xi[j + l] * wr[j + l];
+        float tail = 0;
+        for (; j < cols; ++j) tail += xi[j] * wr[j];
+        y[i * rows + r] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail;
+      }
+    }
+  });
+}
+
+float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+
+}  // namespace
+
+InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkpoint, bool packed) : d_(dispatcher) {
+  CheckpointModel cm = load_checkpoint_model(dispatcher, checkpoint);
+  config_ = cm.model->config();
+  tokenizer_ = std::move(cm.tokenizer);
+  packed_ = packed && config_.quant == ModelConfig::Quant::ternary;
+  ParamTable& table = cm.model->params();
+  auto param = [&](const std::string& name) { return table.param(table.slice(name)).clone(); };
+  auto linear = [&](const std::string& name) {
+    Linear l;
+    Tensor w = param(name);
+    l.rows = w.dim(0), l.cols = w.dim(1);
+    if (packed_) {
+      Tensor q = Tensor::empty(w.shape(), DType::i8);
+      l.scale = d_.quantize_ternary(w, q);
+      l.packed = Tensor::empty({l.rows, (l.cols + 3) / 4}, DType::ternary2);
+      d_.pack_ternary(q, l.packed);
+      weight_bytes_ += l.packed.nbytes();
+    } else if (config_.quant == ModelConfig::Quant::ternary) {
+      // f32 weights holding the ternary values times the scale: the training forward's weights.
+      Tensor q = Tensor::empty(w.shape(), DType::i8);
+      const float s = d_.quantize_ternary(w, q);
+      for (int64_t i = 0; i < w.numel(); ++i) w.data<float>()[i] = float(q.data<int8_t>()[i]) * s;
+      l.weights = w;
+      weight_bytes_ += w.nbytes();
+    } else {
+      l.weights = w;
+      weight_bytes_ += w.nbytes();
+    }
+    return l;
+  };
+  tok_emb_ = param("tok_emb");
+  final_norm_ = param("final_norm");
+  head_ = config_.tied_embeddings ? tok_emb_ : param("head");
+  weight_bytes_ += head_.nbytes() + config_.dim * int64_t(sizeof(float));
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const std::string p = cat("blocks.", i, ".");
+    Layer L;
+    L.attn_norm = param(p + "attn_norm");
+    L.ffn_norm = param(p + "ffn_norm");
+    if (config_.subln) L.attn_sub_norm = param(p + "attn_sub_norm"), L.ffn_sub_norm = param(p + "ffn_sub_norm");
+    L.wq = linear(p + "wq"), L.wk = linear(p + "wk"), L.wv = linear(p + "wv"), L.wo = linear(p + "wo");
+    if (config_.ffn == ModelConfig::Ffn::swiglu) L.w_gate = linear(p + "w_gate");
+    L.w_up = linear(p + "w_up"), L.w_down = linear(p + "w_down");
+    layers_.push_back(std::move(L));
+  }
+  // RoPE tables as the training model makes them (half-split rotation).
+  const int64_t hd = config_.head_dim(), half = hd / 2;
+  rope_cos_.resize(size_t(config_.context * half));
+  rope_sin_.resize(size_t(config_.context * half));
+  for (int64_t t = 0; t < config_.context; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = double(t) * std::pow(config_.rope_theta, -2.0 * double(i) / double(hd));
+      rope_cos_[size_t(t * half + i)] = float(std::cos(angle));
+      rope_sin_[size_t(t * half + i)] = float(std::sin(angle));
+    }
+}
+
+// A BitLinear: int8 activations per row (absmax), then the packed ternary product; or f32.
+void InferenceModel::linear(const Tensor& x, const Linear& l, Tensor& y) {
+  const int64_t n = x.dim(0);
+  if (packed_) {
+    Tensor q = Tensor::empty({n, l.cols}, DType::i8), s = Tensor::empty({n}, DType::f32);
+    d_.quantize_int8_rows(x, q, s);
+    d_.matmul_ternary(q, s, l.packed, l.scale, y);
+    return;
+  }
+  if (config_.quant == ModelConfig::Quant::ternary) {
+    // The training forward's activations: q / s per row.
+    Tensor q = Tensor::empty({n, l.cols}, DType::i8), s = Tensor::empty({n}, DType::f32);
+    d_.quantize_int8_rows(x, q, s);
+    Tensor xs = Tensor::empty({n, l.cols}, DType::f32);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < l.cols; ++j) xs.data<float>()[i * l.cols + j] = float(q.data<int8_t>()[i * l.cols + j]) / s.data<float>()[i];
+    matmul_rows(xs.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
+    return;
+  }
+  matmul_rows(x.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
+}
+
+Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache& cache) {
+  const int64_t D = config_.dim, H = config_.n_heads, KV = config_.kv_heads(), hd = config_.head_dim(), F = config_.hidden();
+  const int64_t V = config_.vocab_size, group = H / KV, half = hd / 2;
+  // Rows: every new token of every slice; where each row sits (its slice, position, cache slot).
+  struct Row {
+    int64_t slice, pos;
+  };
+  std::vector<Row> rows;
+  int64_t logits_rows = 0;
+  for (size_t s = 0; s < slices.size(); ++s) {
+    const ForwardSlice& sl = slices[s];
+    if (sl.count < 1) fail(ErrorKind::invalid_argument, "inference forward: slice ", s, " has no tokens");
+    if (sl.start + sl.count > config_.context)
+      fail(ErrorKind::invalid_argument, "inference forward: positions up to ", sl.start + sl.count, " exceed the model's context of ", config_.context);
+    if (int64_t(sl.block_table->size()) * kKvBlockTokens < sl.start + sl.count)
+      fail(ErrorKind::invalid_argument, "inference forward: slice ", s, "'s block table covers ", sl.block_table->size() * kKvBlockTokens, " positions, needs ",
+           sl.start + sl.count);
+    for (int64_t t = 0; t < sl.count; ++t) {
+      if (sl.tokens[t] < 0 || sl.tokens[t] >= V) fail(ErrorKind::invalid_argument, "inference forward: token ", sl.tokens[t], " is outside [0, ", V, ")");
+      rows.push_back({int64_t(s), sl.start + t});
+    }
+    logits_rows += sl.want_logits;
+  }
+  const int64_t N = int64_t(rows.size());
+  auto matrix = [](int64_t r, int64_t c) { return Tensor::empty({r, c}, DType::f32); };
+  Tensor x = matrix(N, D);
+  for (int64_t r = 0; r < N; ++r) {
+    const ForwardSlice& sl = slices[size_t(rows[size_t(r)].slice)];
+    const int32_t tok = sl.tokens[rows[size_t(r)].pos - sl.start];
+    std::memcpy(x.data<float>() + r * D, tok_emb_.data<float>() + int64_t(tok) * D, size_t(D) * sizeof(float));
+  }
+  Tensor h = matrix(N, D), q = matrix(N, H * hd), k = matrix(N, KV * hd), v = matrix(N, KV * hd), att = matrix(N, H * hd), a = matrix(N, D);
+  Tensor up = matrix(N, F), gate = matrix(N, F), f = matrix(N, F), m = matrix(N, D);
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  auto rotate = [&](float* vec, int64_t pos) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = rope_cos_[size_t(pos * half + i)], s = rope_sin_[size_t(pos * half + i)], a0 = vec[i], b0 = vec[i + half];
+      vec[i] = a0 * c - b0 * s;
+      vec[i + half] = a0 * s + b0 * c;
+    }
+  };
+  for (int64_t li = 0; li < config_.n_layers; ++li) {
+    Layer& L = layers_[size_t(li)];
+    rmsnorm(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), N, D, config_.norm_eps);
+    linear(h, L.wq, q);
+    linear(h, L.wk, k);
+    linear(h, L.wv, v);
+    // RoPE at each row's own position, then K and V into the row's cache slot.
+    for (int64_t r = 0; r < N; ++r) {
+      const int64_t pos = rows[size_t(r)].pos;
+      for (int64_t hh = 0; hh < H; ++hh) rotate(q.data<float>() + (r * H + hh) * hd, pos);
+      for (int64_t hh = 0; hh < KV; ++hh) rotate(k.data<float>() + (r * KV + hh) * hd, pos);
+      const auto& table = *slices[size_t(rows[size_t(r)].slice)].block_table;
+      const int32_t block = table[size_t(pos / kKvBlockTokens)];
+      std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
+      std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
+    }
+    // Attention over the cached positions 0..pos, block by block, with an online softmax: a
+    // running max and sum rescale the accumulator, so no score matrix is ever formed.
+    tbb::parallel_for(int64_t(0), N * H, [&](int64_t rh) {
+      const int64_t r = rh / H, hh = rh % H, g = hh / group, pos = rows[size_t(r)].pos;
+      const auto& table = *slices[size_t(rows[size_t(r)].slice)].block_table;
+      const float* qv = q.data<float>() + (r * H + hh) * hd;
+      float* out = att.data<float>() + (r * H + hh) * hd;
+      std::fill(out, out + hd, 0.0f);
+      float run_max = -INFINITY;
+      double run_sum = 0;
+      for (int64_t s = 0; s <= pos; ++s) {
+        const int32_t block = table[size_t(s / kKvBlockTokens)];
+        const float* ks = cache.key(block, li, s % kKvBlockTokens) + g * hd;
+        float dot = 0;
+        for (int64_t c = 0; c < hd; ++c) dot += qv[c] * ks[c];
+        dot *= scale;
+        if (dot > run_max) {
+          const float shrink = std::exp(run_max - dot);  // exp(-inf) = 0 on the first position
+          run_sum *= shrink;
+          for (int64_t c = 0; c < hd; ++c) out[c] *= shrink;
+          run_max = dot;
+        }
+        const float p = std::exp(dot - run_max);
+        run_sum += p;
+        const float* vs = cache.value(block, li, s % kKvBlockTokens) + g * hd;
+        for (int64_t c = 0; c < hd; ++c) out[c] += p * vs[c];
+      }
+      const float inv = float(1.0 / run_sum);
+      for (int64_t c = 0; c < hd; ++c) out[c] *= inv;
+    });
+    Tensor att_in = att;
+    if (config_.subln) {
+      att_in = matrix(N, H * hd);
+      rmsnorm(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), N, H * hd, config_.norm_eps);
+    }
+    linear(att_in, L.wo, a);
+    for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += a.data<float>()[i];
+    rmsnorm(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), N, D, config_.norm_eps);
+    linear(h, L.w_up, up);
+    if (config_.ffn == ModelConfig::Ffn::swiglu) {
+      linear(h, L.w_gate, gate);
+      for (int64_t i = 0; i < N * F; ++i) f.data<float>()[i] = silu(gate.data<float>()[i]) * up.data<float>()[i];
+    } else {
+      for (int64_t i = 0; i < N * F; ++i) f.data<float>()[i] = up.data<float>()[i] > 0 ? up.data<float>()[i] * up.data<float>()[i] : 0.0f;
+    }
+    Tensor f_in = f;
+    if (config_.subln) {
+      f_in = matrix(N, F);
+      rmsnorm(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), N, F, config_.norm_eps);
+    }
+    linear(f_in, L.w_down, m);
+    for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += m.data<float>()[i];
+  }
+  // Final norm and head for the last row of each slice that wants logits.
+  Tensor last = matrix(std::max<int64_t>(logits_rows, 1), D), logits = Tensor::empty({logits_rows, V}, DType::f32);
+  int64_t out_row = 0, row = 0;
+  for (const ForwardSlice& sl : slices) {
+    row += sl.count;
+    if (!sl.want_logits) continue;
+    rmsnorm(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, 1, D, config_.norm_eps);
+    ++out_row;
+  }
+  if (logits_rows > 0) matmul_rows(last.data<float>(), logits_rows, D, head_.data<float>(), V, logits.data<float>());
+  return logits;
+}
+
+}  // namespace hybrit

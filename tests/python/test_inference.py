@@ -1,0 +1,142 @@
+"""Inference: packed-weight logits against the training forward, batching invariance, sampling,
+the paged KV cache (prefix sharing, preemption), stop conditions and `hybrit generate`."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+import hybrit
+
+
+def trained(tmp_path_factory, quant, **model):
+    cfg = {"seed": 3, "model": dict({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context": 48, "quant": quant}, **model),
+           "train": {"batch": 4, "sample_tokens": 0}}
+    trainer = hybrit.Trainer(cfg)
+    for _ in range(40):
+        trainer.step()
+    path = str(tmp_path_factory.mktemp(f"inference-{quant}") / "model.h5")
+    trainer.save(path)
+    return trainer, path
+
+
+@pytest.fixture(scope="module")
+def ternary(tmp_path_factory):
+    return trained(tmp_path_factory, "ternary")
+
+
+@pytest.fixture(scope="module")
+def generator(ternary):
+    return hybrit.Generator(ternary[1])
+
+
+PROMPTS = ["The ", "A man walks into a bar", "Q: What is the meaning of life?\nA:", "x", "Never", "You will", "It is", "%"]
+
+
+@pytest.mark.parametrize("quant, packed", [("ternary", True), ("ternary", False), ("none", False)])
+def test_logits_match_the_training_forward(tmp_path_factory, rng, quant, packed):
+    trainer, path = trained(tmp_path_factory, quant, subln=bool(rng.integers(2)))
+    model = hybrit.Model(yaml.safe_load(trainer.config_yaml())["model"])
+    params = model.parameters()
+    for name, values in trainer.parameters().items():
+        params[name][...] = values
+    gen = hybrit.Generator(path, packed=packed)
+    for length in [1, 15, 16, 17, 48]:
+        tokens = rng.integers(0, 257, length).astype(np.int32)
+        model.forward(tokens[None, :], tokens[None, :])
+        ref = model.logits()[length - 1]
+        np.testing.assert_allclose(gen.last_logits(tokens), ref, atol=2e-4 * max(1, np.abs(ref).max()), rtol=0)
+
+
+def test_greedy_output_is_identical_at_batch_1_and_8(generator):
+    batch = generator.generate(PROMPTS, max_tokens=40, temperature=0)
+    for prompt, together in zip(PROMPTS, batch):
+        alone = generator.generate(prompt, max_tokens=40, temperature=0)
+        assert alone["tokens"] == together["tokens"] and alone["text"] == together["text"]
+
+
+def test_the_same_seed_gives_the_same_text_whatever_the_batch(generator):
+    kw = dict(max_tokens=30, temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.1)
+    a = generator.generate(PROMPTS, seed=7, **kw)
+    b = generator.generate(PROMPTS[:3], seed=7, **kw)
+    assert [r["tokens"] for r in a[:3]] == [r["tokens"] for r in b]
+    c = generator.generate(PROMPTS, seed=8, **kw)
+    assert [r["tokens"] for r in a] != [r["tokens"] for r in c]
+
+
+def test_top_k_1_is_greedy_and_min_p_1_keeps_only_the_top(generator):
+    greedy = generator.generate(PROMPTS[:4], max_tokens=20, temperature=0)
+    for kw in ({"top_k": 1}, {"min_p": 1.0}):
+        sampled = generator.generate(PROMPTS[:4], max_tokens=20, temperature=1.3, seed=5, **kw)
+        assert [r["tokens"] for r in sampled] == [r["tokens"] for r in greedy]
+
+
+def test_preemption_and_a_small_kv_pool_do_not_change_the_output(ternary):
+    path = ternary[1]
+    roomy = hybrit.Generator(path).generate(PROMPTS, max_tokens=44, temperature=0.7, seed=1)
+    tight = hybrit.Generator(path, kv_blocks=8, max_running=8, prefill_chunk=7)  # 8 blocks: room for two full-context sequences
+    out = tight.generate(PROMPTS, max_tokens=44, temperature=0.7, seed=1)
+    assert [r["tokens"] for r in out] == [r["tokens"] for r in roomy]
+    stats = tight.stats()
+    assert stats["preemptions"] > 0 and stats["running"] == 0 and stats["kv_in_use"] == 0
+
+
+def test_shared_prompt_prefixes_reuse_cached_blocks(ternary):
+    gen = hybrit.Generator(ternary[1])
+    prefix = "Once upon a time, in a land far away, "  # 39 bytes: two full blocks
+    first = gen.generate(prefix + "a king", max_tokens=5, temperature=0)
+    before = gen.stats()
+    second = gen.generate(prefix + "a queen", max_tokens=5, temperature=0)
+    after = gen.stats()
+    assert after["prefix_hits"] - before["prefix_hits"] == 2
+    assert after["prompt_tokens_cached"] - before["prompt_tokens_cached"] == 32
+    fresh = hybrit.Generator(ternary[1]).generate(prefix + "a queen", max_tokens=5, temperature=0)
+    assert second["tokens"] == fresh["tokens"] and first["finish_reason"] == "length"
+
+
+def test_stop_strings_max_tokens_and_context(generator):
+    free = generator.generate("The ", max_tokens=40, temperature=0)
+    stop = free["text"][5:8]
+    cut = generator.generate("The ", max_tokens=40, temperature=0, stop=[stop])
+    assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][: free["text"].find(stop)]
+    assert len(generator.generate("The ", max_tokens=3, temperature=0)["tokens"]) == 3
+    long = generator.generate("a" * 40, max_tokens=100, temperature=0.5, seed=2)
+    assert long["finish_reason"] in ("context", "eos") and len(long["tokens"]) <= 9
+
+
+def test_stream_yields_the_same_text_and_cancels_when_closed(generator):
+    whole = generator.generate("You will", max_tokens=30, temperature=0.8, seed=4)
+    pieces = list(generator.stream("You will", max_tokens=30, temperature=0.8, seed=4))
+    assert "".join(pieces) == whole["text"] and len(pieces) > 1
+    it = generator.stream("You will", max_tokens=30, temperature=0.8, seed=4)
+    next(it)
+    it.close()
+    assert generator.stats()["running"] == 0 and generator.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"min_p": 2}, "min_p"), ({"top_k": -3}, "top_k"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"),
+])
+def test_bad_sampling_values_are_refused(generator, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generator.generate("The ", **kwargs)
+
+
+def test_bad_prompts_are_refused(generator):
+    with pytest.raises(ValueError, match="empty"):
+        generator.generate("")
+    with pytest.raises(ValueError, match="exceed the model's context of 48"):
+        generator.generate("y" * 49)
+
+
+def test_hybrit_generate_streams_text(cli, ternary, generator):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    r = subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "The ", "--max-tokens", "20", "--temperature", "0"],
+                       capture_output=True, text=True, env=env, check=True, timeout=120)
+    expect = generator.generate("The ", max_tokens=20, temperature=0)
+    assert r.stdout == "The " + expect["text"] + "\n"
+    assert "tokens/s" in r.stderr and "finished: length" in r.stderr
+    bad = subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "x", "--top-p", "0"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "top_p" in bad.stderr
