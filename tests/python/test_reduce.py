@@ -185,7 +185,10 @@ def test_balanced_takes_equal_quotas_and_whole_small_clusters(embedded):
 
 
 def test_semdedup_removes_injected_duplicates_and_nothing_else(fortunes, rng):
-    originals = list(dict.fromkeys(fortunes[i] for i in rng.choice(len(fortunes), 400, replace=False)))
+    by_text = {}
+    for i in rng.choice(len(fortunes), 400, replace=False):  # distinct after folding case and whitespace
+        by_text.setdefault(" ".join(fortunes[i].lower().split()), fortunes[i])
+    originals = list(by_text.values())
     copies = [originals[i].upper() + "  " for i in rng.choice(len(originals), 60, replace=False)]  # equal after case/space folding
     records = originals + copies
     order = rng.permutation(len(records))
