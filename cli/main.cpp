@@ -13,8 +13,6 @@
 #include "dispatch/report.hpp"
 #include "training/trainer.hpp"
 
-#include <chrono>
-#include <ctime>
 #include <filesystem>
 
 namespace {
@@ -46,14 +44,6 @@ void print_info(const HardwareInfo& hw) {
     std::printf("CUDA           cuda:%d %s, compute %d.%d, %s, %d SMs\n", d.index, d.name.c_str(), d.compute_major, d.compute_minor,
                 format_bytes(double(d.memory_bytes)).c_str(), d.multiprocessors);
   std::printf("fingerprint    %s\n", hw.fingerprint().c_str());
-}
-
-// runs/<config name>-<date>-<time>
-std::string default_run_folder(const std::string& config_path) {
-  const std::time_t now = std::time(nullptr);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
-  return cat("runs/", std::filesystem::path(config_path).stem().string(), "-", stamp);
 }
 
 }  // namespace
@@ -182,7 +172,7 @@ int main(int argc, char** argv) {
         if (train_resume == "auto") fail(ErrorKind::invalid_argument, "--resume auto: name the run folder with --out");
         train_out = std::filesystem::path(train_resume).parent_path().string();
       }
-      if (train_out.empty()) train_out = default_run_folder(train_config);
+      if (train_out.empty()) train_out = default_run_folder(std::filesystem::path(train_config).stem().string());
       const RunResult r = run_training(cfg, train_out, train_resume);
       std::printf("%s after %lld steps: loss %.4f%s; run folder %s\n", r.interrupted ? "stopped" : "done", static_cast<long long>(r.steps_done),
                   r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "", train_out.c_str());
@@ -192,7 +182,9 @@ int main(int argc, char** argv) {
     if (*generate) {
       Dispatcher dispatcher(options);
       InferenceModel model(dispatcher, gen_checkpoint, !gen_f32);
-      Engine engine(model, EngineOptions{0, 1, 256, 1});
+      EngineOptions one_request;
+      one_request.max_running = 1, one_request.max_waiting = 1;
+      Engine engine(model, one_request);
       model.tokenizer().encode(gen_prompt, gen.prompt);
       gen.stop = gen_stop;
       FinishReason why = FinishReason::none;
@@ -215,7 +207,7 @@ int main(int argc, char** argv) {
     if (*reduce) {
       ReduceConfig cfg = load_reduce_config(reduce_config, reduce_sets);
       cfg.dispatch.merge(options.overrides);
-      if (reduce_out.empty()) reduce_out = default_run_folder(reduce_config);
+      if (reduce_out.empty()) reduce_out = default_run_folder(std::filesystem::path(reduce_config).stem().string());
       const nlohmann::json r = run_reduce(cfg, reduce_out);
       std::cout << format_reduce_report(r);
       std::printf("report: %s/report.json; train on it with --set data.sources=%s\n", reduce_out.c_str(), r["output"].get<std::string>().c_str());

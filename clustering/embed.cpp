@@ -77,6 +77,8 @@ void for_records_with_progress(const char* label, int64_t n, const Body& body) {
   bar.finish();
 }
 
+}  // namespace
+
 void l2_normalise(float* row, int64_t d) {
   double ss = 0;
   for (int64_t j = 0; j < d; ++j) ss += double(row[j]) * row[j];
@@ -84,8 +86,6 @@ void l2_normalise(float* row, int64_t d) {
   const float inv = float(1.0 / std::sqrt(ss));
   for (int64_t j = 0; j < d; ++j) row[j] *= inv;
 }
-
-}  // namespace
 
 Tensor embed_ngrams(const std::vector<std::string>& records, const NgramEmbeddingOptions& o) {
   if (records.empty()) fail(ErrorKind::invalid_argument, "embedding: no records");

@@ -9,6 +9,9 @@
 
 namespace hybrit {
 
+// Scales a row of d values to unit length (a zero row stays zero).
+void l2_normalise(float* row, int64_t d);
+
 struct NgramEmbeddingOptions {
   int64_t dim = 1024;  // hashed feature buckets: the embedding's width
   // n-gram lengths, inclusive; a {0, 0} range turns that kind off. Character n-grams run over the

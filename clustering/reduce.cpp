@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +12,7 @@
 
 #include "core/log.hpp"
 #include "core/rng.hpp"
+#include "dispatch/report.hpp"
 #include "training/data.hpp"
 #include "training/yaml_schema.hpp"
 
@@ -32,6 +34,13 @@ const char* to_string(ReduceStrategy s) {
 namespace {
 
 constexpr uint64_t kBalancedStream = 0x62616cull, kRandomStream = 0x726e64ull;
+
+// The first `count` of `items` become a uniform random draw without replacement (a partial
+// Fisher-Yates shuffle); the draw depends only on the rng and the items' order.
+void draw_prefix(std::vector<int64_t>& items, int64_t count, Rng& rng) {
+  const int64_t n = int64_t(items.size());
+  for (int64_t i = 0; i < count; ++i) std::swap(items[size_t(i)], items[size_t(i + int64_t(rng.below(uint64_t(n - i))))]);
+}
 
 // The number of records a target asks for, checked.
 int64_t target_count(const SelectOptions& o, int64_t n) {
@@ -116,7 +125,7 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
     std::vector<int64_t> all(static_cast<size_t>(n));
     std::iota(all.begin(), all.end(), int64_t(0));
     Rng rng(o.seed, kRandomStream);
-    for (int64_t i = 0; i < target; ++i) std::swap(all[size_t(i)], all[size_t(i + int64_t(rng.below(uint64_t(n - i))))]);
+    draw_prefix(all, target, rng);
     s.kept.assign(all.begin(), all.begin() + target);
     std::sort(s.kept.begin(), s.kept.end());
     s.cluster_size = {n}, s.cluster_kept = {target}, s.cluster_near_duplicates = {0};
@@ -159,12 +168,9 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
     }
     Tensor unit = Tensor::empty({size, d}, DType::f32);
     for (int64_t r = 0; r < size; ++r) {
-      const float* src = xp + m[size_t(r)] * d;
-      float* dst = unit.data<float>() + r * d;
-      double ss = 0;
-      for (int64_t j = 0; j < d; ++j) ss += double(src[j]) * src[j];
-      const float inv = ss > 0 ? float(1.0 / std::sqrt(ss)) : 0.0f;
-      for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * inv;
+      float* row = unit.data<float>() + r * d;
+      std::memcpy(row, xp + m[size_t(r)] * d, size_t(d) * sizeof(float));
+      l2_normalise(row, d);
     }
     for (int64_t b0 = 0; b0 < size; b0 += kBlock) {
       const int64_t b1 = std::min(size, b0 + kBlock);
@@ -202,10 +208,8 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
         std::vector<int64_t> m = members[size_t(c)];
         std::sort(m.begin(), m.end());
         Rng rng(o.seed, kBalancedStream + uint64_t(c));
-        for (int64_t i = 0; i < quota[size_t(c)]; ++i) {
-          std::swap(m[size_t(i)], m[size_t(i + int64_t(rng.below(uint64_t(int64_t(m.size()) - i))))]);
-          keep[size_t(m[size_t(i)])] = 1;
-        }
+        draw_prefix(m, quota[size_t(c)], rng);
+        for (int64_t i = 0; i < quota[size_t(c)]; ++i) keep[size_t(m[size_t(i)])] = 1;
       }
       break;
     }
@@ -266,13 +270,7 @@ ReduceConfig parse_reduce_config(const std::string& yaml_text, const std::string
     {"seed", [&](const YAML::Node& n, const std::string& k) { c.seed = uint64_t(as_int(n, k, o, 0)); }},
     {"data", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
-         {"sources", [&](const YAML::Node& n, const std::string& k) {
-            c.sources.clear();
-            if (n.IsScalar()) c.sources.push_back(n.Scalar());
-            else if (n.IsSequence()) for (const auto& s : n) c.sources.push_back(as_string(s, k, o));
-            else bad(o.where(n, k), k, "expected a path or a list of paths");
-            if (c.sources.empty()) bad(o.where(n, k), k, "expected at least one path");
-          }},
+         {"sources", [&](const YAML::Node& n, const std::string& k) { c.sources = as_path_list(n, k, o); }},
          {"format", [&](const YAML::Node& n, const std::string& k) { c.format = as_choice(n, k, o, {"auto", "text", "fortune", "jsonl"}); }},
        });
      }},
@@ -351,11 +349,7 @@ ReduceConfig parse_reduce_config(const std::string& yaml_text, const std::string
 }
 
 ReduceConfig load_reduce_config(const std::string& path, const std::vector<std::string>& sets) {
-  std::ifstream in(path);
-  if (!in) fail(ErrorKind::io, path, ": cannot open config file");
-  std::stringstream text;
-  text << in.rdbuf();
-  return parse_reduce_config(text.str(), path, sets);
+  return parse_reduce_config(schema::read_config_file(path), path, sets);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,17 +386,6 @@ void write_corpus(const std::string& path, CorpusFormat format, const std::vecto
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) fail(ErrorKind::io, path, ": cannot move into place (", ec.message(), ")");
-}
-
-nlohmann::json metrics_json(const Metrics& metrics) {
-  nlohmann::json out = nlohmann::json::object();
-  for (int op = 0; op < kOpCount; ++op)
-    for (int b = 0; b < kBackendCount; ++b) {
-      const MetricsRow r = metrics.get(Op(op), BackendKind(b));
-      if (r.calls)
-        out[to_string(Op(op))][to_string(BackendKind(b))] = {{"calls", r.calls}, {"elements", r.elements}, {"bytes", r.bytes}, {"seconds", r.seconds}};
-    }
-  return out;
 }
 
 }  // namespace

@@ -27,7 +27,7 @@ struct OpSize {
 // Dimensions per op: quantize_ternary (n); quantize_int8_rows, pack/unpack (rows, cols);
 // matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).
 OpSize op_size(Op op, int64_t a, int64_t b = 1, int64_t c = 1);
-bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, kmeans_assign), else GB/s
+bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, matmul_ternary, kmeans_assign), else GB/s
 
 struct ProfilePoint {
   double work = 0;

@@ -204,6 +204,17 @@ std::string fmt(const char* f, double v) {
 
 std::vector<std::array<int64_t, 3>> report_ladder(Op op, bool quick) { return ladder(op, quick); }
 
+nlohmann::json metrics_json(const Metrics& metrics) {
+  nlohmann::json out = nlohmann::json::object();
+  for (int op = 0; op < kOpCount; ++op)
+    for (int b = 0; b < kBackendCount; ++b) {
+      const MetricsRow r = metrics.get(Op(op), BackendKind(b));
+      if (r.calls)
+        out[to_string(Op(op))][to_string(BackendKind(b))] = {{"calls", r.calls}, {"elements", r.elements}, {"bytes", r.bytes}, {"seconds", r.seconds}};
+    }
+  return out;
+}
+
 json hardware_json(const HardwareInfo& hw) {
   json gpus = json::array();
   for (const auto& d : hw.cuda_devices)

@@ -30,6 +30,8 @@ std::vector<std::array<int64_t, 3>> report_ladder(Op op, bool quick);
 
 // The hardware probe as JSON (what `hybrit info --json` and hybrit.info() return).
 nlohmann::json hardware_json(const HardwareInfo& hw);
+// Dispatcher metrics as {op: {backend: {calls, elements, bytes, seconds}}}, ops that ran only.
+nlohmann::json metrics_json(const Metrics& metrics);
 
 // The whole report as JSON (hardware, backends, ceilings, per-op tables, crossovers,
 // recommendations, and the measured profile).

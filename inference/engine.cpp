@@ -278,11 +278,11 @@ bool Engine::step() {
     if (token == eos) {
       why = FinishReason::eos;
     } else {
-      const std::vector<int32_t> out(s.tokens.begin() + s.prompt_len, s.tokens.end());
-      s.text = model_.tokenizer().decode(out.data(), out.size());
+      s.text += model_.tokenizer().decode(&token, 1);  // both tokenizers decode token by token
       for (const auto& stop : s.request.stop) {
-        const size_t at = s.text.find(stop);
-        if (at != std::string::npos && at >= s.text_sent) {
+        // Text that could begin a stop string is never sent, so a match starts at text_sent or later.
+        const size_t at = s.text.find(stop, s.text_sent);
+        if (at != std::string::npos) {
           s.text.resize(at);
           why = FinishReason::stop;
         }

@@ -87,16 +87,6 @@ KvCache::Stats KvCache::stats() const {
 
 namespace {
 
-void rmsnorm(const float* x, const float* g, float* y, int64_t n, int64_t d, double eps) {
-  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
-    const float* xr = x + r * d;
-    double ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
-    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * ri * g[j];
-  });
-}
-
 // y (n, rows) = x (n, cols) W^T (W is (rows, cols)), each element a dot in one fixed order, so a
 // row's result does not depend on the other rows (a GEMM's blocking may depend on the shape).
 void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_t rows, float* y) {
@@ -116,8 +106,6 @@ void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_
     }
   });
 }
-
-float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 
 }  // namespace
@@ -167,16 +155,7 @@ InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkp
     L.w_up = linear(p + "w_up"), L.w_down = linear(p + "w_down");
     layers_.push_back(std::move(L));
   }
-  // RoPE tables as the training model makes them (half-split rotation).
-  const int64_t hd = config_.head_dim(), half = hd / 2;
-  rope_cos_.resize(size_t(config_.context * half));
-  rope_sin_.resize(size_t(config_.context * half));
-  for (int64_t t = 0; t < config_.context; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = double(t) * std::pow(config_.rope_theta, -2.0 * double(i) / double(hd));
-      rope_cos_[size_t(t * half + i)] = float(std::cos(angle));
-      rope_sin_[size_t(t * half + i)] = float(std::sin(angle));
-    }
+  rope_tables(config_, rope_cos_, rope_sin_);  // as the training model makes them
 }
 
 // A BitLinear: int8 activations per row (absmax), then the packed ternary product; or f32.
@@ -244,7 +223,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
   };
   for (int64_t li = 0; li < config_.n_layers; ++li) {
     Layer& L = layers_[size_t(li)];
-    rmsnorm(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), N, D, config_.norm_eps);
+    rmsnorm_forward(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
     linear(h, L.wq, q);
     linear(h, L.wk, k);
     linear(h, L.wv, v);
@@ -291,11 +270,11 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     Tensor att_in = att;
     if (config_.subln) {
       att_in = matrix(N, H * hd);
-      rmsnorm(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), N, H * hd, config_.norm_eps);
+      rmsnorm_forward(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), nullptr, N, H * hd, config_.norm_eps);
     }
     linear(att_in, L.wo, a);
     for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += a.data<float>()[i];
-    rmsnorm(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), N, D, config_.norm_eps);
+    rmsnorm_forward(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
     linear(h, L.w_up, up);
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
       linear(h, L.w_gate, gate);
@@ -306,7 +285,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     Tensor f_in = f;
     if (config_.subln) {
       f_in = matrix(N, F);
-      rmsnorm(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), N, F, config_.norm_eps);
+      rmsnorm_forward(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), nullptr, N, F, config_.norm_eps);
     }
     linear(f_in, L.w_down, m);
     for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += m.data<float>()[i];
@@ -317,11 +296,22 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
   for (const ForwardSlice& sl : slices) {
     row += sl.count;
     if (!sl.want_logits) continue;
-    rmsnorm(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, 1, D, config_.norm_eps);
+    rmsnorm_forward(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, nullptr, 1, D, config_.norm_eps);
     ++out_row;
   }
   if (logits_rows > 0) matmul_rows(last.data<float>(), logits_rows, D, head_.data<float>(), V, logits.data<float>());
   return logits;
+}
+
+std::vector<float> InferenceModel::last_logits(const std::vector<int32_t>& tokens) {
+  if (tokens.empty()) fail(ErrorKind::invalid_argument, "last_logits: no tokens");
+  KvCache cache((int64_t(tokens.size()) + kKvBlockTokens - 1) / kKvBlockTokens, config_.n_layers, config_.kv_heads(), config_.head_dim());
+  std::vector<int32_t> table;
+  for (int64_t b = 0; b < cache.blocks(); ++b) table.push_back(cache.allocate());
+  ForwardSlice s;
+  s.tokens = tokens.data(), s.count = int64_t(tokens.size()), s.block_table = &table, s.want_logits = true;
+  const Tensor logits = forward({s}, cache);
+  return std::vector<float>(logits.data<float>(), logits.data<float>() + config_.vocab_size);
 }
 
 }  // namespace hybrit

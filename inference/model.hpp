@@ -88,6 +88,9 @@ class InferenceModel {
 
   // Runs the slices; returns (slices wanting logits, vocab) f32, in slice order.
   Tensor forward(const std::vector<ForwardSlice>& slices, KvCache& cache);
+  // The next-token logits after `tokens` (one sequence, a cache of its own): what the engine
+  // samples from, for checks against the training forward.
+  std::vector<float> last_logits(const std::vector<int32_t>& tokens);
 
  private:
   struct Linear {

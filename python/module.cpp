@@ -15,8 +15,6 @@
 #include "training/model.hpp"
 #include "training/trainer.hpp"
 
-#include <chrono>
-#include <ctime>
 #include <filesystem>
 #include <map>
 
@@ -55,6 +53,14 @@ std::pair<py::array_t<T>, Tensor> new_array(const Shape& shape) {
   return {a, t};
 }
 
+// A new numpy array holding a copy of a host tensor.
+template <class T>
+py::array_t<T> copy_to_numpy(const Tensor& t) {
+  auto [a, view] = new_array<T>(t.shape());
+  std::memcpy(view.raw(), t.raw(), t.nbytes());
+  return a;
+}
+
 // The output array: `out` when given (checked: dtype, layout, shape, writeable), else a new one.
 // Reusing an output saves the page faults of fresh memory, which cost more than the kernel.
 template <class T>
@@ -67,23 +73,7 @@ std::pair<py::array, Tensor> output_array(const py::object& out, const Shape& sh
 }
 
 // Dispatcher metrics as {op: {backend: {calls, elements, bytes, seconds}}}, ops that ran only.
-py::dict metrics_dict(const Metrics& metrics) {
-  py::dict out;
-  for (int o = 0; o < kOpCount; ++o)
-    for (int b = 0; b < kBackendCount; ++b) {
-      const MetricsRow r = metrics.get(Op(o), BackendKind(b));
-      if (!r.calls) continue;
-      const char* op = to_string(Op(o));
-      if (!out.contains(op)) out[op] = py::dict();
-      py::dict row;
-      row["calls"] = r.calls;
-      row["elements"] = r.elements;
-      row["bytes"] = r.bytes;
-      row["seconds"] = r.seconds;
-      out[op][py::str(to_string(BackendKind(b)))] = row;
-    }
-  return out;
-}
+py::dict metrics_dict(const Metrics& metrics) { return json_to_python(metrics_json(metrics)); }
 
 Overrides overrides_from(const std::optional<std::string>& backend, const std::optional<std::map<std::string, std::string>>& ops,
                          const std::optional<std::string>& simd, int threads, const std::optional<std::string>& profile) {
@@ -331,20 +321,12 @@ class PyGenerator {
   void cancel(int64_t id) { engine_->cancel(id); }
   bool idle() const { return engine_->idle(); }
   py::array_t<float> last_logits(const std::vector<int32_t>& tokens) {
-    const ModelConfig& c = model_->config();
-    KvCache cache((c.context + kKvBlockTokens) / kKvBlockTokens, c.n_layers, c.kv_heads(), c.head_dim());
-    std::vector<int32_t> table;
-    for (int64_t b = 0; b * kKvBlockTokens < int64_t(tokens.size()); ++b) table.push_back(cache.allocate());
-    ForwardSlice s;
-    s.tokens = tokens.data(), s.start = 0, s.count = int64_t(tokens.size()), s.block_table = &table, s.want_logits = true;
-    Tensor logits;
+    std::vector<float> logits;
     {
       py::gil_scoped_release release;
-      logits = model_->forward({s}, cache);
+      logits = model_->last_logits(tokens);
     }
-    py::array_t<float> a(c.vocab_size);
-    std::memcpy(a.mutable_data(), logits.raw(), size_t(c.vocab_size) * sizeof(float));
-    return a;
+    return py::array_t<float>(py::ssize_t(logits.size()), logits.data());
   }
   py::dict stats() const {
     const EngineStats s = engine_->stats();
@@ -613,13 +595,7 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       "train",
       [](const py::object& config, std::optional<std::string> out, const std::vector<std::string>& sets) {
         TrainConfig cfg = train_config_from(config, sets);
-        if (!out) {
-          const std::time_t now = std::time(nullptr);
-          char stamp[32];
-          std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
-          const std::string name = cfg.source == "<config dict>" ? "run" : std::filesystem::path(cfg.source).stem().string();
-          out = cat("runs/", name, "-", stamp);
-        }
+        if (!out) out = default_run_folder(cfg.source == "<config dict>" ? "run" : std::filesystem::path(cfg.source).stem().string());
         RunResult r;
         {
           py::gil_scoped_release release;
@@ -667,16 +643,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       py::arg("path"));
 
   py::class_<KMeansResult>(m, "KMeansResult", "centroids (k, d) float32, labels (n,) int32, inertia, n_iter, converged")
-      .def_property_readonly("centroids", [](const KMeansResult& r) {
-        py::array_t<float> a({r.centroids.dim(0), r.centroids.dim(1)});
-        std::memcpy(a.mutable_data(), r.centroids.raw(), r.centroids.nbytes());
-        return a;
-      })
-      .def_property_readonly("labels", [](const KMeansResult& r) {
-        py::array_t<int32_t> a({r.labels.dim(0)});
-        std::memcpy(a.mutable_data(), r.labels.raw(), r.labels.nbytes());
-        return a;
-      })
+      .def_property_readonly("centroids", [](const KMeansResult& r) { return copy_to_numpy<float>(r.centroids); })
+      .def_property_readonly("labels", [](const KMeansResult& r) { return copy_to_numpy<int32_t>(r.labels); })
       .def_readonly("inertia", &KMeansResult::inertia)
       .def_readonly("n_iter", &KMeansResult::iterations)
       .def_readonly("converged", &KMeansResult::converged)
@@ -738,9 +706,7 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
           py::gil_scoped_release release;
           t = embed_ngrams(records, o);
         }
-        auto [a, out] = new_array<float>(t.shape());
-        std::memcpy(out.raw(), t.raw(), t.nbytes());
-        return a;
+        return copy_to_numpy<float>(t);
       },
       py::arg("records"), py::arg("dim") = 1024, py::arg("char_ngrams") = std::pair<int, int>{3, 5}, py::arg("word_ngrams") = std::pair<int, int>{1, 2},
       "Model-free embeddings of text records: hashed character and word n-grams (inclusive length ranges, (0, 0) for none), "
@@ -759,9 +725,7 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
           Dispatcher d(dopts);
           t = embed_with_model(d, records, o);
         }
-        auto [a, out] = new_array<float>(t.shape());
-        std::memcpy(out.raw(), t.raw(), t.nbytes());
-        return a;
+        return copy_to_numpy<float>(t);
       },
       py::arg("records"), py::arg("checkpoint"), py::arg("max_tokens") = 512, py::arg("batch") = 16, py::arg("backend") = py::none(),
       "Model-based embeddings: each record's tokens (the first max_tokens) through a training checkpoint's model, final hidden "
@@ -821,12 +785,7 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         else if (py::isinstance<py::dict>(config))
           cfg = parse_reduce_config(py::module_::import("json").attr("dumps")(config).cast<std::string>(), "<config dict>", sets);
         else throw py::type_error("config must be a path to a YAML file or a dict");
-        if (!out) {
-          const std::time_t now = std::time(nullptr);
-          char stamp[32];
-          std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
-          out = cat("runs/", cfg.source == "<config dict>" ? std::string("reduce") : std::filesystem::path(cfg.source).stem().string(), "-", stamp);
-        }
+        if (!out) out = default_run_folder(cfg.source == "<config dict>" ? "reduce" : std::filesystem::path(cfg.source).stem().string());
         nlohmann::json report;
         {
           py::gil_scoped_release release;

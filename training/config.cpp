@@ -90,6 +90,23 @@ void apply_set(YAML::Node& root, const std::string& assignment, Origins& o) {
   o.of_key[path] = "--set " + assignment;
 }
 
+std::vector<std::string> as_path_list(const YAML::Node& n, const std::string& key, const Origins& o) {
+  std::vector<std::string> paths;
+  if (n.IsScalar()) paths.push_back(n.Scalar());
+  else if (n.IsSequence()) for (const auto& s : n) paths.push_back(as_string(s, key, o));
+  else bad(o.where(n, key), key, "expected a path or a list of paths");
+  if (paths.empty()) bad(o.where(n, key), key, "expected at least one path");
+  return paths;
+}
+
+std::string read_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(ErrorKind::io, path, ": cannot open config file");
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 YAML::Node load_yaml(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets, Origins& o) {
   YAML::Node root;
   try {
@@ -141,13 +158,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
      }},
     {"data", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
-         {"sources", [&](const YAML::Node& n, const std::string& k) {
-            d.sources.clear();
-            if (n.IsScalar()) d.sources.push_back(n.Scalar());
-            else if (n.IsSequence()) for (const auto& s : n) d.sources.push_back(as_string(s, k, o));
-            else bad(o.where(n, k), k, "expected a path or a list of paths");
-            if (d.sources.empty()) bad(o.where(n, k), k, "expected at least one path");
-          }},
+         {"sources", [&](const YAML::Node& n, const std::string& k) { d.sources = as_path_list(n, k, o); }},
          {"format", [&](const YAML::Node& n, const std::string& k) { d.format = as_choice(n, k, o, {"auto", "text", "fortune", "jsonl"}); }},
          {"tokenizer", [&](const YAML::Node& n, const std::string& k) { d.tokenizer = as_choice(n, k, o, {"byte", "bpe"}); }},
          {"vocab_size", [&](const YAML::Node& n, const std::string& k) {
@@ -246,11 +257,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
 }
 
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& sets) {
-  std::ifstream in(path);
-  if (!in) fail(ErrorKind::io, path, ": cannot open config file");
-  std::stringstream text;
-  text << in.rdbuf();
-  return parse_train_config(text.str(), path, sets);
+  return parse_train_config(read_config_file(path), path, sets);
 }
 
 std::string TrainConfig::to_yaml() const {

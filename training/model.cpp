@@ -38,18 +38,6 @@ void ModelConfig::validate() const {
 
 namespace {
 
-// y = x / sqrt(mean(x^2) + eps) * g, row by row; rinv keeps 1 / sqrt(...) for backward.
-void rmsnorm_forward(const float* x, const float* g, float* y, float* rinv, int64_t n, int64_t d, double eps) {
-  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
-    const float* xr = x + r * d;
-    double ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
-    rinv[r] = ri;
-    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * ri * g[j];
-  });
-}
-
 // dx = rinv (dy g) - x rinv^3 mean(dy g x); dg += sum over rows of dy x rinv (in row order).
 void rmsnorm_backward(const float* dy, const float* x, const float* g, const float* rinv, float* dx, float* dg, int64_t n, int64_t d) {
   tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
@@ -81,11 +69,33 @@ void rope(float* x, int64_t rows, int64_t heads, int64_t hd, int64_t seq, const 
   });
 }
 
-float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
 Tensor matrix(int64_t rows, int64_t cols) { return Tensor::zeros({rows, cols}, DType::f32); }
 
 }  // namespace
+
+// y = x / sqrt(mean(x^2) + eps) * g, row by row; rinv keeps 1 / sqrt(...) for backward.
+void rmsnorm_forward(const float* x, const float* g, float* y, float* rinv, int64_t n, int64_t d, double eps) {
+  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
+    const float* xr = x + r * d;
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
+    if (rinv) rinv[r] = ri;
+    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * ri * g[j];
+  });
+}
+
+void rope_tables(const ModelConfig& c, std::vector<float>& cos_t, std::vector<float>& sin_t) {
+  const int64_t hd = c.head_dim(), half = hd / 2;
+  cos_t.resize(size_t(c.context * half));
+  sin_t.resize(size_t(c.context * half));
+  for (int64_t t = 0; t < c.context; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = double(t) * std::pow(c.rope_theta, -2.0 * double(i) / double(hd));
+      cos_t[size_t(t * half + i)] = float(std::cos(angle));
+      sin_t[size_t(t * half + i)] = float(std::sin(angle));
+    }
+}
 
 Model::Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed) : config_(config), d_(dispatcher) {
   config_.validate();
@@ -139,15 +149,7 @@ Model::Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed) :
     for (int64_t i = 0; i < s.numel; ++i) p[i] = s.group == ParamGroup::norm ? 1.0f : std_dev * rng.normal();
   }
 
-  const int64_t half = hd / 2;
-  rope_cos_.resize(size_t(config_.context * half));
-  rope_sin_.resize(size_t(config_.context * half));
-  for (int64_t t = 0; t < config_.context; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = double(t) * std::pow(config_.rope_theta, -2.0 * double(i) / double(hd));
-      rope_cos_[size_t(t * half + i)] = float(std::cos(angle));
-      rope_sin_[size_t(t * half + i)] = float(std::sin(angle));
-    }
+  rope_tables(config_, rope_cos_, rope_sin_);
 }
 
 // The weights a BitLinear multiplies by: q * s from the absmean quantizer, or the latent weights.

@@ -5,6 +5,7 @@
 // full-precision twin. Forward and backward are written by hand, one pair per piece, on the CPU;
 // matmuls and quantizers go through the dispatcher.
 #pragma once
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,14 @@ struct ModelConfig {
   // One line naming the field and what is wrong, for any impossible shape.
   void validate() const;
 };
+
+// Pieces the inference forward (inference/model.cpp) shares with this one, so both compute the
+// same numbers. rmsnorm_forward: y = x * g / rms(x) per row of d values; rinv (n values, or
+// nullptr) keeps 1 / rms for backward. rope_tables: cos and sin of the RoPE angles,
+// (context, head_dim / 2) each.
+void rmsnorm_forward(const float* x, const float* g, float* y, float* rinv, int64_t n, int64_t d, double eps);
+void rope_tables(const ModelConfig& config, std::vector<float>& cos_t, std::vector<float>& sin_t);
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 class Model {
  public:

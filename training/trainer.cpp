@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <filesystem>
 #include <algorithm>
 #include <fstream>
@@ -394,6 +395,13 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     std::ofstream(fs::path(run_dir) / "sample.txt") << result.sample << "\n";
   }
   return result;
+}
+
+std::string default_run_folder(const std::string& name) {
+  const std::time_t now = std::time(nullptr);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  return cat("runs/", name, "-", stamp);
 }
 
 }  // namespace hybrit

@@ -82,6 +82,9 @@ struct RunResult {
 // train.checkpoint_every steps, at the end and on SIGINT/SIGTERM (which finish the current step and
 // stop), keeping the newest train.keep_checkpoints. `resume`: a checkpoint path, "auto" (the newest
 // checkpoint in run_dir that loads; damaged newer ones are skipped with a warning) or empty.
+// The default output folder of a run named `name` (a config file's stem): runs/<name>-<date>-<time>.
+std::string default_run_folder(const std::string& name);
+
 RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume = "");
 
 

@@ -31,6 +31,11 @@ bool as_bool(const YAML::Node& n, const std::string& key, const Origins& o);
 std::string as_string(const YAML::Node& n, const std::string& key, const Origins& o);
 std::string as_choice(const YAML::Node& n, const std::string& key, const Origins& o, const std::vector<std::string>& choices);
 
+// A path or a list of paths, at least one.
+std::vector<std::string> as_path_list(const YAML::Node& n, const std::string& key, const Origins& o);
+// The text of a config file (ErrorKind::io naming it when it cannot be read).
+std::string read_config_file(const std::string& path);
+
 using Handler = std::function<void(const YAML::Node&, const std::string&)>;
 // Walks a mapping with one handler per allowed key; anything else is an unknown key.
 void walk(const YAML::Node& map, const std::string& prefix, const Origins& o, const std::map<std::string, Handler>& keys);
