@@ -143,6 +143,8 @@ def test_bad_prompts_are_refused(generator):
         generator.generate("")
     with pytest.raises(ValueError, match="exceed the model's context of 48"):
         generator.generate("y" * 49)
+    with pytest.raises(ValueError, match="last_logits: no tokens"):
+        generator.last_logits([])
 
 
 def test_hybrit_generate_streams_text(cli, ternary, generator):
