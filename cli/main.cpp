@@ -8,6 +8,9 @@
 
 #include "clustering/reduce.hpp"
 #include "inference/engine.hpp"
+#ifdef HYBRIT_HAVE_SERVER
+#include "inference/server.hpp"
+#endif
 #include "core/log.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
@@ -102,6 +105,23 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", gen.sampling.seed, "the same seed gives the same text")->capture_default_str();
   generate->add_option("--stop", gen_stop, "end the output before this text (repeatable)");
   generate->add_flag("--f32", gen_f32, "use f32 weights (the ternary values times their scale) instead of the packed 2-bit kernel");
+
+  std::string serve_checkpoint;
+  bool serve_f32 = false;
+  int serve_port = 8000;
+  std::string serve_host = "127.0.0.1";
+  EngineOptions serve_engine;
+  serve_engine.max_waiting = 64;
+  CLI::App* serve = app.add_subcommand("serve", "an OpenAI-style HTTP endpoint: POST /v1/completions (streaming with SSE), GET /health, GET /metrics");
+  serve->add_option("--checkpoint", serve_checkpoint, "training checkpoint (.h5)")->required()->check(CLI::ExistingFile);
+  serve->add_option("--host", serve_host, "address to listen on")->capture_default_str();
+  serve->add_option("--port", serve_port, "port to listen on (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
+  serve->add_option("--max-running", serve_engine.max_running, "sequences batched per step")->capture_default_str()->check(CLI::PositiveNumber);
+  serve->add_option("--max-waiting", serve_engine.max_waiting, "sequences queued beyond the batch; more get 429")->capture_default_str()->check(CLI::NonNegativeNumber);
+  serve->add_option("--kv-blocks", serve_engine.kv_blocks, "KV cache blocks of 16 positions (0: the full context for every running sequence)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  serve->add_option("--prefill-chunk", serve_engine.prefill_chunk, "prompt tokens computed per step")->capture_default_str()->check(CLI::PositiveNumber);
+  serve->add_flag("--f32", serve_f32, "use f32 weights instead of the packed 2-bit kernel");
 
   std::string ckpt_path, export_out;
   CLI::App* ckpt = app.add_subcommand("checkpoint", "look into or convert a training checkpoint");
@@ -203,6 +223,24 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "hybrit: %lld tokens in %.2f s (%.1f tokens/s, %s weights), finished: %s\n", static_cast<long long>(tokens), timer.seconds(),
                    double(tokens) / timer.seconds(), model.packed() ? "packed 2-bit" : "f32", to_string(why));
       return 0;
+    }
+    if (*serve) {
+#ifdef HYBRIT_HAVE_SERVER
+      Dispatcher dispatcher(options);
+      InferenceModel model(dispatcher, serve_checkpoint, !serve_f32);
+      ServerOptions so;
+      so.host = serve_host, so.port = serve_port, so.engine = serve_engine;
+      so.model_name = std::filesystem::path(serve_checkpoint).stem().string();
+      hybrit::serve(model, so, [&](int port) {
+        std::printf("hybrit: serving %s (%s weights) on http://%s:%d (POST /v1/completions, GET /health, GET /metrics); Ctrl-C stops\n",
+                    so.model_name.c_str(), model.packed() ? "packed 2-bit" : "f32", serve_host.c_str(), port);
+        std::fflush(stdout);
+      });
+      std::printf("hybrit: server stopped\n");
+      return 0;
+#else
+      fail(ErrorKind::unsupported, "this hybrit was built without cpp-httplib: install libcpp-httplib-dev and rebuild to get `hybrit serve`");
+#endif
     }
     if (*reduce) {
       ReduceConfig cfg = load_reduce_config(reduce_config, reduce_sets);

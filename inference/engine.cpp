@@ -66,6 +66,7 @@ const char* to_string(FinishReason r) {
     case FinishReason::stop: return "stop";
     case FinishReason::context: return "context";
     case FinishReason::cancelled: return "cancelled";
+    case FinishReason::error: return "error";
   }
   return "?";
 }
@@ -308,6 +309,13 @@ void Engine::run() {
   }
 }
 
+void Engine::finish_all(FinishReason why) {
+  for (auto& s : running_) finish(*s, why, -1);
+  for (auto& s : waiting_) finish(*s, why, -1);
+  running_.clear();
+  waiting_.clear();
+}
+
 EngineStats Engine::stats() const {
   EngineStats s = stats_;
   s.running = int64_t(running_.size());
@@ -315,6 +323,69 @@ EngineStats Engine::stats() const {
   s.kv = cache_.stats();
   for (const auto& q : running_) s.wasted_slots += int64_t(q->blocks.size()) * kKvBlockTokens - q->computed;
   return s;
+}
+
+BackgroundEngine::BackgroundEngine(InferenceModel& model, const EngineOptions& options) : engine_(model, options) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+BackgroundEngine::~BackgroundEngine() { shutdown(); }
+
+BackgroundEngine::Turn BackgroundEngine::take_turn() {
+  callers_.fetch_add(1);
+  std::unique_lock<std::mutex> lock(mutex_);
+  callers_.fetch_sub(1);
+  return Turn{std::move(lock), &wake_};
+}
+
+int64_t BackgroundEngine::submit(GenerationRequest request) {
+  Turn turn = take_turn();
+  if (stopping_) fail(ErrorKind::unsupported, "the engine is shutting down");
+  return engine_.submit(std::move(request));
+}
+
+void BackgroundEngine::cancel(int64_t request) {
+  Turn turn = take_turn();
+  engine_.cancel(request);
+}
+
+void BackgroundEngine::shutdown() {
+  {
+    Turn turn = take_turn();
+    if (!stopping_) engine_.finish_all(FinishReason::cancelled);
+    stopping_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+BackgroundEngine::Snapshot BackgroundEngine::snapshot(double window) {
+  Turn turn = take_turn();
+  Snapshot s;
+  s.engine = engine_.stats();
+  s.uptime_seconds = clock_.seconds();
+  while (!recent_.empty() && recent_.front().first < s.uptime_seconds - window) recent_.pop_front();
+  int64_t tokens = 0;
+  for (const auto& r : recent_) tokens += r.second;
+  s.tokens_per_second = double(tokens) / std::max(1e-3, std::min(window, s.uptime_seconds));
+  return s;
+}
+
+void BackgroundEngine::loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    wake_.wait(lock, [&] { return stopping_ || (!engine_.idle() && callers_.load() == 0); });
+    if (stopping_) return;
+    const int64_t before = engine_.stats().tokens_generated;
+    try {
+      engine_.step();
+    } catch (const std::exception& e) {
+      log_line(LogLevel::error, cat("engine step failed, ending every request: ", e.what()));
+      engine_.finish_all(FinishReason::error);
+    }
+    const int64_t made = engine_.stats().tokens_generated - before;
+    if (made > 0) recent_.emplace_back(clock_.seconds(), made);
+    if (recent_.size() > 100000) recent_.pop_front();  // bounded even if nobody reads the metrics
+  }
 }
 
 }  // namespace hybrit

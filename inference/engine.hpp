@@ -6,12 +6,17 @@
 // stream out through a callback as they are made.
 #pragma once
 #include <cstdint>
+#include <atomic>
+#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "core/log.hpp"
 #include "core/rng.hpp"
 #include "inference/model.hpp"
 
@@ -36,7 +41,8 @@ struct SamplingParams {
 // The next token from one row of logits; `history` is the prompt plus the output so far.
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params, const std::vector<int32_t>& history, int64_t index);
 
-enum class FinishReason { none, eos, length, stop, context, cancelled };
+// error: the engine failed (the message went to the log); every request then in it ends so.
+enum class FinishReason { none, eos, length, stop, context, cancelled, error };
 const char* to_string(FinishReason r);
 
 struct GenerationEvent {
@@ -81,6 +87,8 @@ class Engine {
   // Returns false when nothing is left to do.
   bool step();
   void run();  // steps until every request has finished
+  // Ends every waiting and running request now, with this reason, and frees their blocks.
+  void finish_all(FinishReason why);
   bool idle() const { return running_.empty() && waiting_.empty(); }
 
   EngineStats stats() const;
@@ -112,6 +120,50 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order: the last is the newest
   int64_t next_id_ = 1;
   EngineStats stats_;
+};
+
+// An Engine stepping on a thread of its own, for servers: submit, cancel and stats may be called
+// from any thread; events arrive on the engine's thread (keep on_event short: hand the event
+// over and return). Callers get the engine between two steps: a waiting caller makes the loop
+// pause after the current step, so submissions never starve behind a busy batch.
+class BackgroundEngine {
+ public:
+  BackgroundEngine(InferenceModel& model, const EngineOptions& options = {});
+  ~BackgroundEngine();  // cancels what is left (its requests get their final events) and joins
+
+  int64_t submit(GenerationRequest request);  // Engine::submit's errors, or `shutting down`
+  void cancel(int64_t request);
+  // Cancels everything, waits until the final events are out, and stops taking requests.
+  void shutdown();
+
+  struct Snapshot {
+    EngineStats engine;
+    double tokens_per_second = 0;  // generated, over the last `window` seconds
+    double uptime_seconds = 0;
+  };
+  Snapshot snapshot(double window = 10.0);
+
+ private:
+  // The engine between two steps; letting go wakes the loop (also when the caller throws).
+  struct Turn {
+    std::unique_lock<std::mutex> lock;
+    std::condition_variable* wake;
+    ~Turn() {
+      if (lock.owns_lock()) lock.unlock();
+      wake->notify_all();
+    }
+  };
+  Turn take_turn();
+  void loop();
+
+  Engine engine_;
+  std::mutex mutex_;
+  std::condition_variable wake_;  // work arrived, a caller is done, or shutting down
+  std::atomic<int> callers_{0};   // threads waiting for mutex_; the loop lets them in first
+  bool stopping_ = false;
+  std::deque<std::pair<double, int64_t>> recent_;  // (seconds since start, tokens made in that step)
+  Timer clock_;
+  std::thread thread_;
 };
 
 }  // namespace hybrit

@@ -27,7 +27,7 @@ def dispatcher(request):
     return hybrit.Dispatcher(backend=request.param, use_environment=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     path = os.environ.get("HYBRIT_CLI")
     if not path:
