@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
   bool gen_f32 = false;
   gen.sampling.temperature = 0.8;
   CLI::App* generate = app.add_subcommand("generate", "write text with a trained model (packed ternary weights, KV cache), streamed as it is made");
-  generate->add_option("--checkpoint", gen_checkpoint, "training checkpoint (.h5)")->required()->check(CLI::ExistingFile);
+  generate->add_option("--checkpoint", gen_checkpoint, "training checkpoint (.h5) or its export (hybrit checkpoint export)")->required()->check(CLI::ExistingFile);
   generate->add_option("--prompt", gen_prompt, "text the output continues")->required();
   generate->add_option("--max-tokens", gen.max_tokens, "most tokens to write")->capture_default_str();
   generate->add_option("--temperature", gen.sampling.temperature, "0: greedy")->capture_default_str();
@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
   EngineOptions serve_engine;
   serve_engine.max_waiting = 64;
   CLI::App* serve = app.add_subcommand("serve", "an OpenAI-style HTTP endpoint: POST /v1/completions (streaming with SSE), GET /health, GET /metrics");
-  serve->add_option("--checkpoint", serve_checkpoint, "training checkpoint (.h5)")->required()->check(CLI::ExistingFile);
+  serve->add_option("--checkpoint", serve_checkpoint, "training checkpoint (.h5) or its export (hybrit checkpoint export)")->required()->check(CLI::ExistingFile);
   serve->add_option("--host", serve_host, "address to listen on")->capture_default_str();
   serve->add_option("--port", serve_port, "port to listen on (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
   serve->add_option("--max-running", serve_engine.max_running, "sequences batched per step")->capture_default_str()->check(CLI::PositiveNumber);

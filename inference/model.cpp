@@ -111,48 +111,83 @@ void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_
 }  // namespace
 
 InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkpoint, bool packed) : d_(dispatcher) {
-  CheckpointModel cm = load_checkpoint_model(dispatcher, checkpoint);
-  config_ = cm.model->config();
-  tokenizer_ = std::move(cm.tokenizer);
+  // Two sources: a training checkpoint (f32 weights, quantized and packed here) or the export
+  // file (BitLinears already packed, by the same dispatcher ops, so both give the same model).
+  const bool is_export = checkpoint_format(checkpoint) == kInferenceExportFormat;
+  CheckpointModel cm;
+  InferenceExport ex;
+  if (is_export) {
+    ex = read_inference_export(checkpoint);
+    config_ = ex.config.model;
+    tokenizer_ = std::move(ex.tokenizer);
+  } else {
+    cm = load_checkpoint_model(dispatcher, checkpoint);
+    config_ = cm.model->config();
+    tokenizer_ = std::move(cm.tokenizer);
+  }
   packed_ = packed && config_.quant == ModelConfig::Quant::ternary;
-  ParamTable& table = cm.model->params();
-  auto param = [&](const std::string& name) { return table.param(table.slice(name)).clone(); };
-  auto linear = [&](const std::string& name) {
-    Linear l;
-    Tensor w = param(name);
-    l.rows = w.dim(0), l.cols = w.dim(1);
-    if (packed_) {
-      Tensor q = Tensor::empty(w.shape(), DType::i8);
-      l.scale = d_.quantize_ternary(w, q);
-      l.packed = Tensor::empty({l.rows, (l.cols + 3) / 4}, DType::ternary2);
-      d_.pack_ternary(q, l.packed);
-      weight_bytes_ += l.packed.nbytes();
-    } else if (config_.quant == ModelConfig::Quant::ternary) {
-      // f32 weights holding the ternary values times the scale: the training forward's weights.
-      Tensor q = Tensor::empty(w.shape(), DType::i8);
-      const float s = d_.quantize_ternary(w, q);
-      for (int64_t i = 0; i < w.numel(); ++i) w.data<float>()[i] = float(q.data<int8_t>()[i]) * s;
-      l.weights = w;
-      weight_bytes_ += w.nbytes();
-    } else {
-      l.weights = w;
-      weight_bytes_ += w.nbytes();
+  const int64_t D = config_.dim, V = config_.vocab_size, F = config_.hidden(), hd = config_.head_dim();
+
+  auto param = [&](const std::string& name, const Shape& shape) {
+    if (!is_export) return cm.model->params().param(cm.model->params().slice(name)).clone();
+    const auto it = ex.f32.find(name);
+    if (it == ex.f32.end()) fail(ErrorKind::corrupt_data, checkpoint, ": parameter ", name, " is missing");
+    if (it->second.shape != shape)
+      fail(ErrorKind::corrupt_data, checkpoint, ": parameter ", name, " has shape ", shape_str(it->second.shape), ", the config needs ", shape_str(shape));
+    Tensor t = Tensor::empty(shape, DType::f32);
+    std::memcpy(t.data<float>(), it->second.values.data(), size_t(t.nbytes()));
+    return t;
+  };
+  // The ternary codes of a BitLinear and their scale: packed by the export, or quantized here.
+  auto ternary_codes = [&](const std::string& name, const Shape& shape, float& scale) {
+    Tensor q = Tensor::empty(shape, DType::i8);
+    if (!is_export) {
+      scale = d_.quantize_ternary(param(name, shape), q);
+      return q;
     }
+    const auto it = ex.packed.find(name);
+    if (it == ex.packed.end()) fail(ErrorKind::corrupt_data, checkpoint, ": packed weight ", name, ".packed is missing");
+    const InferenceExport::Packed& p = it->second;
+    if (p.rows != shape[0] || p.cols != shape[1])
+      fail(ErrorKind::corrupt_data, checkpoint, ": packed weight ", name, " is ", p.rows, " x ", p.cols, ", the config needs ", shape_str(shape));
+    Tensor codes = Tensor::empty({p.rows, (p.cols + 3) / 4}, DType::ternary2);
+    std::memcpy(codes.raw(), p.codes.data(), p.codes.size());
+    d_.unpack_ternary(codes, q);  // also refuses a code that is not -1, 0 or +1
+    scale = p.scale;
+    return q;
+  };
+  auto linear = [&](const std::string& name, int64_t rows, int64_t cols) {
+    Linear l;
+    l.rows = rows, l.cols = cols;
+    if (config_.quant != ModelConfig::Quant::ternary) {
+      l.weights = param(name, {rows, cols});
+    } else if (packed_) {
+      const Tensor q = ternary_codes(name, {rows, cols}, l.scale);
+      l.packed = Tensor::empty({rows, (cols + 3) / 4}, DType::ternary2);
+      d_.pack_ternary(q, l.packed);
+    } else {
+      // f32 weights holding the ternary values times the scale: the training forward's weights.
+      const Tensor q = ternary_codes(name, {rows, cols}, l.scale);
+      l.weights = Tensor::empty({rows, cols}, DType::f32);
+      for (int64_t i = 0; i < q.numel(); ++i) l.weights.data<float>()[i] = float(q.data<int8_t>()[i]) * l.scale;
+    }
+    weight_bytes_ += packed_ ? l.packed.nbytes() : l.weights.nbytes();
     return l;
   };
-  tok_emb_ = param("tok_emb");
-  final_norm_ = param("final_norm");
-  head_ = config_.tied_embeddings ? tok_emb_ : param("head");
-  weight_bytes_ += head_.nbytes() + config_.dim * int64_t(sizeof(float));
+  tok_emb_ = param("tok_emb", {V, D});
+  final_norm_ = param("final_norm", {D});
+  head_ = config_.tied_embeddings ? tok_emb_ : param("head", {V, D});
+  weight_bytes_ += head_.nbytes() + D * int64_t(sizeof(float));
+  const int64_t q_rows = config_.n_heads * hd, kv_rows = config_.kv_heads() * hd;
   for (int64_t i = 0; i < config_.n_layers; ++i) {
     const std::string p = cat("blocks.", i, ".");
     Layer L;
-    L.attn_norm = param(p + "attn_norm");
-    L.ffn_norm = param(p + "ffn_norm");
-    if (config_.subln) L.attn_sub_norm = param(p + "attn_sub_norm"), L.ffn_sub_norm = param(p + "ffn_sub_norm");
-    L.wq = linear(p + "wq"), L.wk = linear(p + "wk"), L.wv = linear(p + "wv"), L.wo = linear(p + "wo");
-    if (config_.ffn == ModelConfig::Ffn::swiglu) L.w_gate = linear(p + "w_gate");
-    L.w_up = linear(p + "w_up"), L.w_down = linear(p + "w_down");
+    L.attn_norm = param(p + "attn_norm", {D});
+    L.ffn_norm = param(p + "ffn_norm", {D});
+    if (config_.subln) L.attn_sub_norm = param(p + "attn_sub_norm", {q_rows}), L.ffn_sub_norm = param(p + "ffn_sub_norm", {F});
+    L.wq = linear(p + "wq", q_rows, D), L.wk = linear(p + "wk", kv_rows, D), L.wv = linear(p + "wv", kv_rows, D), L.wo = linear(p + "wo", D, q_rows);
+    if (config_.ffn == ModelConfig::Ffn::swiglu) L.w_gate = linear(p + "w_gate", F, D);
+    L.w_up = linear(p + "w_up", F, D), L.w_down = linear(p + "w_down", D, F);
     layers_.push_back(std::move(L));
   }
   rope_tables(config_, rope_cos_, rope_sin_);  // as the training model makes them

@@ -73,8 +73,9 @@ struct ForwardSlice {
 
 class InferenceModel {
  public:
-  // A training checkpoint (.h5): its BitLinear weights are quantized and packed here, exactly as
-  // `hybrit checkpoint export` does. packed = false keeps f32 weights (quant none models always do).
+  // A training checkpoint (.h5), whose BitLinear weights are quantized and packed here, or its
+  // export (`hybrit checkpoint export`), already packed: the two give the same model.
+  // packed = false keeps f32 weights (quant none models always do).
   InferenceModel(Dispatcher& dispatcher, const std::string& checkpoint, bool packed = true);
 
   const ModelConfig& config() const { return config_; }

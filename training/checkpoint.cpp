@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kFormat = "hybrit-checkpoint";
+constexpr const char* kFormat = kTrainingCheckpointFormat;
 constexpr const char* kMomentumConvention = "ema: m = b m + (1 - b) g; nesterov: u = b m + (1 - b) g";
 const char* const kBuffers[] = {"params", "optim/adam_m", "optim/adam_v", "optim/muon_momentum"};
 
@@ -280,7 +280,7 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
   {
     Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
     if (file.id < 0) fail(ErrorKind::io, tmp, ": cannot create the export file");
-    write_string_attr(file, "format", "hybrit-inference", tmp);
+    write_string_attr(file, "format", kInferenceExportFormat, tmp);
     const int version = 1;
     write_scalar_attr(file, "format_version", H5T_NATIVE_INT, &version, tmp);
     write_scalar_attr(file, "step", H5T_NATIVE_INT64, &meta.step, tmp);
@@ -291,6 +291,8 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
       Handle space(H5Screate_simple(1, &n, nullptr), H5Sclose);
       Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
       check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write tokenizer_model");
+      const uint64_t sum = fnv1a64(meta.tokenizer_model.data(), meta.tokenizer_model.size());
+      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
     }
     for (const auto& a : arrays) {
       if (a.name.rfind("params/", 0) != 0) continue;  // optimizer state stays behind
@@ -336,6 +338,79 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
     if (!d.checksum_ok) fail(ErrorKind::corrupt_data, path, ": dataset ", d.name, " fails its checksum (the file is damaged)");
     out.push_back({std::move(d.name), std::move(d.shape), std::move(values)});
   });
+  return out;
+}
+
+std::string checkpoint_format(const std::string& path) {
+  Handle file(open_checkpoint(path), H5Fclose);
+  const std::string format = has_attr(file, "format") ? read_string_attr(file, "format", path) : "";
+  if (format != kTrainingCheckpointFormat && format != kInferenceExportFormat)
+    fail(ErrorKind::corrupt_data, path, ": not a hybrit checkpoint or export (attribute format is '", format, "', expected '", kTrainingCheckpointFormat,
+         "' or '", kInferenceExportFormat, "')");
+  return format;
+}
+
+InferenceExport read_inference_export(const std::string& path) {
+  Handle file(open_checkpoint(path), H5Fclose);
+  if (!has_attr(file, "format") || read_string_attr(file, "format", path) != kInferenceExportFormat)
+    fail(ErrorKind::corrupt_data, path, ": not a hybrit export (attribute format is not '", kInferenceExportFormat, "')");
+  const int version = read_scalar_attr<int>(file, "format_version", H5T_NATIVE_INT, path);
+  if (version != 1) fail(ErrorKind::unsupported, path, ": export format version ", version, ", this hybrit reads version 1");
+  InferenceExport out;
+  out.meta.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
+  out.meta.config_yaml = read_string_attr(file, "config", path);
+  out.meta.tokenizer_json = read_string_attr(file, "tokenizer", path);
+  auto read_bytes = [&](hid_t ds, const std::string& name, std::vector<uint8_t>& bytes, hsize_t expect) {
+    Handle space(H5Dget_space(ds), H5Sclose);
+    if (H5Sget_simple_extent_npoints(space) != hssize_t(expect))
+      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " holds ", H5Sget_simple_extent_npoints(space), " bytes, expected ", expect);
+    bytes.resize(size_t(expect));
+    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
+      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is unreadable (truncated file?)");
+    // Exports written before the tokenizer model carried a checksum have none to compare.
+    if (has_attr(ds, "fnv1a64") && fnv1a64(bytes.data(), bytes.size()) != read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path))
+      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " fails its checksum (the file is damaged)");
+  };
+  H5G_info_t info{};
+  H5Gget_info(file, &info);
+  for (hsize_t i = 0; i < info.nlinks; ++i) {
+    const ssize_t len = H5Lget_name_by_idx(file, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+    std::string name(size_t(std::max<ssize_t>(len, 0)), '\0');
+    H5Lget_name_by_idx(file, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+    Handle ds(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (ds.id < 0) fail(ErrorKind::corrupt_data, path, ": ", name, " is not a dataset");
+    Handle space(H5Dget_space(ds), H5Sclose);
+    const int rank = H5Sget_simple_extent_ndims(space);
+    std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
+    if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+    if (name == "tokenizer_model") {
+      std::vector<uint8_t> bytes;
+      read_bytes(ds, name, bytes, rank == 1 ? dims[0] : 0);
+      out.meta.tokenizer_model.assign(bytes.begin(), bytes.end());
+    } else if (name.size() > 7 && name.compare(name.size() - 7, 7, ".packed") == 0) {
+      InferenceExport::Packed p;
+      p.scale = read_scalar_attr<float>(ds, "scale", H5T_NATIVE_FLOAT, path);
+      p.cols = read_scalar_attr<int64_t>(ds, "cols", H5T_NATIVE_INT64, path);
+      if (rank != 2 || p.cols < 1 || int64_t(dims[1]) != (p.cols + 3) / 4)
+        fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(Shape(dims.begin(), dims.end())), ", which cannot hold ", p.cols,
+             " columns at 4 per byte");
+      p.rows = int64_t(dims[0]);
+      read_bytes(ds, name, p.codes, dims[0] * dims[1]);
+      if (!has_attr(ds, "fnv1a64")) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has no checksum");
+      out.packed[name.substr(0, name.size() - 7)] = std::move(p);
+    } else {
+      const Shape shape(dims.begin(), dims.end());
+      int64_t n = 1;
+      for (int64_t e : shape) n *= e;
+      NamedArray a{name, shape, std::vector<float>(size_t(n))};
+      read_dataset(file, name, shape, a.values.data(), path);
+      out.f32[name] = std::move(a);
+    }
+  }
+  out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
+  if (out.meta.tokenizer_model.empty()) out.tokenizer = std::make_unique<ByteTokenizer>();
+  else out.tokenizer = bpe_tokenizer_from_bytes(out.meta.tokenizer_model, path + " (its tokenizer)");
+  out.config.model.vocab_size = out.tokenizer->vocab_size();
   return out;
 }
 

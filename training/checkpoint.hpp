@@ -8,6 +8,7 @@
 // Written to a temporary file in the same folder, flushed and fsynced, then renamed, so a crash
 // mid-write leaves the previous checkpoint intact.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -61,6 +62,27 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
 // pack_ternary) with attributes `scale` (the absmean scale, f32) and `cols`. Quantization and
 // packing go through `dispatcher`. Returns the bytes of weights written.
 int64_t export_for_inference(Dispatcher& dispatcher, const std::string& checkpoint, const std::string& out_path);
+
+inline constexpr const char* kTrainingCheckpointFormat = "hybrit-checkpoint";
+inline constexpr const char* kInferenceExportFormat = "hybrit-inference";
+// The `format` attribute of a hybrit HDF5 file; an Error naming the file for anything else.
+std::string checkpoint_format(const std::string& path);
+
+// An export file read back, every checksum verified: the config (vocab_size set from the
+// tokenizer), the tokenizer, the f32 parameters and the packed BitLinear weights by name.
+struct InferenceExport {
+  TrainConfig config;
+  CheckpointMeta meta;  // step, config and tokenizer; an export keeps no seed or tokens_seen
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::map<std::string, NamedArray> f32;
+  struct Packed {
+    int64_t rows = 0, cols = 0;
+    float scale = 1.0f;
+    std::vector<uint8_t> codes;  // rows x ceil(cols / 4), as pack_ternary writes them
+  };
+  std::map<std::string, Packed> packed;
+};
+InferenceExport read_inference_export(const std::string& path);
 
 // A training checkpoint's model, ready to run forward: its resolved config, its tokenizer (rebuilt
 // from the BPE model bytes it carries) and the model with every parameter loaded (checksums

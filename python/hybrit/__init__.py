@@ -49,8 +49,8 @@ def op_size(op, *dims):
 
 
 class Generator:
-    """Text generation from a training checkpoint: packed ternary weights, a paged KV cache and
-    continuous batching (inference/engine.hpp).
+    """Text generation from a training checkpoint or its export (`hybrit checkpoint export`):
+    packed ternary weights, a paged KV cache and continuous batching (inference/engine.hpp).
 
     g = hybrit.Generator("runs/tiny/ckpt-00002000.h5")
     g.generate(["Q: ", "A fool"], max_tokens=100, temperature=0.8, seed=1)   # batched, a list of dicts

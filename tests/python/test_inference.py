@@ -3,6 +3,7 @@ the paged KV cache (prefix sharing, preemption), stop conditions and `hybrit gen
 import os
 import subprocess
 
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -61,6 +62,36 @@ def test_logits_match_the_training_forward(tmp_path_factory, rng, quant):
             # (about 1 sequence in 20 here), which moves logits by up to ~0.5%. Most sequences
             # match to float precision.
             assert max(e) < 3e-2 and np.median(e) < 2e-4, (what, e)
+
+
+@pytest.mark.parametrize("quant", ["ternary", "none"])
+def test_the_export_file_gives_the_same_model(cli, tmp_path_factory, quant):
+    _, path = trained(tmp_path_factory, quant, subln=True, ffn="relu2" if quant == "none" else "swiglu")
+    export = path.replace(".h5", ".hyb")
+    subprocess.run([cli, "checkpoint", "export", path, "--out", export], check=True, capture_output=True, timeout=120)
+    tokens = hybrit.Generator(path).encode("The quick brown fox")
+    for packed in (True, False):
+        a, b = hybrit.Generator(path, packed=packed), hybrit.Generator(export, packed=packed)
+        assert a.info == b.info
+        np.testing.assert_array_equal(a.last_logits(tokens), b.last_logits(tokens))
+        kw = dict(max_tokens=30, temperature=0.8, seed=3)
+        assert a.generate(PROMPTS, **kw) == b.generate(PROMPTS, **kw)
+
+
+def test_a_damaged_export_is_refused_naming_the_dataset(cli, ternary, tmp_path):
+    export = str(tmp_path / "model.hyb")
+    subprocess.run([cli, "checkpoint", "export", ternary[1], "--out", export], check=True, capture_output=True, timeout=120)
+    with h5py.File(export, "r+") as f:
+        codes = f["blocks.1.wv.packed"]
+        row = codes[3]
+        row[0] ^= 0x01
+        codes[3] = row
+    with pytest.raises(RuntimeError, match="blocks.1.wv.packed fails its checksum"):
+        hybrit.Generator(export)
+    with h5py.File(export, "r+") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(RuntimeError, match="not a hybrit checkpoint or export"):
+        hybrit.Generator(export)
 
 
 def test_greedy_output_is_identical_at_batch_1_and_8(generator):
