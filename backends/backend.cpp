@@ -70,16 +70,25 @@ void Backend::check_device(const Tensor& t, const char* op, const char* name) co
 }
 
 namespace {
-void expect(bool ok, const char* op, const std::string& message) {
-  if (!ok) fail(ErrorKind::invalid_argument, op, ": ", message);
+// The message is only built when the check fails: these checks run on every op call.
+template <class... Parts>
+void expect(bool ok, const char* op, const Parts&... message) {
+  if (!ok) fail(ErrorKind::invalid_argument, op, ": ", message...);
 }
-std::string desc(const Tensor& t) { return cat(dtype_name(t.dtype()), " ", shape_str(t.shape())); }
+struct desc {  // "f32 (3, 4)", written only into a failure's message
+  const Tensor& t;
+};
+std::ostream& operator<<(std::ostream& out, const desc& d) { return out << dtype_name(d.t.dtype()) << " " << shape_str(d.t.shape()); }
+struct shape_of {
+  const Shape& shape;
+};
+std::ostream& operator<<(std::ostream& out, const shape_of& s) { return out << shape_str(s.shape); }
 }  // namespace
 
 float Backend::quantize_ternary(const Tensor& w, Tensor& q) {
   const char* op = "quantize_ternary";
-  expect(w.dtype() == DType::f32, op, cat("weights must be f32, got ", desc(w)));
-  expect(q.dtype() == DType::i8 && q.numel() == w.numel(), op, cat("output must be i8 with ", w.numel(), " elements, got ", desc(q)));
+  expect(w.dtype() == DType::f32, op, "weights must be f32, got ", desc(w));
+  expect(q.dtype() == DType::i8 && q.numel() == w.numel(), op, "output must be i8 with ", w.numel(), " elements, got ", desc(q));
   check_device(w, op, "weights");
   check_device(q, op, "output");
   return run_quantize_ternary(w, q);
@@ -87,10 +96,10 @@ float Backend::quantize_ternary(const Tensor& w, Tensor& q) {
 
 void Backend::quantize_int8_rows(const Tensor& x, Tensor& q, Tensor& scales) {
   const char* op = "quantize_int8_rows";
-  expect(x.dtype() == DType::f32 && x.ndim() >= 1, op, cat("input must be f32 with at least one axis, got ", desc(x)));
+  expect(x.dtype() == DType::f32 && x.ndim() >= 1, op, "input must be f32 with at least one axis, got ", desc(x));
   const auto [rows, cols] = as_matrix(x);
-  expect(q.dtype() == DType::i8 && q.numel() == x.numel(), op, cat("output must be i8 with ", x.numel(), " elements, got ", desc(q)));
-  expect(scales.dtype() == DType::f32 && scales.numel() == rows, op, cat("scales must be f32 with ", rows, " elements, got ", desc(scales)));
+  expect(q.dtype() == DType::i8 && q.numel() == x.numel(), op, "output must be i8 with ", x.numel(), " elements, got ", desc(q));
+  expect(scales.dtype() == DType::f32 && scales.numel() == rows, op, "scales must be f32 with ", rows, " elements, got ", desc(scales));
   check_device(x, op, "input");
   check_device(q, op, "output");
   check_device(scales, op, "scales");
@@ -99,10 +108,10 @@ void Backend::quantize_int8_rows(const Tensor& x, Tensor& q, Tensor& scales) {
 
 void Backend::pack_ternary(const Tensor& q, Tensor& packed) {
   const char* op = "pack_ternary";
-  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, cat("input must be i8 with at least one axis, got ", desc(q)));
+  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, "input must be i8 with at least one axis, got ", desc(q));
   const auto [rows, cols] = as_matrix(q);
   expect((packed.dtype() == DType::ternary2 || packed.dtype() == DType::u8) && packed.numel() == rows * hybrit_packed_cols(cols), op,
-         cat("output must be ternary2 with ", rows, " x ", hybrit_packed_cols(cols), " bytes, got ", desc(packed)));
+         "output must be ternary2 with ", rows, " x ", hybrit_packed_cols(cols), " bytes, got ", desc(packed));
   check_device(q, op, "input");
   check_device(packed, op, "output");
   run_pack_ternary(q, rows, cols, packed);
@@ -110,10 +119,10 @@ void Backend::pack_ternary(const Tensor& q, Tensor& packed) {
 
 void Backend::unpack_ternary(const Tensor& packed, Tensor& q) {
   const char* op = "unpack_ternary";
-  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, cat("output must be i8 with at least one axis, got ", desc(q)));
+  expect(q.dtype() == DType::i8 && q.ndim() >= 1, op, "output must be i8 with at least one axis, got ", desc(q));
   const auto [rows, cols] = as_matrix(q);
   expect((packed.dtype() == DType::ternary2 || packed.dtype() == DType::u8) && packed.numel() == rows * hybrit_packed_cols(cols), op,
-         cat("packed input must hold ", rows, " x ", hybrit_packed_cols(cols), " bytes for an output of shape ", shape_str(q.shape()), ", got ", desc(packed)));
+         "packed input must hold ", rows, " x ", hybrit_packed_cols(cols), " bytes for an output of shape ", shape_of{q.shape()}, ", got ", desc(packed));
   check_device(packed, op, "input");
   check_device(q, op, "output");
   run_unpack_ternary(packed, rows, cols, q);
@@ -121,13 +130,13 @@ void Backend::unpack_ternary(const Tensor& packed, Tensor& q) {
 
 void Backend::matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulArgs& args) {
   const char* op = "matmul";
-  expect(a.dtype() == DType::f32 && a.ndim() == 2, op, cat("a must be a 2-D f32 matrix, got ", desc(a)));
-  expect(b.dtype() == DType::f32 && b.ndim() == 2, op, cat("b must be a 2-D f32 matrix, got ", desc(b)));
+  expect(a.dtype() == DType::f32 && a.ndim() == 2, op, "a must be a 2-D f32 matrix, got ", desc(a));
+  expect(b.dtype() == DType::f32 && b.ndim() == 2, op, "b must be a 2-D f32 matrix, got ", desc(b));
   const int64_t m = args.trans_a ? a.dim(1) : a.dim(0), k = args.trans_a ? a.dim(0) : a.dim(1);
   const int64_t kb = args.trans_b ? b.dim(1) : b.dim(0), n = args.trans_b ? b.dim(0) : b.dim(1);
-  expect(k == kb, op, cat("inner dimensions differ: op(a) is ", m, " x ", k, ", op(b) is ", kb, " x ", n));
+  expect(k == kb, op, "inner dimensions differ: op(a) is ", m, " x ", k, ", op(b) is ", kb, " x ", n);
   expect(c.dtype() == DType::f32 && c.ndim() == 2 && c.dim(0) == m && c.dim(1) == n, op,
-         cat("c must be f32 (", m, ", ", n, "), got ", desc(c)));
+         "c must be f32 (", m, ", ", n, "), got ", desc(c));
   check_device(a, op, "a");
   check_device(b, op, "b");
   check_device(c, op, "c");
@@ -136,14 +145,14 @@ void Backend::matmul(const Tensor& a, const Tensor& b, Tensor& c, const MatmulAr
 
 void Backend::kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist) {
   const char* op = "kmeans_assign";
-  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, cat("points must be a 2-D f32 matrix, got ", desc(x)));
-  expect(centroids.dtype() == DType::f32 && centroids.ndim() == 2, op, cat("centroids must be a 2-D f32 matrix, got ", desc(centroids)));
-  expect(centroids.dim(1) == x.dim(1), op, cat("points have ", x.dim(1), " dimensions but centroids have ", centroids.dim(1)));
+  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, "points must be a 2-D f32 matrix, got ", desc(x));
+  expect(centroids.dtype() == DType::f32 && centroids.ndim() == 2, op, "centroids must be a 2-D f32 matrix, got ", desc(centroids));
+  expect(centroids.dim(1) == x.dim(1), op, "points have ", x.dim(1), " dimensions but centroids have ", centroids.dim(1));
   expect(x.dim(0) == 0 || (centroids.dim(0) > 0 && x.dim(1) > 0), op,
-         cat("need at least one centroid and one dimension, got k = ", centroids.dim(0), ", d = ", x.dim(1)));
+         "need at least one centroid and one dimension, got k = ", centroids.dim(0), ", d = ", x.dim(1));
   expect(centroids.dim(0) <= INT32_MAX, op, "more than 2^31 - 1 centroids");
-  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, cat("labels must be i32 with ", x.dim(0), " elements, got ", desc(labels)));
-  expect(dist.dtype() == DType::f32 && dist.numel() == x.dim(0), op, cat("distances must be f32 with ", x.dim(0), " elements, got ", desc(dist)));
+  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, "labels must be i32 with ", x.dim(0), " elements, got ", desc(labels));
+  expect(dist.dtype() == DType::f32 && dist.numel() == x.dim(0), op, "distances must be f32 with ", x.dim(0), " elements, got ", desc(dist));
   check_device(x, op, "points");
   check_device(centroids, op, "centroids");
   check_device(labels, op, "labels");
@@ -153,10 +162,10 @@ void Backend::kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& la
 
 void Backend::kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) {
   const char* op = "kmeans_update";
-  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, cat("points must be a 2-D f32 matrix, got ", desc(x)));
-  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, cat("labels must be i32 with ", x.dim(0), " elements, got ", desc(labels)));
-  expect(sums.dtype() == DType::f64 && sums.ndim() == 2 && sums.dim(1) == x.dim(1), op, cat("sums must be f64 (k, ", x.dim(1), "), got ", desc(sums)));
-  expect(counts.dtype() == DType::i64 && counts.numel() == sums.dim(0), op, cat("counts must be i64 with ", sums.dim(0), " elements, got ", desc(counts)));
+  expect(x.dtype() == DType::f32 && x.ndim() == 2, op, "points must be a 2-D f32 matrix, got ", desc(x));
+  expect(labels.dtype() == DType::i32 && labels.numel() == x.dim(0), op, "labels must be i32 with ", x.dim(0), " elements, got ", desc(labels));
+  expect(sums.dtype() == DType::f64 && sums.ndim() == 2 && sums.dim(1) == x.dim(1), op, "sums must be f64 (k, ", x.dim(1), "), got ", desc(sums));
+  expect(counts.dtype() == DType::i64 && counts.numel() == sums.dim(0), op, "counts must be i64 with ", sums.dim(0), " elements, got ", desc(counts));
   check_device(x, op, "points");
   check_device(labels, op, "labels");
   check_device(sums, op, "sums");
@@ -175,14 +184,14 @@ const HardwareInfo& hardware() {
 
 void Backend::matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y) {
   const char* op = "matmul_ternary";
-  expect(xq.dtype() == DType::i8 && xq.ndim() == 2, op, cat("activations must be a 2-D i8 matrix, got ", desc(xq)));
+  expect(xq.dtype() == DType::i8 && xq.ndim() == 2, op, "activations must be a 2-D i8 matrix, got ", desc(xq));
   const int64_t m = xq.dim(0), k = xq.dim(1);
-  expect(x_scales.dtype() == DType::f32 && x_scales.numel() == m, op, cat("activation scales must be f32 with ", m, " elements, got ", desc(x_scales)));
+  expect(x_scales.dtype() == DType::f32 && x_scales.numel() == m, op, "activation scales must be f32 with ", m, " elements, got ", desc(x_scales));
   expect((w_packed.dtype() == DType::ternary2 || w_packed.dtype() == DType::u8) && w_packed.ndim() == 2 && w_packed.dim(1) == hybrit_packed_cols(k), op,
-         cat("packed weights must be ternary2 (n, ", hybrit_packed_cols(k), ") for k = ", k, ", got ", desc(w_packed)));
+         "packed weights must be ternary2 (n, ", hybrit_packed_cols(k), ") for k = ", k, ", got ", desc(w_packed));
   const int64_t n = w_packed.dim(0);
-  expect(y.dtype() == DType::f32 && y.ndim() == 2 && y.dim(0) == m && y.dim(1) == n, op, cat("output must be f32 (", m, ", ", n, "), got ", desc(y)));
-  expect(std::isfinite(w_scale) && w_scale > 0, op, cat("the weight scale must be positive and finite, got ", w_scale));
+  expect(y.dtype() == DType::f32 && y.ndim() == 2 && y.dim(0) == m && y.dim(1) == n, op, "output must be f32 (", m, ", ", n, "), got ", desc(y));
+  expect(std::isfinite(w_scale) && w_scale > 0, op, "the weight scale must be positive and finite, got ", w_scale);
   check_device(xq, op, "activations");
   check_device(x_scales, op, "activation scales");
   check_device(w_packed, op, "packed weights");

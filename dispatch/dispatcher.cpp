@@ -23,38 +23,47 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // ------------------------------------------------------------------ sizes
 
+std::string OpSize::label() const {
+  switch (op) {
+    case Op::quantize_ternary: return std::to_string(dims[0]);
+    case Op::quantize_int8_rows:
+    case Op::pack_ternary:
+    case Op::unpack_ternary: return cat(dims[0], "x", dims[1]);
+    case Op::kmeans_assign:
+    case Op::kmeans_update: return cat("n=", dims[0], " k=", dims[1], " d=", dims[2]);
+    default: return cat(dims[0], "x", dims[1], "x", dims[2]);
+  }
+}
+
 bool is_compute_bound(Op op) { return op == Op::matmul || op == Op::kmeans_assign || op == Op::matmul_ternary; }
 
 OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
   OpSize s;
   s.op = op;
+  s.dims[0] = a, s.dims[1] = b, s.dims[2] = c;
   const double A = double(a), B = double(b), C = double(c);
   switch (op) {
     case Op::quantize_ternary:  // two reads (|w| sum, then quantize) and one int8 write
-      s.work = A, s.transfer_bytes = 5 * A, s.touched_bytes = 9 * A, s.label = std::to_string(a);
+      s.work = A, s.transfer_bytes = 5 * A, s.touched_bytes = 9 * A;
       break;
     case Op::quantize_int8_rows:
-      s.work = A * B, s.transfer_bytes = 5 * A * B + 4 * A, s.touched_bytes = 9 * A * B + 4 * A, s.label = cat(a, "x", b);
+      s.work = A * B, s.transfer_bytes = 5 * A * B + 4 * A, s.touched_bytes = 9 * A * B + 4 * A;
       break;
     case Op::pack_ternary:
     case Op::unpack_ternary:
-      s.work = A * B, s.transfer_bytes = s.touched_bytes = A * B + A * std::ceil(B / 4), s.label = cat(a, "x", b);
+      s.work = A * B, s.transfer_bytes = s.touched_bytes = A * B + A * std::ceil(B / 4);
       break;
     case Op::matmul:  // (m, n, k)
       s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = 4 * (A * C + C * B + A * B);
-      s.label = cat(a, "x", b, "x", c);
       break;
     case Op::kmeans_assign:  // (n, k, d)
       s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = 4 * (A * C + B * C + 2 * A);
-      s.label = cat("n=", a, " k=", b, " d=", c);
       break;
     case Op::kmeans_update:  // (n, k, d)
       s.work = A * C, s.transfer_bytes = s.touched_bytes = 4 * A * C + 4 * A + 8 * B * C + 8 * B;
-      s.label = cat("n=", a, " k=", b, " d=", c);
       break;
     case Op::matmul_ternary:  // (m, n, k): int8 activations, 2-bit weights, f32 out; integer ops
       s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = A * C + 4 * A + B * std::ceil(C / 4) + 4 * A * B;
-      s.label = cat(a, "x", b, "x", c);
       break;
   }
   return s;
@@ -353,8 +362,8 @@ Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
     if (BackendKind(b) == BackendKind::cuda && data.is_cpu()) t += size.transfer_bytes / (profile.transfer_gbps * 1e9) + 2 * profile.transfer_latency_s;
     d.predicted_seconds[b] = t;
   }
-  const std::string source = overrides.source.empty() ? "an override" : overrides.source;
   if (forced) {
+    const std::string source = overrides.source.empty() ? "an override" : overrides.source;
     if (!available[int(*forced)]) fail(ErrorKind::unsupported, to_string(size.op), ": the ", to_string(*forced), " backend is forced but not available: ", unavailable_reason[int(*forced)]);
     if (data.is_cuda() && *forced != BackendKind::cuda)
       fail(ErrorKind::invalid_argument, to_string(size.op), ": data is on ", data.str(), " but the ", to_string(*forced), " backend is forced, and it computes on the host");
@@ -467,7 +476,7 @@ template <class Run>
 auto Dispatcher::route(const OpSize& size, Device data, const Run& run) {
   const bool explain = verbose();
   const Decision d = policy_.choose(size, data, explain);
-  if (explain) log_info("dispatch ", to_string(size.op), " ", size.label, " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
+  if (explain) log_info("dispatch ", to_string(size.op), " ", size.label(), " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
   Backend& b = *backends_[int(d.backend)];
   Timer timer;
   if constexpr (std::is_void_v<decltype(run(b))>) {

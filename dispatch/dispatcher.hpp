@@ -22,7 +22,8 @@ struct OpSize {
   double transfer_bytes = 0;
   double touched_bytes = 0;
   double flops = 0;
-  std::string label;  // e.g. "1024x1024x1024"
+  int64_t dims[3] = {1, 1, 1};
+  std::string label() const;  // e.g. "1024x1024x1024"; formatted on demand (routing is per call)
 };
 // Dimensions per op: quantize_ternary (n); quantize_int8_rows, pack/unpack (rows, cols);
 // matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).

@@ -280,7 +280,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
       double best = INFINITY;
       std::string winner;
       for (BackendKind kind : backends) {
-        bar.update(done++, cat(to_string(op), " ", cs.size.label, " on ", to_string(kind)));
+        bar.update(done++, cat(to_string(op), " ", cs.size.label(), " on ", to_string(kind)));
         const double t = time_median([&] { cs.on_backend(dispatcher.backend(kind)); }, cell_budget);
         const double rate = compute ? cs.size.flops / t / 1e9 : cs.size.touched_bytes / t / 1e9;
         times[to_string(kind)] = t;
@@ -291,7 +291,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
       const Decision chosen = dispatcher.choose(cs.size, Device::cpu());
       // What auto's pick costs against the winner, by these measurements (1 when it is the winner).
       const double auto_loss = times.value(to_string(chosen.backend), INFINITY) / best;
-      rows.push_back({{"size", cs.size.label}, {"work", cs.size.work}, {"seconds", times}, {"rate", rates}, {"share_of_ceiling", shares},
+      rows.push_back({{"size", cs.size.label()}, {"work", cs.size.work}, {"seconds", times}, {"rate", rates}, {"share_of_ceiling", shares},
                       {"winner", winner}, {"auto", to_string(chosen.backend)}, {"auto_loss", auto_loss}});
     }
     // Crossovers: the first ladder size at which the winner changes.

@@ -36,7 +36,7 @@ void set_rates(benchmark::State& state, const OpSize& size) {
 }
 
 void register_op(Op op, const std::array<int64_t, 3>& dims, const std::string& mode) {
-  const std::string name = cat("op/", to_string(op), "/", op_size(op, dims[0], dims[1], dims[2]).label, "/", mode);
+  const std::string name = cat("op/", to_string(op), "/", op_size(op, dims[0], dims[1], dims[2]).label(), "/", mode);
   benchmark::RegisterBenchmark(name.c_str(), [op, dims, mode](benchmark::State& state) {
     Dispatcher& d = dispatcher_for(mode);
     // One set of buffers per (op, size), shared by every mode: separate 64 MiB allocations differ
@@ -90,7 +90,7 @@ int routing_table(const std::vector<std::string>& modes) {
           for (int64_t i = 0; i < batch; ++i) cs.routed(d);
           times[mode].push_back(t.seconds() / double(batch));
         }
-      nlohmann::json row = {{"op", to_string(Op(o))}, {"size", cs.size.label}};
+      nlohmann::json row = {{"op", to_string(Op(o))}, {"size", cs.size.label()}};
       for (auto& [mode, ts] : times) {
         std::sort(ts.begin(), ts.end());
         row[mode] = ts[ts.size() / 2];

@@ -87,11 +87,22 @@ KvCache::Stats KvCache::stats() const {
 
 namespace {
 
+// Multiply-adds below which a loop stays on the calling thread: a TBB fork and join costs several
+// microseconds, more than a decode step's small pieces take on their own.
+constexpr int64_t kParallelWork = int64_t(1) << 17;
+
+// body(begin, end) over [0, n), split between threads only when the whole is worth it.
+template <class Body>
+void maybe_parallel(int64_t n, int64_t work, int64_t grain, const Body& body) {
+  if (work < kParallelWork) return body(int64_t(0), n);
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, grain), [&](const tbb::blocked_range<int64_t>& r) { body(r.begin(), r.end()); });
+}
+
 // y (n, rows) = x (n, cols) W^T (W is (rows, cols)), each element a dot in one fixed order, so a
 // row's result does not depend on the other rows (a GEMM's blocking may depend on the shape).
 void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_t rows, float* y) {
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows, 16), [&](const tbb::blocked_range<int64_t>& range) {
-    for (int64_t r = range.begin(); r != range.end(); ++r) {
+  maybe_parallel(rows, n * rows * cols, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r != end; ++r) {
       const float* wr = w + r * cols;
       for (int64_t i = 0; i < n; ++i) {
         const float* xi = x + i * cols;
@@ -107,6 +118,40 @@ void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_
   });
 }
 
+
+void add_into(Tensor& x, const Tensor& y) {
+  float* xp = x.data<float>();
+  const float* yp = y.data<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) xp[i] += yp[i];
+}
+
+// One query head over the cached positions 0..pos of its KV head, block by block, with an online
+// softmax: a running max and sum rescale the accumulator, so no score matrix is ever formed.
+void attend(const float* qv, int64_t pos, const std::vector<int32_t>& table, KvCache& cache, int64_t layer, int64_t kv_head, int64_t hd, float scale,
+            float* out) {
+  std::fill(out, out + hd, 0.0f);
+  float run_max = -INFINITY;
+  double run_sum = 0;
+  for (int64_t s = 0; s <= pos; ++s) {
+    const int32_t block = table[size_t(s / kKvBlockTokens)];
+    const float* ks = cache.key(block, layer, s % kKvBlockTokens) + kv_head * hd;
+    float dot = 0;
+    for (int64_t c = 0; c < hd; ++c) dot += qv[c] * ks[c];
+    dot *= scale;
+    if (dot > run_max) {
+      const float shrink = std::exp(run_max - dot);  // exp(-inf) = 0 on the first position
+      run_sum *= shrink;
+      for (int64_t c = 0; c < hd; ++c) out[c] *= shrink;
+      run_max = dot;
+    }
+    const float p = std::exp(dot - run_max);
+    run_sum += p;
+    const float* vs = cache.value(block, layer, s % kKvBlockTokens) + kv_head * hd;
+    for (int64_t c = 0; c < hd; ++c) out[c] += p * vs[c];
+  }
+  const float inv = float(1.0 / run_sum);
+  for (int64_t c = 0; c < hd; ++c) out[c] *= inv;
+}
 
 }  // namespace
 
@@ -193,25 +238,31 @@ InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkp
   rope_tables(config_, rope_cos_, rope_sin_);  // as the training model makes them
 }
 
-// A BitLinear: int8 activations per row (absmax), then the packed ternary product; or f32.
-void InferenceModel::linear(const Tensor& x, const Linear& l, Tensor& y) {
-  const int64_t n = x.dim(0);
-  if (packed_) {
-    Tensor q = Tensor::empty({n, l.cols}, DType::i8), s = Tensor::empty({n}, DType::f32);
-    d_.quantize_int8_rows(x, q, s);
-    d_.matmul_ternary(q, s, l.packed, l.scale, y);
-    return;
-  }
-  if (config_.quant == ModelConfig::Quant::ternary) {
-    // The training forward's activations: q / s per row.
-    Tensor q = Tensor::empty({n, l.cols}, DType::i8), s = Tensor::empty({n}, DType::f32);
-    d_.quantize_int8_rows(x, q, s);
-    Tensor xs = Tensor::empty({n, l.cols}, DType::f32);
+// A BitLinear's input, made once and shared by the layers that read the same rows (wq, wk, wv;
+// w_gate, w_up): int8 rows with their absmax scales for the packed kernel, the training forward's
+// q / s for f32 ternary weights, or the rows themselves for a full-precision model.
+InferenceModel::LinearInput InferenceModel::linear_input(const Tensor& x) {
+  LinearInput in;
+  in.x = &x;
+  if (config_.quant != ModelConfig::Quant::ternary) return in;
+  const int64_t n = x.dim(0), cols = x.dim(1);
+  in.q = Tensor::empty({n, cols}, DType::i8), in.s = Tensor::empty({n}, DType::f32);
+  d_.quantize_int8_rows(x, in.q, in.s);
+  if (!packed_) {
+    in.dequantized = Tensor::empty({n, cols}, DType::f32);
+    float* out = in.dequantized.data<float>();
+    const int8_t* qv = in.q.data<int8_t>();
+    const float* sv = in.s.data<float>();
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < l.cols; ++j) xs.data<float>()[i * l.cols + j] = float(q.data<int8_t>()[i * l.cols + j]) / s.data<float>()[i];
-    matmul_rows(xs.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
-    return;
+      for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = float(qv[i * cols + j]) / sv[i];
   }
+  return in;
+}
+
+void InferenceModel::linear(const LinearInput& in, const Linear& l, Tensor& y) {
+  const int64_t n = in.x->dim(0);
+  if (packed_) return d_.matmul_ternary(in.q, in.s, l.packed, l.scale, y);
+  const Tensor& x = in.dequantized.numel() ? in.dequantized : *in.x;
   matmul_rows(x.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
 }
 
@@ -259,9 +310,10 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
   for (int64_t li = 0; li < config_.n_layers; ++li) {
     Layer& L = layers_[size_t(li)];
     rmsnorm_forward(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
-    linear(h, L.wq, q);
-    linear(h, L.wk, k);
-    linear(h, L.wv, v);
+    const LinearInput attn_in = linear_input(h);
+    linear(attn_in, L.wq, q);
+    linear(attn_in, L.wk, k);
+    linear(attn_in, L.wv, v);
     // RoPE at each row's own position, then K and V into the row's cache slot.
     for (int64_t r = 0; r < N; ++r) {
       const int64_t pos = rows[size_t(r)].pos;
@@ -272,58 +324,41 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
-    // Attention over the cached positions 0..pos, block by block, with an online softmax: a
-    // running max and sum rescale the accumulator, so no score matrix is ever formed.
-    tbb::parallel_for(int64_t(0), N * H, [&](int64_t rh) {
-      const int64_t r = rh / H, hh = rh % H, g = hh / group, pos = rows[size_t(r)].pos;
-      const auto& table = *slices[size_t(rows[size_t(r)].slice)].block_table;
-      const float* qv = q.data<float>() + (r * H + hh) * hd;
-      float* out = att.data<float>() + (r * H + hh) * hd;
-      std::fill(out, out + hd, 0.0f);
-      float run_max = -INFINITY;
-      double run_sum = 0;
-      for (int64_t s = 0; s <= pos; ++s) {
-        const int32_t block = table[size_t(s / kKvBlockTokens)];
-        const float* ks = cache.key(block, li, s % kKvBlockTokens) + g * hd;
-        float dot = 0;
-        for (int64_t c = 0; c < hd; ++c) dot += qv[c] * ks[c];
-        dot *= scale;
-        if (dot > run_max) {
-          const float shrink = std::exp(run_max - dot);  // exp(-inf) = 0 on the first position
-          run_sum *= shrink;
-          for (int64_t c = 0; c < hd; ++c) out[c] *= shrink;
-          run_max = dot;
-        }
-        const float p = std::exp(dot - run_max);
-        run_sum += p;
-        const float* vs = cache.value(block, li, s % kKvBlockTokens) + g * hd;
-        for (int64_t c = 0; c < hd; ++c) out[c] += p * vs[c];
+    int64_t attention_work = 0;
+    for (const Row& row : rows) attention_work += 2 * (row.pos + 1) * H * hd;
+    maybe_parallel(N * H, attention_work, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t rh = begin; rh < end; ++rh) {
+        const int64_t r = rh / H, hh = rh % H;
+        attend(q.data<float>() + (r * H + hh) * hd, rows[size_t(r)].pos, *slices[size_t(rows[size_t(r)].slice)].block_table, cache, li, hh / group, hd,
+               scale, att.data<float>() + (r * H + hh) * hd);
       }
-      const float inv = float(1.0 / run_sum);
-      for (int64_t c = 0; c < hd; ++c) out[c] *= inv;
     });
     Tensor att_in = att;
     if (config_.subln) {
       att_in = matrix(N, H * hd);
       rmsnorm_forward(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), nullptr, N, H * hd, config_.norm_eps);
     }
-    linear(att_in, L.wo, a);
-    for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += a.data<float>()[i];
+    linear(linear_input(att_in), L.wo, a);
+    add_into(x, a);
     rmsnorm_forward(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
-    linear(h, L.w_up, up);
+    const LinearInput ffn_in = linear_input(h);
+    linear(ffn_in, L.w_up, up);
+    float* fp = f.data<float>();
+    const float* upp = up.data<float>();
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
-      linear(h, L.w_gate, gate);
-      for (int64_t i = 0; i < N * F; ++i) f.data<float>()[i] = silu(gate.data<float>()[i]) * up.data<float>()[i];
+      linear(ffn_in, L.w_gate, gate);
+      const float* gp = gate.data<float>();
+      for (int64_t i = 0; i < N * F; ++i) fp[i] = silu(gp[i]) * upp[i];
     } else {
-      for (int64_t i = 0; i < N * F; ++i) f.data<float>()[i] = up.data<float>()[i] > 0 ? up.data<float>()[i] * up.data<float>()[i] : 0.0f;
+      for (int64_t i = 0; i < N * F; ++i) fp[i] = upp[i] > 0 ? upp[i] * upp[i] : 0.0f;
     }
     Tensor f_in = f;
     if (config_.subln) {
       f_in = matrix(N, F);
       rmsnorm_forward(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), nullptr, N, F, config_.norm_eps);
     }
-    linear(f_in, L.w_down, m);
-    for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] += m.data<float>()[i];
+    linear(linear_input(f_in), L.w_down, m);
+    add_into(x, m);
   }
   // Final norm and head for the last row of each slice that wants logits.
   Tensor last = matrix(std::max<int64_t>(logits_rows, 1), D), logits = Tensor::empty({logits_rows, V}, DType::f32);

@@ -104,7 +104,13 @@ class InferenceModel {
     Tensor attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm;
     Linear wq, wk, wv, wo, w_gate, w_up, w_down;
   };
-  void linear(const Tensor& x, const Linear& l, Tensor& y);
+  struct LinearInput {
+    const Tensor* x = nullptr;
+    Tensor q, s;        // int8 rows and their scales (ternary models)
+    Tensor dequantized; // q / s as f32 (f32 ternary weights)
+  };
+  LinearInput linear_input(const Tensor& x);
+  void linear(const LinearInput& in, const Linear& l, Tensor& y);
 
   Dispatcher& d_;
   ModelConfig config_;

@@ -77,12 +77,14 @@ int hybrit_c_pack_ternary(const int8_t* q, int64_t rows, int64_t cols, uint8_t* 
 int hybrit_c_unpack_ternary(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* q, int64_t* bad_index);
 static inline int64_t hybrit_packed_cols(int64_t cols) { return (cols + 3) / 4; }
 
-/* Ternary matmul, y (m x n) = (xq (m x k, int8) . W^T) * w_scale / x_scales[i], W (n x k) packed
+/* Ternary matmul, y (m x n) = (xq (m x k, int8) . W^T) * (w_scale / x_scales[i]), W (n x k) packed
  * as hybrit_c_pack_ternary makes it. Activations are first put in block order: blocks of
  * HYBRIT_TERNARY_BLOCK weights (64 packed bytes); within a block, x[4b + t] goes to t * 64 + b,
  * so the t-th 2-bit field of 64 consecutive packed bytes meets 64 consecutive activations. Rows
  * are padded with zeros to a whole block (k_padded), so padding codes add nothing. The dot of
- * codes (q + 1) is corrected by the row sum of x: sum(q x) = sum((q + 1) x) - sum(x).
+ * codes (q + 1) is corrected by the row sum of x: sum(q x) = sum((q + 1) x) - sum(x). The
+ * scale is applied in f64 as dot * (w_scale / x_scale), the factor computed once per row (every
+ * backend, CUDA included, rounds the same way, so all give the same bits).
  * Accumulators: int32 inside the SIMD kernels, flushed to int64 every 4096 blocks (1M weights),
  * so no row length overflows them. */
 #define HYBRIT_TERNARY_BLOCK 256
@@ -92,7 +94,7 @@ void hybrit_c_ternary_prepare(const int8_t* xq, int64_t m, int64_t k, int8_t* x_
 /* Output columns [n_begin, n_end) of y (row stride ldy). */
 void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, const int64_t* x_sums, const float* x_scales, int64_t m,
                            int64_t k, const uint8_t* w, float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy);
-/* The scalar tail the SIMD kernels share: adds the dots of packed bytes [from, nbytes) to acc. */
+/* The scalar kernel's body: adds the dots of packed bytes [from, nbytes) to acc. */
 void hybrit_c_ternary_dot_tail(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t from, int64_t nbytes, int64_t* acc);
 int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
                             int64_t n, float w_scale, float* y);

@@ -459,13 +459,17 @@ void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, 
                            int64_t k, const uint8_t* w, float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy) {
   const int64_t kp = hybrit_ternary_padded(k), nbytes = hybrit_packed_cols(k);
   int64_t acc[4];
-  for (int64_t r = n_begin; r < n_end; ++r) {
-    const uint8_t* wr = w + r * nbytes;
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {
-      const int rows = m - i0 < 4 ? (int)(m - i0) : 4;
-      kr->ternary_dot(x_blocked + i0 * kp, rows, kp, wr, nbytes, acc);
-      for (int i = 0; i < rows; ++i)
-        y[(i0 + i) * ldy + r] = (float)((double)(acc[i] - x_sums[i0 + i]) * (double)w_scale / (double)x_scales[i0 + i]);
+  double factor[64]; /* w_scale / x_scale per activation row: one division per row, not per output */
+  for (int64_t base = 0; base < m; base += 64) {
+    const int64_t group = m - base < 64 ? m - base : 64;
+    for (int64_t i = 0; i < group; ++i) factor[i] = (double)w_scale / (double)x_scales[base + i];
+    for (int64_t r = n_begin; r < n_end; ++r) {
+      const uint8_t* wr = w + r * nbytes;
+      for (int64_t i0 = 0; i0 < group; i0 += 4) {
+        const int rows = group - i0 < 4 ? (int)(group - i0) : 4;
+        kr->ternary_dot(x_blocked + (base + i0) * kp, rows, kp, wr, nbytes, acc);
+        for (int i = 0; i < rows; ++i) y[(base + i0 + i) * ldy + r] = (float)((double)(acc[i] - x_sums[base + i0 + i]) * factor[i0 + i]);
+      }
     }
   }
 }

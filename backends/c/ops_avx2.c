@@ -1,6 +1,7 @@
 /* AVX2 + FMA variants. Compiled with -mavx2 -mfma; only called when the probe reports both. */
 #include <float.h>
 #include <immintrin.h>
+#include <string.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -162,13 +163,17 @@ static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c
 
 /* Block b of 64 packed bytes in two 32-byte halves; field t of each byte meets x[b*256 + t*64 + h*32 ...]. */
 static void ternary_dot_avx2(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
-  const int64_t blocks = nbytes / 64;
+  /* The last, partial block runs from a zero-padded copy: code 0 there meets zero activations
+   * (x is padded to whole blocks), so it adds nothing, and no scalar tail is needed. */
+  const int64_t full = nbytes / 64, blocks = (nbytes + 63) / 64;
+  uint8_t last[64] = {0};
+  if (blocks > full) memcpy(last, w + full * 64, (size_t)(nbytes - full * 64));
   const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int i = 0; i < rows; ++i) acc[i] = 0;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     for (int h = 0; h < 2; ++h) {
-      const __m256i p = _mm256_loadu_si256((const __m256i*)(w + blk * 64 + h * 32));
+      const __m256i p = _mm256_loadu_si256((const __m256i*)((blk < full ? w + blk * 64 : last) + h * 32));
       const __m256i c0 = _mm256_and_si256(p, three), c1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), three);
       const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), three), c3 = _mm256_and_si256(_mm256_srli_epi16(p, 6), three);
       for (int i = 0; i < rows; ++i) {
@@ -190,7 +195,6 @@ static void ternary_dot_avx2(const int8_t* x, int rows, int64_t x_stride, const 
       }
     }
   }
-  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, blocks * 64, nbytes, acc);
 }
 
 static const hybrit_c_kernels avx2_kernels = {

@@ -228,7 +228,7 @@ __global__ void matmul_ternary_kernel(const int8_t* xq, const float* x_scales, i
     if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) y[i * n + r] = float(double(partial[0]) * double(w_scale) / double(x_scales[i]));
+  if (threadIdx.x == 0) y[i * n + r] = float(double(partial[0]) * (double(w_scale) / double(x_scales[i])));  // as the C kernels round
 }
 
 __global__ void finite_kernel(const double* v, int64_t n, unsigned long long* bad) {

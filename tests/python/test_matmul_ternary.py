@@ -7,7 +7,7 @@ import hybrit
 
 
 def reference(xq, x_scales, q, w_scale):
-    return (xq.astype(np.int64) @ q.astype(np.int64).T).astype(np.float64) * w_scale / x_scales[:, None].astype(np.float64)
+    return (xq.astype(np.int64) @ q.astype(np.int64).T).astype(np.float64) * (np.float64(w_scale) / x_scales[:, None].astype(np.float64))
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 7, 3), (3, 5, 255), (4, 9, 256), (5, 17, 257), (8, 33, 1000), (13, 64, 2048), (16, 3, 4099)])
@@ -19,7 +19,7 @@ def test_matches_the_integer_reference(dispatcher, rng, m, n, k):
     packed = dispatcher.pack_ternary(q)
     y = dispatcher.matmul_ternary(xq, x_scales, packed, w_scale)
     assert y.shape == (m, n) and y.dtype == np.float32
-    np.testing.assert_allclose(y, reference(xq, x_scales, q, np.float32(w_scale)), rtol=1e-6, atol=1e-30)
+    np.testing.assert_array_equal(y, reference(xq, x_scales, q, np.float32(w_scale)).astype(np.float32))  # the same f64 rounding: exact
 
 
 def test_every_backend_and_isa_gives_the_same_bits(rng):
