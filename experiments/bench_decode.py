@@ -16,6 +16,8 @@ import yaml
 
 from common import ROOT, hybrit, machine_header
 
+NOTES_MARKER = "<!-- analysis (by hand) -->"
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -51,8 +53,13 @@ def main():
     for packed, batch, tps, limit, _ in rows:
         base = next(r[2] for r in rows if r[0] == packed and r[1] == 1)
         lines.append(f"| {'packed 2-bit' if packed else 'f32'} | {batch} | {tps:.1f} | {limit:.1f} | {100 * tps / limit:.0f}% | {tps / base:.2f}x |")
-    with open(os.path.join(ROOT, "experiments", "results", "decode.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    out = os.path.join(ROOT, "experiments", "results", "decode.md")
+    # The analysis below the marker is written by hand; a new run keeps it (update it by hand).
+    notes = ""
+    if os.path.exists(out) and NOTES_MARKER in open(out).read():
+        notes = open(out).read().split(NOTES_MARKER, 1)[1]
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print("\n".join(lines))
 
 
