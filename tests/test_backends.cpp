@@ -242,6 +242,35 @@ TEST_P(BackendTest, MatmulMatchesDoublePrecisionReference) {
   check_matmul(*backend_, 700, 300, 200, false, true, 1.0f, 0.25f);  // several blocks in every backend
 }
 
+// matmul_ternary against an independent reference: the exact integer dot, then the one f64
+// rounding the kernels promise, dot * (w_scale / x_scale). Widths that end in a partial block
+// (the SIMD kernels' zero-padded last block) and batches that are not a multiple of 4.
+TEST_P(BackendTest, MatmulTernaryMatchesTheIntegerReferenceExactly) {
+  SCOPED_TRACE(cat("seed ", run_seed()));
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {3, 5, 255}, {4, 9, 256}, {5, 17, 257}, {8, 33, 704}, {13, 64, 1000}, {2, 3, 4099}};
+  for (const auto& s : shapes) {
+    const int64_t m = s[0], n = s[1], k = s[2];
+    SCOPED_TRACE(cat("m, n, k = ", m, ", ", n, ", ", k));
+    Rng rng(run_seed(), 7000 + m * 100000 + k);
+    Tensor xq = Tensor::empty({m, k}, DType::i8), scales = Tensor::empty({m}, DType::f32);
+    for (int64_t i = 0; i < m * k; ++i) xq.data<int8_t>()[i] = int8_t(int(rng.below(256)) - 128);
+    for (int64_t i = 0; i < m; ++i) scales.data<float>()[i] = 0.5f + 200.0f * rng.uniform();
+    const float w_scale = 0.01f + 2.0f * rng.uniform();
+    const Tensor q = random_ternary({n, k}, 8000 + k);
+    Tensor packed = Tensor::empty({n, hybrit_packed_cols(k)}, DType::ternary2);
+    ref_->pack_ternary(q, packed);
+    Tensor y = Tensor::empty({m, n}, DType::f32);
+    backend_->matmul_ternary(xq, scales, packed, w_scale, y);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t dot = 0;
+        for (int64_t c = 0; c < k; ++c) dot += int64_t(xq.data<int8_t>()[i * k + c]) * q.data<int8_t>()[j * k + c];
+        const float expect = float(double(dot) * (double(w_scale) / double(scales.data<float>()[i])));
+        ASSERT_EQ(y.data<float>()[i * n + j], expect) << "at (" << i << ", " << j << ")";
+      }
+  }
+}
+
 TEST_P(BackendTest, MatmulPropagatesNaNFromInputs) {
   Tensor a = random_f32({4, 3}, 11), b = random_f32({3, 5}, 12), c = Tensor::zeros({4, 5}, DType::f32);
   a.data<float>()[1 * 3 + 2] = std::numeric_limits<float>::quiet_NaN();
