@@ -116,11 +116,11 @@ int main(int argc, char** argv) {
   serve->add_option("--checkpoint", serve_checkpoint, "training checkpoint (.h5) or its export (hybrit checkpoint export)")->required()->check(CLI::ExistingFile);
   serve->add_option("--host", serve_host, "address to listen on")->capture_default_str();
   serve->add_option("--port", serve_port, "port to listen on (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
-  serve->add_option("--max-running", serve_engine.max_running, "sequences batched per step")->capture_default_str()->check(CLI::PositiveNumber);
-  serve->add_option("--max-waiting", serve_engine.max_waiting, "sequences queued for the batch; beyond this, requests get 429")->capture_default_str()->check(CLI::PositiveNumber);
+  serve->add_option("--max-running", serve_engine.max_running, "sequences batched per step")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(4096)));
+  serve->add_option("--max-waiting", serve_engine.max_waiting, "sequences queued for the batch; beyond this, requests get 429")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(4096)));
   serve->add_option("--kv-blocks", serve_engine.kv_blocks, "KV cache blocks of 16 positions (0: the full context for every running sequence)")
-      ->capture_default_str()->check(CLI::NonNegativeNumber);
-  serve->add_option("--prefill-chunk", serve_engine.prefill_chunk, "prompt tokens computed per step")->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(CLI::Range(int64_t(0), int64_t(1) << 30));
+  serve->add_option("--prefill-chunk", serve_engine.prefill_chunk, "prompt tokens computed per step")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   serve->add_flag("--f32", serve_f32, "use f32 weights instead of the packed 2-bit kernel");
 
   std::string ckpt_path, export_out;
