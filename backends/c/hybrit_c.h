@@ -13,6 +13,7 @@
 #define HYBRIT_C_H
 
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -94,8 +95,15 @@ void hybrit_c_ternary_prepare(const int8_t* xq, int64_t m, int64_t k, int8_t* x_
 /* Output columns [n_begin, n_end) of y (row stride ldy). */
 void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, const int64_t* x_sums, const float* x_scales, int64_t m,
                            int64_t k, const uint8_t* w, float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy);
-/* The scalar kernel's body: adds the dots of packed bytes [from, nbytes) to acc. */
-void hybrit_c_ternary_dot_tail(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t from, int64_t nbytes, int64_t* acc);
+/* For the SIMD kernels, which read whole 64-byte blocks: copies a row's partial last block into
+ * `last`, zero-padded, and returns the number of whole blocks. Code 0 in the padding meets zero
+ * activations (x is padded to whole blocks), so it adds nothing and no scalar tail is needed. */
+static inline int64_t hybrit_ternary_whole_blocks(const uint8_t* w, int64_t nbytes, uint8_t last[64]) {
+  const int64_t whole = nbytes / 64;
+  memset(last, 0, 64);
+  if (nbytes > whole * 64) memcpy(last, w + whole * 64, (size_t)(nbytes - whole * 64));
+  return whole;
+}
 int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
                             int64_t n, float w_scale, float* y);
 

@@ -82,22 +82,17 @@ static void gemm_ukr_scalar(int64_t kc, const float* ap, const float* bp, float*
     for (int j = 0; j < n; ++j) c[i * ldc + j] += alpha * acc[i][j];
 }
 
-void hybrit_c_ternary_dot_tail(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t from, int64_t nbytes, int64_t* acc) {
+static void ternary_dot_scalar(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
   for (int i = 0; i < rows; ++i) {
     const int8_t* xi = x + i * x_stride;
     int64_t total = 0;
-    for (int64_t b = from; b < nbytes; ++b) {
+    for (int64_t b = 0; b < nbytes; ++b) {
       const uint8_t c = w[b];
       const int8_t* xb = xi + (b >> 6) * HYBRIT_TERNARY_BLOCK + (b & 63);
       total += (int64_t)(c & 3) * xb[0] + (int64_t)((c >> 2) & 3) * xb[64] + (int64_t)((c >> 4) & 3) * xb[128] + (int64_t)(c >> 6) * xb[192];
     }
-    acc[i] += total;
+    acc[i] = total;
   }
-}
-
-static void ternary_dot_scalar(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
-  for (int i = 0; i < rows; ++i) acc[i] = 0;
-  hybrit_c_ternary_dot_tail(x, rows, x_stride, w, 0, nbytes, acc);
 }
 
 static const hybrit_c_kernels scalar_kernels = {

@@ -1,7 +1,6 @@
 /* AVX2 + FMA variants. Compiled with -mavx2 -mfma; only called when the probe reports both. */
 #include <float.h>
 #include <immintrin.h>
-#include <string.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -163,11 +162,8 @@ static void gemm_ukr_avx2(int64_t kc, const float* ap, const float* bp, float* c
 
 /* Block b of 64 packed bytes in two 32-byte halves; field t of each byte meets x[b*256 + t*64 + h*32 ...]. */
 static void ternary_dot_avx2(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
-  /* The last, partial block runs from a zero-padded copy: code 0 there meets zero activations
-   * (x is padded to whole blocks), so it adds nothing, and no scalar tail is needed. */
-  const int64_t full = nbytes / 64, blocks = (nbytes + 63) / 64;
-  uint8_t last[64] = {0};
-  if (blocks > full) memcpy(last, w + full * 64, (size_t)(nbytes - full * 64));
+  uint8_t last[64];
+  const int64_t full = hybrit_ternary_whole_blocks(w, nbytes, last), blocks = (nbytes + 63) / 64;
   const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int i = 0; i < rows; ++i) acc[i] = 0;

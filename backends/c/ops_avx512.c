@@ -1,7 +1,6 @@
 /* AVX-512 (F, BW, VL, DQ) variants. Only called when the probe reports all four. */
 #include <float.h>
 #include <immintrin.h>
-#include <string.h>
 #include <pthread.h>
 #include <math.h>
 #include <stdint.h>
@@ -142,11 +141,8 @@ static void gemm_ukr_avx512(int64_t kc, const float* ap, const float* bp, float*
 /* One block of 64 packed bytes per iteration; field t meets x[b*256 + t*64 ...]. AVX-512BW has no
  * u8 x s8 dot into int32 in one step, so madd(maddubs) as AVX2 does, twice as wide. */
 static void ternary_dot_avx512(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc) {
-  /* The last, partial block runs from a zero-padded copy: code 0 there meets zero activations
-   * (x is padded to whole blocks), so it adds nothing, and no scalar tail is needed. */
-  const int64_t full = nbytes / 64, blocks = (nbytes + 63) / 64;
-  uint8_t last[64] = {0};
-  if (blocks > full) memcpy(last, w + full * 64, (size_t)(nbytes - full * 64));
+  uint8_t last[64];
+  const int64_t full = hybrit_ternary_whole_blocks(w, nbytes, last), blocks = (nbytes + 63) / 64;
   const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi16(1);
   __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
   for (int i = 0; i < rows; ++i) acc[i] = 0;
@@ -175,11 +171,8 @@ static void ternary_dot_avx512(const int8_t* x, int rows, int64_t x_stride, cons
  * the CPU reports avx512vnni (Ice Lake, Zen 4 and later). */
 __attribute__((target("avx512vnni"))) static void ternary_dot_avx512vnni(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w,
                                                                           int64_t nbytes, int64_t* acc) {
-  /* The last, partial block runs from a zero-padded copy: code 0 there meets zero activations
-   * (x is padded to whole blocks), so it adds nothing, and no scalar tail is needed. */
-  const int64_t full = nbytes / 64, blocks = (nbytes + 63) / 64;
-  uint8_t last[64] = {0};
-  if (blocks > full) memcpy(last, w + full * 64, (size_t)(nbytes - full * 64));
+  uint8_t last[64];
+  const int64_t full = hybrit_ternary_whole_blocks(w, nbytes, last), blocks = (nbytes + 63) / 64;
   const __m512i three = _mm512_set1_epi8(3);
   __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
   for (int i = 0; i < rows; ++i) acc[i] = 0;
