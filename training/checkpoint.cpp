@@ -29,6 +29,7 @@ struct Handle {
   ~Handle() {
     if (id >= 0) close(id);
   }
+  Handle(Handle&& o) noexcept : id(o.id), close(o.close) { o.id = -1; }
   Handle(const Handle&) = delete;
   Handle& operator=(const Handle&) = delete;
   operator hid_t() const { return id; }
@@ -88,6 +89,56 @@ std::string read_string_attr(hid_t obj, const char* name, const std::string& pat
   return s.substr(0, s.find('\0'));
 }
 
+Shape dataset_shape(hid_t ds) {
+  Handle space(H5Dget_space(ds), H5Sclose);
+  const int rank = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
+  if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  return Shape(dims.begin(), dims.end());
+}
+
+// The name of link i of a group (in name order).
+std::string link_name(hid_t group, hsize_t i) {
+  const ssize_t len = H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+  std::string name(size_t(std::max<ssize_t>(len, 0)), '\0');
+  H5Lget_name_by_idx(group, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+  return name;
+}
+
+// A u8 dataset with its fnv1a64 checksum attribute; returned open for more attributes.
+Handle write_u8_dataset(hid_t file, const std::string& name, const void* data, const std::vector<hsize_t>& dims, const std::string& path) {
+  Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
+  Handle ds(H5Dcreate2(file, name.c_str(), H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+  check(ds.id, path, cat("create dataset ", name));
+  check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), path, cat("write dataset ", name));
+  size_t n = 1;
+  for (hsize_t e : dims) n *= size_t(e);
+  const uint64_t sum = fnv1a64(data, n);
+  write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, path);
+  return ds;
+}
+
+// A u8 dataset's bytes, its checksum compared. Without a checksum attribute it is refused when
+// `checksum_required` (exports written before the tokenizer model carried one have none).
+std::vector<uint8_t> read_u8_dataset(hid_t ds, const std::string& name, const std::string& path, bool checksum_required) {
+  Handle space(H5Dget_space(ds), H5Sclose);
+  std::vector<uint8_t> bytes(size_t(std::max<hssize_t>(H5Sget_simple_extent_npoints(space), 0)));
+  if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
+    fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is unreadable (truncated file?)");
+  if (!has_attr(ds, "fnv1a64")) {
+    if (checksum_required) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has no checksum");
+  } else if (fnv1a64(bytes.data(), bytes.size()) != read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path)) {
+    fail(ErrorKind::corrupt_data, path, ": dataset ", name, " fails its checksum (the file is damaged)");
+  }
+  return bytes;
+}
+
+// The tokenizer a file carries: byte-level, or BPE rebuilt from its model bytes.
+std::unique_ptr<Tokenizer> tokenizer_of(const CheckpointMeta& meta, const std::string& path) {
+  if (meta.tokenizer_model.empty()) return std::make_unique<ByteTokenizer>();
+  return bpe_tokenizer_from_bytes(meta.tokenizer_model, path + " (its tokenizer)");
+}
+
 void write_dataset(hid_t file, const std::string& name, const float* data, const Shape& shape, const std::string& path) {
   std::vector<hsize_t> dims(shape.begin(), shape.end());
   Handle space(H5Screate_simple(int(dims.size()), dims.data(), nullptr), H5Sclose);
@@ -107,11 +158,7 @@ void read_dataset(hid_t file, const std::string& name, const Shape& expect, floa
   if (H5Lexists(file, name.c_str(), H5P_DEFAULT) <= 0) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is missing");
   Handle ds(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
   if (ds.id < 0) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " cannot be opened");
-  Handle space(H5Dget_space(ds), H5Sclose);
-  const int rank = H5Sget_simple_extent_ndims(space);
-  std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
-  if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-  const Shape got(dims.begin(), dims.end());
+  const Shape got = dataset_shape(ds);
   if (got != expect) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(got), ", the model needs ", shape_str(expect));
   int64_t n = 1;
   for (int64_t e : expect) n *= e;
@@ -164,15 +211,8 @@ CheckpointMeta read_meta(hid_t file, const std::string& path) {
   m.tokenizer_json = read_string_attr(file, "tokenizer", path);
   if (H5Lexists(file, "tokenizer_model", H5P_DEFAULT) > 0) {
     Handle ds(H5Dopen2(file, "tokenizer_model", H5P_DEFAULT), H5Dclose);
-    Handle space(H5Dget_space(ds), H5Sclose);
-    hsize_t n = 0;
-    H5Sget_simple_extent_dims(space, &n, nullptr);
-    m.tokenizer_model.resize(size_t(n));
-    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, m.tokenizer_model.data()) < 0)
-      fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model is unreadable");
-    const uint64_t expect = read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path);
-    if (fnv1a64(m.tokenizer_model.data(), m.tokenizer_model.size()) != expect)
-      fail(ErrorKind::corrupt_data, path, ": dataset tokenizer_model fails its checksum (the file is damaged)");
+    const std::vector<uint8_t> bytes = read_u8_dataset(ds, "tokenizer_model", path, true);
+    m.tokenizer_model.assign(bytes.begin(), bytes.end());
   }
   return m;
 }
@@ -199,15 +239,7 @@ void save_checkpoint(const std::string& path, ParamTable& table, const Checkpoin
       for (const auto& s : table.slices())
         write_dataset(file, cat(kBuffers[b], "/", s.name), base + s.offset, s.shape, tmp);
     }
-    if (!meta.tokenizer_model.empty()) {
-      const hsize_t n = meta.tokenizer_model.size();
-      Handle space(H5Screate_simple(1, &n, nullptr), H5Sclose);
-      Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-      check(ds.id, tmp, "create dataset tokenizer_model");
-      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write dataset tokenizer_model");
-      const uint64_t sum = fnv1a64(meta.tokenizer_model.data(), meta.tokenizer_model.size());
-      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
-    }
+    if (!meta.tokenizer_model.empty()) write_u8_dataset(file, "tokenizer_model", meta.tokenizer_model.data(), {meta.tokenizer_model.size()}, tmp);
     check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
   }
   fsync_path(tmp, O_RDONLY);
@@ -239,17 +271,11 @@ void for_each_dataset(hid_t file, const std::string& path, const Visit& visit) {
     H5G_info_t info{};
     H5Gget_info(g, &info);
     for (hsize_t i = 0; i < info.nlinks; ++i) {
-      const ssize_t len = H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
-      std::string name(size_t(std::max<ssize_t>(len, 0)), '\0');
-      H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+      const std::string name = link_name(g, i);
       CheckpointDataset d;
       d.name = cat(group, "/", name);
       Handle ds(H5Dopen2(g, name.c_str(), H5P_DEFAULT), H5Dclose);
-      Handle space(H5Dget_space(ds), H5Sclose);
-      const int rank = H5Sget_simple_extent_ndims(space);
-      std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
-      if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-      d.shape.assign(dims.begin(), dims.end());
+      d.shape = dataset_shape(ds);
       int64_t n = 1;
       for (int64_t e : d.shape) n *= e;
       std::vector<float> values(static_cast<size_t>(n));
@@ -286,14 +312,7 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
     write_scalar_attr(file, "step", H5T_NATIVE_INT64, &meta.step, tmp);
     write_string_attr(file, "config", meta.config_yaml, tmp);
     write_string_attr(file, "tokenizer", meta.tokenizer_json, tmp);
-    if (!meta.tokenizer_model.empty()) {
-      const hsize_t n = meta.tokenizer_model.size();
-      Handle space(H5Screate_simple(1, &n, nullptr), H5Sclose);
-      Handle ds(H5Dcreate2(file, "tokenizer_model", H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, meta.tokenizer_model.data()), tmp, "write tokenizer_model");
-      const uint64_t sum = fnv1a64(meta.tokenizer_model.data(), meta.tokenizer_model.size());
-      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
-    }
+    if (!meta.tokenizer_model.empty()) write_u8_dataset(file, "tokenizer_model", meta.tokenizer_model.data(), {meta.tokenizer_model.size()}, tmp);
     for (const auto& a : arrays) {
       if (a.name.rfind("params/", 0) != 0) continue;  // optimizer state stays behind
       const std::string name = a.name.substr(7);
@@ -309,15 +328,9 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
       const int64_t rows = a.shape[0], cols = a.shape[1], packed_cols = (cols + 3) / 4;
       Tensor packed = Tensor::empty({rows, packed_cols}, DType::ternary2);
       d.pack_ternary(q, packed);
-      const hsize_t dims[2] = {hsize_t(rows), hsize_t(packed_cols)};
-      Handle space(H5Screate_simple(2, dims, nullptr), H5Sclose);
-      Handle ds(H5Dcreate2(file, (name + ".packed").c_str(), H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-      check(ds.id, tmp, cat("create dataset ", name, ".packed"));
-      check(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, packed.raw()), tmp, cat("write dataset ", name, ".packed"));
+      const Handle ds = write_u8_dataset(file, name + ".packed", packed.raw(), {hsize_t(rows), hsize_t(packed_cols)}, tmp);
       write_scalar_attr(ds, "scale", H5T_NATIVE_FLOAT, &scale, tmp);
       write_scalar_attr(ds, "cols", H5T_NATIVE_INT64, &cols, tmp);
-      const uint64_t sum = fnv1a64(packed.raw(), packed.nbytes());
-      write_scalar_attr(ds, "fnv1a64", H5T_NATIVE_UINT64, &sum, tmp);
       weight_bytes += int64_t(packed.nbytes()) + int64_t(sizeof(float));
     }
     check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
@@ -360,46 +373,26 @@ InferenceExport read_inference_export(const std::string& path) {
   out.meta.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
   out.meta.config_yaml = read_string_attr(file, "config", path);
   out.meta.tokenizer_json = read_string_attr(file, "tokenizer", path);
-  auto read_bytes = [&](hid_t ds, const std::string& name, std::vector<uint8_t>& bytes, hsize_t expect) {
-    Handle space(H5Dget_space(ds), H5Sclose);
-    if (H5Sget_simple_extent_npoints(space) != hssize_t(expect))
-      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " holds ", H5Sget_simple_extent_npoints(space), " bytes, expected ", expect);
-    bytes.resize(size_t(expect));
-    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()) < 0)
-      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " is unreadable (truncated file?)");
-    // Exports written before the tokenizer model carried a checksum have none to compare.
-    if (has_attr(ds, "fnv1a64") && fnv1a64(bytes.data(), bytes.size()) != read_scalar_attr<uint64_t>(ds, "fnv1a64", H5T_NATIVE_UINT64, path))
-      fail(ErrorKind::corrupt_data, path, ": dataset ", name, " fails its checksum (the file is damaged)");
-  };
   H5G_info_t info{};
   H5Gget_info(file, &info);
   for (hsize_t i = 0; i < info.nlinks; ++i) {
-    const ssize_t len = H5Lget_name_by_idx(file, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
-    std::string name(size_t(std::max<ssize_t>(len, 0)), '\0');
-    H5Lget_name_by_idx(file, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+    const std::string name = link_name(file, i);
     Handle ds(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
     if (ds.id < 0) fail(ErrorKind::corrupt_data, path, ": ", name, " is not a dataset");
-    Handle space(H5Dget_space(ds), H5Sclose);
-    const int rank = H5Sget_simple_extent_ndims(space);
-    std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
-    if (rank > 0) H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+    const Shape shape = dataset_shape(ds);
     if (name == "tokenizer_model") {
-      std::vector<uint8_t> bytes;
-      read_bytes(ds, name, bytes, rank == 1 ? dims[0] : 0);
+      const std::vector<uint8_t> bytes = read_u8_dataset(ds, name, path, false);
       out.meta.tokenizer_model.assign(bytes.begin(), bytes.end());
     } else if (name.size() > 7 && name.compare(name.size() - 7, 7, ".packed") == 0) {
       InferenceExport::Packed p;
       p.scale = read_scalar_attr<float>(ds, "scale", H5T_NATIVE_FLOAT, path);
       p.cols = read_scalar_attr<int64_t>(ds, "cols", H5T_NATIVE_INT64, path);
-      if (rank != 2 || p.cols < 1 || int64_t(dims[1]) != (p.cols + 3) / 4)
-        fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(Shape(dims.begin(), dims.end())), ", which cannot hold ", p.cols,
-             " columns at 4 per byte");
-      p.rows = int64_t(dims[0]);
-      read_bytes(ds, name, p.codes, dims[0] * dims[1]);
-      if (!has_attr(ds, "fnv1a64")) fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has no checksum");
+      if (shape.size() != 2 || p.cols < 1 || shape[1] != (p.cols + 3) / 4)
+        fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(shape), ", which cannot hold ", p.cols, " columns at 4 per byte");
+      p.rows = shape[0];
+      p.codes = read_u8_dataset(ds, name, path, true);
       out.packed[name.substr(0, name.size() - 7)] = std::move(p);
     } else {
-      const Shape shape(dims.begin(), dims.end());
       int64_t n = 1;
       for (int64_t e : shape) n *= e;
       NamedArray a{name, shape, std::vector<float>(size_t(n))};
@@ -408,8 +401,7 @@ InferenceExport read_inference_export(const std::string& path) {
     }
   }
   out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
-  if (out.meta.tokenizer_model.empty()) out.tokenizer = std::make_unique<ByteTokenizer>();
-  else out.tokenizer = bpe_tokenizer_from_bytes(out.meta.tokenizer_model, path + " (its tokenizer)");
+  out.tokenizer = tokenizer_of(out.meta, path);
   out.config.model.vocab_size = out.tokenizer->vocab_size();
   return out;
 }
@@ -418,8 +410,7 @@ CheckpointModel load_checkpoint_model(Dispatcher& dispatcher, const std::string&
   CheckpointModel out;
   const std::vector<NamedArray> arrays = read_checkpoint_arrays(path, &out.meta);
   out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
-  if (out.meta.tokenizer_model.empty()) out.tokenizer = std::make_unique<ByteTokenizer>();
-  else out.tokenizer = bpe_tokenizer_from_bytes(out.meta.tokenizer_model, path + " (its tokenizer)");
+  out.tokenizer = tokenizer_of(out.meta, path);
   // BPE may have settled on fewer tokens than data.vocab_size asked for; the model was built with the real count.
   out.config.model.vocab_size = out.tokenizer->vocab_size();
   out.model = std::make_unique<Model>(out.config.model, dispatcher, out.config.seed);
