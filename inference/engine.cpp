@@ -352,22 +352,25 @@ void BackgroundEngine::cancel(int64_t request) {
 void BackgroundEngine::shutdown() {
   {
     Turn turn = take_turn();
-    if (!stopping_) engine_.finish_all(FinishReason::cancelled);
-    stopping_ = true;
+    if (!stopping_.exchange(true)) engine_.finish_all(FinishReason::cancelled);
   }
   if (thread_.joinable()) thread_.join();
 }
 
-BackgroundEngine::Snapshot BackgroundEngine::snapshot(double window) {
+BackgroundEngine::Snapshot BackgroundEngine::snapshot() {
   Turn turn = take_turn();
   Snapshot s;
   s.engine = engine_.stats();
   s.uptime_seconds = clock_.seconds();
-  while (!recent_.empty() && recent_.front().first < s.uptime_seconds - window) recent_.pop_front();
+  forget_before(s.uptime_seconds - kRateWindowSeconds);
   int64_t tokens = 0;
   for (const auto& r : recent_) tokens += r.second;
-  s.tokens_per_second = double(tokens) / std::max(1e-3, std::min(window, s.uptime_seconds));
+  s.tokens_per_second = double(tokens) / std::max(1e-3, std::min(kRateWindowSeconds, s.uptime_seconds));
   return s;
+}
+
+void BackgroundEngine::forget_before(double seconds) {
+  while (!recent_.empty() && recent_.front().first < seconds) recent_.pop_front();
 }
 
 void BackgroundEngine::loop() {
@@ -375,16 +378,16 @@ void BackgroundEngine::loop() {
   for (;;) {
     wake_.wait(lock, [&] { return stopping_ || (!engine_.idle() && callers_.load() == 0); });
     if (stopping_) return;
-    const int64_t before = engine_.stats().tokens_generated;
+    const int64_t before = engine_.tokens_generated();
     try {
       engine_.step();
     } catch (const std::exception& e) {
       log_line(LogLevel::error, cat("engine step failed, ending every request: ", e.what()));
       engine_.finish_all(FinishReason::error);
     }
-    const int64_t made = engine_.stats().tokens_generated - before;
-    if (made > 0) recent_.emplace_back(clock_.seconds(), made);
-    if (recent_.size() > 100000) recent_.pop_front();  // bounded even if nobody reads the metrics
+    const double now = clock_.seconds();
+    if (const int64_t made = engine_.tokens_generated() - before; made > 0) recent_.emplace_back(now, made);
+    forget_before(now - kRateWindowSeconds);  // bounded even if nobody reads the metrics
   }
 }
 

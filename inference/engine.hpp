@@ -92,6 +92,7 @@ class Engine {
   bool idle() const { return running_.empty() && waiting_.empty(); }
 
   EngineStats stats() const;
+  int64_t tokens_generated() const { return stats_.tokens_generated; }
   InferenceModel& model() { return model_; }
 
  private:
@@ -135,13 +136,15 @@ class BackgroundEngine {
   void cancel(int64_t request);
   // Cancels everything, waits until the final events are out, and stops taking requests.
   void shutdown();
+  bool stopping() const { return stopping_.load(); }
 
+  static constexpr double kRateWindowSeconds = 10;
   struct Snapshot {
     EngineStats engine;
-    double tokens_per_second = 0;  // generated, over the last `window` seconds
+    double tokens_per_second = 0;  // generated, over the last kRateWindowSeconds
     double uptime_seconds = 0;
   };
-  Snapshot snapshot(double window = 10.0);
+  Snapshot snapshot();
 
  private:
   // The engine between two steps; letting go wakes the loop (also when the caller throws).
@@ -155,13 +158,14 @@ class BackgroundEngine {
   };
   Turn take_turn();
   void loop();
+  void forget_before(double seconds);
 
   Engine engine_;
   std::mutex mutex_;
   std::condition_variable wake_;  // work arrived, a caller is done, or shutting down
   std::atomic<int> callers_{0};   // threads waiting for mutex_; the loop lets them in first
-  bool stopping_ = false;
-  std::deque<std::pair<double, int64_t>> recent_;  // (seconds since start, tokens made in that step)
+  std::atomic<bool> stopping_{false};
+  std::deque<std::pair<double, int64_t>> recent_;  // (seconds since start, tokens made in that step), within the window
   Timer clock_;
   std::thread thread_;
 };

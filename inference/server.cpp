@@ -26,6 +26,9 @@ namespace {
 
 [[noreturn]] void bad(const std::string& param, const std::string& message) { throw RequestError{param, param.empty() ? message : param + ": " + message}; }
 
+// hybrit's checks name the field first ("top_p: expected ..."): the field an Error is about.
+std::string field_of(const std::string& message) { return message.substr(0, message.find(':')); }
+
 double number_field(const json& body, const char* key, double fallback) {
   if (!body.contains(key) || body[key].is_null()) return fallback;
   if (!body[key].is_number()) bad(key, cat("expected a number, got ", body[key].dump()));
@@ -117,8 +120,8 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
   try {
     g.sampling.validate();
   } catch (const Error& e) {
-    const std::string m = e.what();
-    bad(m.substr(0, m.find(':')), m.substr(m.find(':') + 2));
+    const std::string m = e.what(), field = field_of(m);
+    bad(field, m.substr(std::min(m.size(), field.size() + 2)));
   }
   if (body.contains("seed") && !body["seed"].is_null()) {
     if (!body["seed"].is_number_integer()) bad("seed", cat("expected an integer, got ", body["seed"].dump()));
@@ -168,6 +171,14 @@ const char* openai_finish_reason(FinishReason why) {
 }
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }  // a byte model may write invalid UTF-8
+
+json choice_json(size_t index, const std::string& text, FinishReason why) {
+  return {{"text", text}, {"index", index}, {"logprobs", nullptr}, {"finish_reason", why == FinishReason::none ? json(nullptr) : json(openai_finish_reason(why))}};
+}
+
+json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
+  return {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}, {"total_tokens", prompt_tokens + completion_tokens}};
+}
 
 json error_body(const std::string& message, const char* type, const std::string& param = "") {
   return {{"error", {{"message", message}, {"type", type}, {"param", param.empty() ? json(nullptr) : json(param)}, {"code", nullptr}}}};
@@ -263,9 +274,8 @@ class CompletionHandler {
         for (int64_t id : completion->ids) engine_.cancel(id);
         const std::string m = e.what();
         if (e.kind() == ErrorKind::invalid_argument)  // the engine's checks: prompt length and token range
-          return reply(res, 400, error_body(m, "invalid_request_error", m.substr(0, m.find(':'))));
-        if (std::string_view(m).find("shutting down") != std::string_view::npos)
-          return reply(res, 503, error_body(m, "server_shutting_down"));
+          return reply(res, 400, error_body(m, "invalid_request_error", field_of(m)));
+        if (engine_.stopping()) return reply(res, 503, error_body(m, "server_shutting_down"));
         return reply(res, 429, error_body(m, "server_busy"));
       }
     }
@@ -306,9 +316,8 @@ class CompletionHandler {
     }
     json out = chunk_header(id, created);
     out["choices"] = json::array();
-    for (size_t i = 0; i < n; ++i)
-      out["choices"].push_back({{"text", texts[i]}, {"index", i}, {"logprobs", nullptr}, {"finish_reason", openai_finish_reason(reasons[i])}});
-    out["usage"] = {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}, {"total_tokens", prompt_tokens + completion_tokens}};
+    for (size_t i = 0; i < n; ++i) out["choices"].push_back(choice_json(i, texts[i], reasons[i]));
+    out["usage"] = usage_json(prompt_tokens, completion_tokens);
     reply(res, 200, out);
   }
 
@@ -340,15 +349,14 @@ class CompletionHandler {
             *completion_tokens += e.token >= 0;
             if (e.text.empty() && e.finished == FinishReason::none) continue;
             json chunk = header;
-            chunk["choices"] = json::array({{{"text", e.text}, {"index", choice}, {"logprobs", nullptr},
-                                             {"finish_reason", e.finished == FinishReason::none ? json(nullptr) : json(openai_finish_reason(e.finished))}}});
+            chunk["choices"] = json::array({choice_json(choice, e.text, e.finished)});
             out += "data: " + dump(chunk) + "\n\n";
           }
           if (all_done) {
             if (include_usage) {
               json chunk = header;
               chunk["choices"] = json::array();
-              chunk["usage"] = {{"prompt_tokens", prompt_tokens}, {"completion_tokens", *completion_tokens}, {"total_tokens", prompt_tokens + *completion_tokens}};
+              chunk["usage"] = usage_json(prompt_tokens, *completion_tokens);
               out += "data: " + dump(chunk) + "\n\n";
             }
             out += "data: [DONE]\n\n";
