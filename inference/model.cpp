@@ -307,6 +307,8 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       vec[i + half] = a0 * s + b0 * c;
     }
   };
+  int64_t attention_work = 0;  // multiply-adds per layer: every row attends to positions 0..pos
+  for (const Row& row : rows) attention_work += 2 * (row.pos + 1) * H * hd;
   for (int64_t li = 0; li < config_.n_layers; ++li) {
     Layer& L = layers_[size_t(li)];
     rmsnorm_forward(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
@@ -324,8 +326,6 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
-    int64_t attention_work = 0;
-    for (const Row& row : rows) attention_work += 2 * (row.pos + 1) * H * hd;
     maybe_parallel(N * H, attention_work, 1, [&](int64_t begin, int64_t end) {
       for (int64_t rh = begin; rh < end; ++rh) {
         const int64_t r = rh / H, hh = rh % H;
