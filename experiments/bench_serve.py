@@ -15,7 +15,6 @@ import random
 import re
 import select
 import signal
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -27,14 +26,7 @@ from common import CLI, ROOT, hybrit, machine_header
 
 
 def fortunes(n, seed=0):
-    texts = []
-    folder = "/usr/share/games/fortunes"
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if "." in name or not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts += [t.strip() for t in f.read().split("\n%\n") if t.strip()]
+    texts = [t.strip() for t in hybrit.read_corpus(["/usr/share/games/fortunes"])["records"] if t.strip()]
     random.Random(seed).shuffle(texts)
     return [t[:48] for t in texts[:n]]
 
@@ -122,7 +114,11 @@ def main():
     server = subprocess.Popen([CLI, "serve", "--checkpoint", path, "--port", "0", "--max-running", str(args.max_running), "--max-waiting", "64"],
                               stdout=subprocess.PIPE, text=True)
     ready, _, _ = select.select([server.stdout], [], [], 120)
-    port = int(re.search(r":(\d+) ", server.stdout.readline()).group(1))
+    listening = re.search(r":(\d+) ", server.stdout.readline()) if ready else None
+    if not listening:
+        server.kill()
+        raise SystemExit("bench_serve: hybrit serve did not start listening within 120 s")
+    port = int(listening.group(1))
     prompts = fortunes(args.clients * args.requests)
     try:
         one_request(port, "warm-up", 8, 0)
