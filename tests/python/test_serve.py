@@ -285,3 +285,13 @@ def test_a_taken_port_is_a_clear_error(cli, checkpoint, server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
     r = subprocess.run([cli, "serve", "--checkpoint", checkpoint, "--port", str(server.port)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{server.port}" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-waiting", "0"], "--max-waiting: Value 0 not in range 1 to 4096"),
+    (["--max-running", "5000"], "--max-running: Value 5000 not in range 1 to 4096"),
+    (["--port", "70000"], "--port: Value 70000 not in range 0 to 65535"),
+])
+def test_bad_serve_options_are_one_line_errors(cli, checkpoint, args, message):
+    r = subprocess.run([cli, "serve", "--checkpoint", checkpoint, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.splitlines()[0] == message
