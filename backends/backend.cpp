@@ -1,5 +1,6 @@
 #include "backends/backend.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "backends/c/hybrit_c.h"
@@ -22,8 +23,9 @@ BackendKind parse_backend(const std::string& text, const std::string& what) {
   fail(ErrorKind::invalid_argument, what, ": expected c, tbb or cuda, got '", text, "'");
 }
 
-static const char* kOpNames[kOpCount] = {"quantize_ternary", "quantize_int8_rows", "pack_ternary", "unpack_ternary",
-                                          "matmul", "kmeans_assign", "kmeans_update", "matmul_ternary"};
+static const char* kOpNames[] = {"quantize_ternary", "quantize_int8_rows", "pack_ternary", "unpack_ternary",      "matmul",
+                                 "kmeans_assign",    "kmeans_update",      "matmul_ternary", "attention_forward", "attention_backward"};
+static_assert(sizeof(kOpNames) / sizeof(kOpNames[0]) == kOpCount, "one name per op");
 
 const char* to_string(Op op) { return kOpNames[static_cast<int>(op)]; }
 
@@ -197,6 +199,60 @@ void Backend::matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Ten
   check_device(w_packed, op, "packed weights");
   check_device(y, op, "output");
   run_matmul_ternary(xq, x_scales, w_packed, w_scale, y, m, n, k);
+}
+
+void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) {
+  const char* op = "attention_forward";
+  expect(sh.batch > 0 && sh.seq > 0 && sh.heads > 0 && sh.kv_heads > 0 && sh.head_dim > 0 && sh.heads % sh.kv_heads == 0, op,
+         "shape must be positive with heads (", sh.heads, ") a multiple of kv_heads (", sh.kv_heads, "), got batch ", sh.batch, ", seq ", sh.seq,
+         ", head_dim ", sh.head_dim);
+  const int64_t rows = sh.batch * sh.seq;
+  auto matrix_of = [&](const Tensor& t, int64_t cols, const char* name) {
+    expect(t.dtype() == DType::f32 && t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols, op, name, " must be f32 (", rows, ", ", cols, "), got ", desc(t));
+    check_device(t, op, name);
+  };
+  matrix_of(q, sh.heads * sh.head_dim, "q");
+  matrix_of(k, sh.kv_heads * sh.head_dim, "k");
+  matrix_of(v, sh.kv_heads * sh.head_dim, "v");
+  matrix_of(out, sh.heads * sh.head_dim, "out");
+  expect(lse.dtype() == DType::f32 && lse.numel() == sh.batch * sh.heads * sh.seq, op, "lse must be f32 with ", sh.batch * sh.heads * sh.seq,
+         " elements, got ", desc(lse));
+  check_device(lse, op, "lse");
+  if (!supports(Op::attention_forward)) fail(ErrorKind::unsupported, op, ": the ", to_string(kind()), " backend has no kernel for this op");
+  run_attention_forward(q, k, v, sh, out, lse);
+}
+
+void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                                 const AttentionShape& sh, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const char* op = "attention_backward";
+  expect(sh.batch > 0 && sh.seq > 0 && sh.heads > 0 && sh.kv_heads > 0 && sh.head_dim > 0 && sh.heads % sh.kv_heads == 0, op,
+         "shape must be positive with heads (", sh.heads, ") a multiple of kv_heads (", sh.kv_heads, "), got batch ", sh.batch, ", seq ", sh.seq,
+         ", head_dim ", sh.head_dim);
+  const int64_t rows = sh.batch * sh.seq;
+  auto matrix_of = [&](const Tensor& t, int64_t cols, const char* name) {
+    expect(t.dtype() == DType::f32 && t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols, op, name, " must be f32 (", rows, ", ", cols, "), got ", desc(t));
+    check_device(t, op, name);
+  };
+  for (auto [t, name] : {std::pair{&q, "q"}, {&out, "out"}, {&dout, "dout"}, {&dq, "dq"}}) matrix_of(*t, sh.heads * sh.head_dim, name);
+  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dk, "dk"}, {&dv, "dv"}}) matrix_of(*t, sh.kv_heads * sh.head_dim, name);
+  expect(lse.dtype() == DType::f32 && lse.numel() == sh.batch * sh.heads * sh.seq, op, "lse must be f32 with ", sh.batch * sh.heads * sh.seq,
+         " elements, got ", desc(lse));
+  check_device(lse, op, "lse");
+  if (!supports(Op::attention_backward)) fail(ErrorKind::unsupported, op, ": the ", to_string(kind()), " backend has no kernel for this op");
+  run_attention_backward(q, k, v, out, dout, lse, sh, dq, dk, dv);
+}
+
+void Backend::run_attention_forward(const Tensor&, const Tensor&, const Tensor&, const AttentionShape&, Tensor&, Tensor&) {
+  fail(ErrorKind::unsupported, "attention_forward: the ", to_string(kind()), " backend has no kernel for this op");
+}
+void Backend::run_attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const AttentionShape&,
+                                     Tensor&, Tensor&, Tensor&) {
+  fail(ErrorKind::unsupported, "attention_backward: the ", to_string(kind()), " backend has no kernel for this op");
+}
+
+void Backend::parallel_for(int64_t n, int64_t grain, const RangeBody& body) {
+  grain = std::max<int64_t>(grain, 1);
+  for (int64_t i = 0; i < n; i += grain) body(i, std::min(n, i + grain));
 }
 
 }  // namespace hybrit

@@ -2,6 +2,7 @@
 // dispatcher decides which backend runs what. Public methods validate shapes, dtypes and devices
 // once for every backend and then call the backend's run_* hook.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -16,8 +17,19 @@ const char* to_string(BackendKind kind);
 // "c" | "tbb" | "cuda"; Error(invalid_argument) naming `what` otherwise.
 BackendKind parse_backend(const std::string& text, const std::string& what);
 
-enum class Op { quantize_ternary = 0, quantize_int8_rows, pack_ternary, unpack_ternary, matmul, kmeans_assign, kmeans_update, matmul_ternary };
-inline constexpr int kOpCount = 8;
+enum class Op {
+  quantize_ternary = 0,
+  quantize_int8_rows,
+  pack_ternary,
+  unpack_ternary,
+  matmul,
+  kmeans_assign,
+  kmeans_update,
+  matmul_ternary,
+  attention_forward,
+  attention_backward
+};
+inline constexpr int kOpCount = 10;
 const char* to_string(Op op);
 Op parse_op(const std::string& text, const std::string& what);
 
@@ -25,6 +37,17 @@ struct MatmulArgs {
   bool trans_a = false, trans_b = false;
   float alpha = 1.0f, beta = 0.0f;
 };
+
+// Causal grouped-query attention over `batch` sequences of `seq` tokens: q and out are
+// (batch * seq, heads * head_dim), k and v (batch * seq, kv_heads * head_dim), query head h reads
+// kv head h / (heads / kv_heads); scores are scale * q . k, key s visible to query t when s <= t.
+struct AttentionShape {
+  int64_t batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
+  float scale = 1.0f;
+};
+
+// body(begin, end) over fixed pieces of [0, n): piece p is [p * grain, min(n, (p + 1) * grain)).
+using RangeBody = std::function<void(int64_t, int64_t)>;
 
 class Backend {
  public:
@@ -52,6 +75,24 @@ class Backend {
   // as quantize_int8_rows makes them), w (n, ceil(k / 4)) ternary2 (pack_ternary's layout) with
   // its scale -> y (m, n) f32 = (xq . q_w^T) * w_scale / x_scale, the dot products exact in integers.
   void matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y);
+  // Tiled with an online softmax: out, and lse (batch, heads, seq) f32 = the log-sum-exp of each
+  // query row's scores, which is all the backward needs (no seq x seq matrix is stored).
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& shape, Tensor& out, Tensor& lse);
+  // Gradients of sum(out * dout) with respect to q, k and v (overwritten), recomputing each tile's
+  // probabilities from lse.
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                          const AttentionShape& shape, Tensor& dq, Tensor& dk, Tensor& dv);
+  // Whether this backend has a kernel for `op` (the CUDA backend has none for attention yet).
+  virtual bool supports(Op op) const {
+    (void)op;
+    return true;
+  }
+  // The loops of the model that are not ops of their own (norms, RoPE, activations, residuals,
+  // the loss) run through here: the c backend runs the pieces in order on the calling thread, the
+  // tbb backend spreads them over its arena. Pieces are fixed by n and grain, so a body that
+  // writes only its own piece gives the same bits on any thread count.
+  virtual void parallel_for(int64_t n, int64_t grain, const RangeBody& body);
+  virtual int threads() const { return 1; }
 
  protected:
   virtual float run_quantize_ternary(const Tensor& w, Tensor& q) = 0;
@@ -63,6 +104,9 @@ class Backend {
   virtual void run_kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts) = 0;
   virtual void run_matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y, int64_t m, int64_t n,
                                   int64_t k) = 0;
+  virtual void run_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& shape, Tensor& out, Tensor& lse);
+  virtual void run_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                                      const Tensor& lse, const AttentionShape& shape, Tensor& dq, Tensor& dk, Tensor& dv);
 
  private:
   void check_device(const Tensor& t, const char* op, const char* name) const;

@@ -3,6 +3,7 @@
 #include <cpuid.h>
 #include <cpuinfo.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -148,6 +149,12 @@ HardwareInfo probe_cpu() {
 const HardwareInfo& cpu_hardware() {
   static const HardwareInfo hw = probe_cpu();
   return hw;
+}
+
+size_t peak_rss_bytes() {
+  struct rusage usage {};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
+  return size_t(usage.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
 }  // namespace hybrit

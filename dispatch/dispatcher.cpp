@@ -31,11 +31,15 @@ std::string OpSize::label() const {
     case Op::unpack_ternary: return cat(dims[0], "x", dims[1]);
     case Op::kmeans_assign:
     case Op::kmeans_update: return cat("n=", dims[0], " k=", dims[1], " d=", dims[2]);
+    case Op::attention_forward:
+    case Op::attention_backward: return cat("heads=", dims[0], " T=", dims[1], " d=", dims[2]);
     default: return cat(dims[0], "x", dims[1], "x", dims[2]);
   }
 }
 
-bool is_compute_bound(Op op) { return op == Op::matmul || op == Op::kmeans_assign || op == Op::matmul_ternary; }
+bool is_compute_bound(Op op) {
+  return op == Op::matmul || op == Op::kmeans_assign || op == Op::matmul_ternary || op == Op::attention_forward || op == Op::attention_backward;
+}
 
 OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
   OpSize s;
@@ -65,6 +69,15 @@ OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
     case Op::matmul_ternary:  // (m, n, k): int8 activations, 2-bit weights, f32 out; integer ops
       s.work = A * B * C, s.flops = 2 * A * B * C, s.transfer_bytes = s.touched_bytes = A * C + 4 * A + B * std::ceil(C / 4) + 4 * A * B;
       break;
+    case Op::attention_forward:  // (batch * heads, seq, head_dim); causal: T (T + 1) / 2 query-key pairs per head
+    case Op::attention_backward: {
+      const double pairs = A * B * (B + 1) / 2;
+      const bool fwd = op == Op::attention_forward;
+      // Forward: scores and P V (2 products); backward: scores, dV, dP, dK, dQ (5 products).
+      s.work = pairs * C, s.flops = (fwd ? 4 : 10) * pairs * C;
+      s.transfer_bytes = s.touched_bytes = 4 * A * B * C * (fwd ? 4 : 8) + 4 * A * B;
+      break;
+    }
   }
   return s;
 }
@@ -108,7 +121,7 @@ Profile default_profile(const HardwareInfo& hw) {
     const OpSize unit = is_compute_bound(op) ? op_size(op, 1024, 256, 64) : op_size(op, 1024, 1024, 64);
     const double bytes_per_work = unit.touched_bytes / unit.work, flops_per_work = unit.flops / unit.work;
     // Work per tbb task, as the tbb backend splits it: below this a call runs as one task.
-    const double grain = op == Op::matmul || op == Op::matmul_ternary ? 1e6 : op == Op::kmeans_assign ? 1024.0 * 256 * 64 : op == Op::kmeans_update ? 4096.0 * 64 : 65536;
+    const double grain = op == Op::matmul || op == Op::matmul_ternary || op == Op::attention_forward || op == Op::attention_backward ? 1e6 : op == Op::kmeans_assign ? 1024.0 * 256 * 64 : op == Op::kmeans_update ? 4096.0 * 64 : 65536;
     std::vector<ProfilePoint> c_pts, tbb_pts, cuda_pts;
     for (double work = 1e2; work <= 1e12; work *= 2) {
       const double one_core = is_compute_bound(op) ? flops_per_work * work / core_flops : bytes_per_work * work / core_bandwidth;
@@ -123,7 +136,8 @@ Profile default_profile(const HardwareInfo& hw) {
     }
     prof.points(op, BackendKind::c) = std::move(c_pts);
     prof.points(op, BackendKind::tbb) = std::move(tbb_pts);
-    prof.points(op, BackendKind::cuda) = std::move(cuda_pts);
+    // The CUDA backend has no attention kernels: without points it is never picked for them.
+    if (op != Op::attention_forward && op != Op::attention_backward) prof.points(op, BackendKind::cuda) = std::move(cuda_pts);
   }
   return prof;
 }
@@ -462,6 +476,8 @@ Dispatcher::Dispatcher(const DispatcherOptions& options) {
   policy_.profile = load_profile(ov.profile_path.empty() ? default_profile_path() : ov.profile_path, !ov.profile_path.empty(), policy_.hardware,
                                  conditions_);
   policy_.validate();
+  // Host loops run where a forced CPU backend says, else on tbb's arena (HYBRIT_THREADS applies).
+  host_loops_ = backends_[int(ov.backend == BackendKind::c ? BackendKind::c : BackendKind::tbb)].get();
   if (verbose())
     log_info("dispatcher: c = ", backends_[0]->describe(), "; tbb = ", backends_[1]->describe(), "; cuda = ",
              backends_[2] ? backends_[2]->describe() : "unavailable (" + why + ")", "; profile: ", policy_.profile.source);
@@ -530,5 +546,18 @@ void Dispatcher::kmeans_update(const Tensor& x, const Tensor& labels, Tensor& su
   const auto [n, d] = as_matrix(x);
   route(op_size(Op::kmeans_update, n, as_matrix(sums).first, d), x.device(), [&](Backend& b) { b.kmeans_update(x, labels, sums, counts); });
 }
+
+void Dispatcher::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& shape, Tensor& out, Tensor& lse) {
+  route(op_size(Op::attention_forward, shape.batch * shape.heads, shape.seq, shape.head_dim), q.device(),
+        [&](Backend& b) { b.attention_forward(q, k, v, shape, out, lse); });
+}
+
+void Dispatcher::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                                    const AttentionShape& shape, Tensor& dq, Tensor& dk, Tensor& dv) {
+  route(op_size(Op::attention_backward, shape.batch * shape.heads, shape.seq, shape.head_dim), q.device(),
+        [&](Backend& b) { b.attention_backward(q, k, v, out, dout, lse, shape, dq, dk, dv); });
+}
+
+void Dispatcher::parallel_for(int64_t n, int64_t grain, const RangeBody& body) { host_loops_->parallel_for(n, grain, body); }
 
 }  // namespace hybrit

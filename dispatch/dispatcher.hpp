@@ -26,7 +26,8 @@ struct OpSize {
   std::string label() const;  // e.g. "1024x1024x1024"; formatted on demand (routing is per call)
 };
 // Dimensions per op: quantize_ternary (n); quantize_int8_rows, pack/unpack (rows, cols);
-// matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d).
+// matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d);
+// attention_forward and attention_backward (batch * heads, seq, head_dim).
 OpSize op_size(Op op, int64_t a, int64_t b = 1, int64_t c = 1);
 bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, matmul_ternary, kmeans_assign), else GB/s
 
@@ -160,6 +161,14 @@ class Dispatcher {
   void matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Tensor& w_packed, float w_scale, Tensor& y);
   void kmeans_assign(const Tensor& x, const Tensor& centroids, Tensor& labels, Tensor& dist);
   void kmeans_update(const Tensor& x, const Tensor& labels, Tensor& sums, Tensor& counts);
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& shape, Tensor& out, Tensor& lse);
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                          const AttentionShape& shape, Tensor& dq, Tensor& dk, Tensor& dv);
+
+  // The model's loops between ops (Backend::parallel_for): on the tbb backend's arena, so
+  // HYBRIT_THREADS bounds them too, or in order on this thread when the c backend is forced.
+  void parallel_for(int64_t n, int64_t grain, const RangeBody& body);
+  int host_threads() const { return host_loops_->threads(); }
 
  private:
   template <class Run>
@@ -169,6 +178,7 @@ class Dispatcher {
   MeasurementConditions conditions_;
   std::array<std::unique_ptr<Backend>, kBackendCount> backends_;
   Metrics metrics_;
+  Backend* host_loops_ = nullptr;
 };
 
 }  // namespace hybrit

@@ -98,6 +98,27 @@ OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
       both([xq, scales, w, y](auto& be) { be.matmul_ternary(*xq, *scales, *w, 0.5f, *y); });
       break;
     }
+    case Op::attention_forward:
+    case Op::attention_backward: {
+      // a = batch * heads as `a` sequences of one head each (the kernel's unit of work).
+      const AttentionShape sh{a, b, 1, 1, c, float(1.0 / std::sqrt(double(c)))};
+      auto q = std::make_shared<Tensor>(random_tensor({a * b, c}, 12));
+      auto k = std::make_shared<Tensor>(random_tensor({a * b, c}, 13));
+      auto v = std::make_shared<Tensor>(random_tensor({a * b, c}, 14));
+      auto out = std::make_shared<Tensor>(Tensor::empty({a * b, c}, DType::f32));
+      auto lse = std::make_shared<Tensor>(Tensor::empty({a * b}, DType::f32));
+      make_c_backend(cpu_hardware().best_simd())->attention_forward(*q, *k, *v, sh, *out, *lse);
+      if (op == Op::attention_forward) {
+        both([q, k, v, out, lse, sh](auto& be) { be.attention_forward(*q, *k, *v, sh, *out, *lse); });
+      } else {
+        auto dout = std::make_shared<Tensor>(random_tensor({a * b, c}, 15));
+        auto dq = std::make_shared<Tensor>(Tensor::empty({a * b, c}, DType::f32));
+        auto dk = std::make_shared<Tensor>(Tensor::empty({a * b, c}, DType::f32));
+        auto dv = std::make_shared<Tensor>(Tensor::empty({a * b, c}, DType::f32));
+        both([q, k, v, out, lse, dout, dq, dk, dv, sh](auto& be) { be.attention_backward(*q, *k, *v, *out, *dout, *lse, sh, *dq, *dk, *dv); });
+      }
+      break;
+    }
     case Op::kmeans_assign:
     case Op::kmeans_update: {
       auto x = std::make_shared<Tensor>(random_tensor({a, c}, 6));
@@ -147,6 +168,10 @@ std::vector<Dims> ladder(Op op, bool quick) {
     case Op::kmeans_update:
       return quick ? std::vector<Dims>{{1024, 256, 64}, {16384, 256, 64}, {262144, 256, 64}}
                    : std::vector<Dims>{{1024, 256, 64}, {16384, 256, 64}, {262144, 256, 64}, {1 << 20, 256, 64}};
+    case Op::attention_forward:  // (sequences x heads, context, head_dim): sampling one sequence to a training batch
+    case Op::attention_backward:
+      return quick ? std::vector<Dims>{{1, 64, 64}, {6, 256, 64}, {48, 1024, 64}}
+                   : std::vector<Dims>{{1, 64, 64}, {4, 256, 64}, {48, 256, 64}, {48, 1024, 64}, {6, 4096, 64}};
   }
   return {};
 }
@@ -281,6 +306,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
       std::string winner;
       for (BackendKind kind : backends) {
         bar.update(done++, cat(to_string(op), " ", cs.size.label(), " on ", to_string(kind)));
+        if (!dispatcher.backend(kind).supports(op)) continue;  // no kernel: no time, and never auto's pick
         const double t = time_median([&] { cs.on_backend(dispatcher.backend(kind)); }, cell_budget);
         const double rate = compute ? cs.size.flops / t / 1e9 : cs.size.touched_bytes / t / 1e9;
         times[to_string(kind)] = t;

@@ -1,4 +1,5 @@
 #include "inference/model.hpp"
+#include "training/kernels.hpp"
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
@@ -311,7 +312,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
   for (const Row& row : rows) attention_work += 2 * (row.pos + 1) * H * hd;
   for (int64_t li = 0; li < config_.n_layers; ++li) {
     Layer& L = layers_[size_t(li)];
-    rmsnorm_forward(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
+    kernels::rmsnorm_rows(x.data<float>(), L.attn_norm.data<float>(), h.data<float>(), nullptr, 0, N, D, config_.norm_eps);
     const LinearInput attn_in = linear_input(h);
     linear(attn_in, L.wq, q);
     linear(attn_in, L.wk, k);
@@ -336,11 +337,11 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     Tensor att_in = att;
     if (config_.subln) {
       att_in = matrix(N, H * hd);
-      rmsnorm_forward(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), nullptr, N, H * hd, config_.norm_eps);
+      kernels::rmsnorm_rows(att.data<float>(), L.attn_sub_norm.data<float>(), att_in.data<float>(), nullptr, 0, N, H * hd, config_.norm_eps);
     }
     linear(linear_input(att_in), L.wo, a);
     add_into(x, a);
-    rmsnorm_forward(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), nullptr, N, D, config_.norm_eps);
+    kernels::rmsnorm_rows(x.data<float>(), L.ffn_norm.data<float>(), h.data<float>(), nullptr, 0, N, D, config_.norm_eps);
     const LinearInput ffn_in = linear_input(h);
     linear(ffn_in, L.w_up, up);
     float* fp = f.data<float>();
@@ -348,14 +349,14 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
       linear(ffn_in, L.w_gate, gate);
       const float* gp = gate.data<float>();
-      for (int64_t i = 0; i < N * F; ++i) fp[i] = silu(gp[i]) * upp[i];
+      for (int64_t i = 0; i < N * F; ++i) fp[i] = kernels::silu(gp[i]) * upp[i];
     } else {
       for (int64_t i = 0; i < N * F; ++i) fp[i] = upp[i] > 0 ? upp[i] * upp[i] : 0.0f;
     }
     Tensor f_in = f;
     if (config_.subln) {
       f_in = matrix(N, F);
-      rmsnorm_forward(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), nullptr, N, F, config_.norm_eps);
+      kernels::rmsnorm_rows(f.data<float>(), L.ffn_sub_norm.data<float>(), f_in.data<float>(), nullptr, 0, N, F, config_.norm_eps);
     }
     linear(linear_input(f_in), L.w_down, m);
     add_into(x, m);
@@ -366,7 +367,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
   for (const ForwardSlice& sl : slices) {
     row += sl.count;
     if (!sl.want_logits) continue;
-    rmsnorm_forward(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, nullptr, 1, D, config_.norm_eps);
+    kernels::rmsnorm_rows(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, nullptr, 0, 1, D, config_.norm_eps);
     ++out_row;
   }
   if (logits_rows > 0) matmul_rows(last.data<float>(), logits_rows, D, head_.data<float>(), V, logits.data<float>());

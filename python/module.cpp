@@ -414,6 +414,7 @@ py::dict step_dict(const StepMetrics& m) {
   d["lr"] = m.lr;
   d["grad_norm"] = m.grad_norm;
   d["tokens_per_s"] = m.tokens_per_s;
+  d["peak_rss_bytes"] = m.peak_rss_bytes;
   d["skipped"] = m.skipped;
   if (m.val_loss) d["val_loss"] = *m.val_loss;
   return d;

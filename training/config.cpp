@@ -135,6 +135,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
   TrainLoopConfig& t = c.train;
   OptimizerConfig& op = c.optim;
   std::map<std::string, std::string> model_lines;  // for shape errors, which involve several keys
+  std::string grad_accum_line = file_name;         // for train.batch / train.grad_accum
   auto remember = [&](const YAML::Node& n, const std::string& key) { model_lines[key] = o.where(n, key); };
 
   walk(root, "", o, {
@@ -175,6 +176,10 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
        walk(sec, p, o, {
          {"steps", [&](const YAML::Node& n, const std::string& k) { t.steps = as_int(n, k, o, 1); }},
          {"batch", [&](const YAML::Node& n, const std::string& k) { t.batch = as_int(n, k, o, 1); }},
+         {"grad_accum", [&](const YAML::Node& n, const std::string& k) {
+            t.grad_accum = as_int(n, k, o, 1);
+            grad_accum_line = o.where(n, k);
+          }},
          {"eval_every", [&](const YAML::Node& n, const std::string& k) { t.eval_every = as_int(n, k, o, 0); }},
          {"eval_batches", [&](const YAML::Node& n, const std::string& k) { t.eval_batches = as_int(n, k, o, 1); }},
          {"log_every", [&](const YAML::Node& n, const std::string& k) { t.log_every = as_int(n, k, o, 1); }},
@@ -232,6 +237,9 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
     {"dispatch", [&](const YAML::Node&, const std::string&) {}},  // checked by overrides_from_yaml below
   });
   c.dispatch = overrides_from_yaml(yaml_text, file_name);
+  if (t.batch % t.grad_accum)
+    fail(ErrorKind::invalid_argument, grad_accum_line, ": train.grad_accum: train.batch (", t.batch, ") must split into ", t.grad_accum,
+         " equal micro-batches; pick a divisor of it");
   c.optim.schedule.total_steps = c.schedule_total_steps > 0 ? c.schedule_total_steps : t.steps;
   // The tokenizer decides the vocabulary (BPE may settle on fewer tokens than asked for a small
   // corpus; the trainer then takes the count from the trained model).
@@ -280,6 +288,7 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "val_fraction" << YAML::Value << data.val_fraction << YAML::EndMap;
   y << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   y << YAML::Key << "steps" << YAML::Value << train.steps << YAML::Key << "batch" << YAML::Value << train.batch;
+  y << YAML::Key << "grad_accum" << YAML::Value << train.grad_accum;
   y << YAML::Key << "eval_every" << YAML::Value << train.eval_every << YAML::Key << "eval_batches" << YAML::Value << train.eval_batches;
   y << YAML::Key << "log_every" << YAML::Value << train.log_every << YAML::Key << "sample_tokens" << YAML::Value << train.sample_tokens;
   y << YAML::Key << "sample_prompt" << YAML::Value << YAML::DoubleQuoted << train.sample_prompt;

@@ -1,13 +1,11 @@
 #include "training/model.hpp"
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "core/rng.hpp"
+#include "training/kernels.hpp"
 
 namespace hybrit {
 
@@ -38,52 +36,23 @@ void ModelConfig::validate() const {
 
 namespace {
 
-// dx = rinv (dy g) - x rinv^3 mean(dy g x); dg += sum over rows of dy x rinv (in row order).
-void rmsnorm_backward(const float* dy, const float* x, const float* g, const float* rinv, float* dx, float* dg, int64_t n, int64_t d) {
-  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
-    const float* dyr = dy + r * d;
-    const float* xr = x + r * d;
-    double dot = 0;
-    for (int64_t j = 0; j < d; ++j) dot += double(dyr[j]) * g[j] * xr[j];
-    const float ri = rinv[r], coeff = float(double(ri) * ri * ri * dot / double(d));
-    for (int64_t j = 0; j < d; ++j) dx[r * d + j] = ri * dyr[j] * g[j] - xr[j] * coeff;
-  });
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < d; ++j) dg[j] += dy[r * d + j] * x[r * d + j] * rinv[r];
+// A buffer of this shape, reallocated only when the shape changes: steps of one shape reuse their
+// memory (a fresh multi-megabyte allocation per step costs page faults and zeroing).
+Tensor& ensure(Tensor& t, Shape shape, DType dtype = DType::f32) {
+  if (!t.defined() || t.numel() == 0 || t.shape() != shape || t.dtype() != dtype) t = Tensor::empty(std::move(shape), dtype);
+  return t;
 }
-
-// RoPE, half-split pairs (i, i + hd/2) as in HF Llama, in place; `sign` = -1 applies the inverse
-// rotation (the backward of a rotation is its transpose).
-void rope(float* x, int64_t rows, int64_t heads, int64_t hd, int64_t seq, const float* cos_t, const float* sin_t, float sign) {
-  const int64_t half = hd / 2;
-  tbb::parallel_for(int64_t(0), rows, [&](int64_t r) {
-    const int64_t t = r % seq;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + (r * heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float c = cos_t[t * half + i], s = sign * sin_t[t * half + i], a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = a * s + b * c;
-      }
-    }
-  });
+Tensor& ensure_matrix(Tensor& t, int64_t rows, int64_t cols) { return ensure(t, {rows, cols}); }
+// A view of `shape` into a buffer that grows to the largest shape asked of it (the quantizers'
+// int8 outputs, whose shape changes from layer to layer).
+Tensor scratch_view(Tensor& buffer, const Shape& shape, DType dtype) {
+  int64_t n = 1;
+  for (int64_t e : shape) n *= e;
+  if (!buffer.defined() || buffer.numel() < n || buffer.dtype() != dtype) buffer = Tensor::empty({std::max<int64_t>(n, 1)}, dtype);
+  return buffer.rows(0, n).reshape(shape);
 }
-
-Tensor matrix(int64_t rows, int64_t cols) { return Tensor::zeros({rows, cols}, DType::f32); }
 
 }  // namespace
-
-// y = x / sqrt(mean(x^2) + eps) * g, row by row; rinv keeps 1 / sqrt(...) for backward.
-void rmsnorm_forward(const float* x, const float* g, float* y, float* rinv, int64_t n, int64_t d, double eps) {
-  tbb::parallel_for(int64_t(0), n, [&](int64_t r) {
-    const float* xr = x + r * d;
-    double ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
-    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
-    if (rinv) rinv[r] = ri;
-    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * ri * g[j];
-  });
-}
 
 void rope_tables(const ModelConfig& c, std::vector<float>& cos_t, std::vector<float>& sin_t) {
   const int64_t hd = c.head_dim(), half = hd / 2;
@@ -159,30 +128,34 @@ void Model::quantize_weight(Linear& l) {
     l.w_used = w;
     return;
   }
-  Tensor q = Tensor::empty(w.shape(), DType::i8);
+  Tensor q = scratch_view(scratch_.q8, w.shape(), DType::i8);
   const float s = d_.quantize_ternary(w, q);
-  l.w_used = Tensor::empty(w.shape(), DType::f32);
-  float* out = l.w_used.data<float>();
+  ensure(l.w_used, w.shape());
   const int8_t* qp = q.data<int8_t>();
-  for (int64_t i = 0; i < w.numel(); ++i) out[i] = float(qp[i]) * s;
+  float* out = l.w_used.data<float>();
+  kernels::for_elements(d_, w.numel(), [&](int64_t i0, int64_t i1) { kernels::dequantize_ternary(qp, s, out, i0, i1); });
 }
 
-// The activations a BitLinear multiplies: q / s per row from the absmax quantizer, or x itself.
-Tensor Model::quantize_activations(const Tensor& x) {
-  if (config_.quant == ModelConfig::Quant::none) return x;
+void Model::quantize_activations(const Tensor& x, Tensor& out) {
+  if (config_.quant == ModelConfig::Quant::none) {
+    out = x;
+    return;
+  }
   const auto [rows, cols] = as_matrix(x);
-  Tensor q = Tensor::empty(x.shape(), DType::i8), s = Tensor::empty({rows}, DType::f32);
+  Tensor q = scratch_view(scratch_.q8, {rows, cols}, DType::i8);
+  Tensor s = scratch_view(scratch_.q8_scales, {rows}, DType::f32);
   d_.quantize_int8_rows(x, q, s);
-  Tensor out = Tensor::empty(x.shape(), DType::f32);
+  ensure(out, x.shape());
   const int8_t* qp = q.data<int8_t>();
   const float* sp = s.data<float>();
   float* o = out.data<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = float(qp[r * cols + c]) / sp[r];
-  return out;
+  kernels::for_rows(d_, rows, cols, [&](int64_t r0, int64_t r1) { kernels::dequantize_int8_rows(qp, sp, o, r0, r1, cols); });
 }
 
-void Model::linear_forward(const Tensor& x_used, Linear& l, Tensor& y) { d_.matmul(x_used, l.w_used, y, {false, true, 1.0f, 0.0f}); }
+// y = x_used W_used^T, or y += ... (the residual add, fused into the GEMM's beta).
+void Model::linear_forward(const Tensor& x_used, Linear& l, Tensor& y, bool accumulate) {
+  d_.matmul(x_used, l.w_used, y, {false, true, 1.0f, accumulate ? 1.0f : 0.0f});
+}
 
 // Straight-through: the quantizers pass gradients unchanged, so dW = dy^T x_used, dx = dy W_used.
 void Model::linear_backward(const Tensor& dy, const Tensor& x_used, const Linear& l, Tensor* dx, bool accumulate_dx) {
@@ -191,11 +164,45 @@ void Model::linear_backward(const Tensor& dy, const Tensor& x_used, const Linear
   if (dx) d_.matmul(dy, l.w_used, *dx, {false, false, 1.0f, accumulate_dx ? 1.0f : 0.0f});
 }
 
+void Model::rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& rinv) {
+  const auto [n, d] = as_matrix(x);
+  ensure_matrix(y, n, d);
+  ensure(rinv, {n});
+  const float* xp = x.data<float>();
+  const float* g = table_.param(gain).data<float>();
+  float *yp = y.data<float>(), *rp = rinv.data<float>();
+  const double eps = config_.norm_eps;
+  kernels::for_rows(d_, n, d, [&](int64_t r0, int64_t r1) { kernels::rmsnorm_rows(xp, g, yp, rp, r0, r1, d, eps); });
+}
+
+void Model::rmsnorm_backward(const Tensor& dy, const Tensor& x, const ParamSlice& gain, const Tensor& rinv, const Tensor* residual, Tensor& dx) {
+  const auto [n, d] = as_matrix(x);
+  ensure_matrix(dx, n, d);
+  const float *dyp = dy.data<float>(), *xp = x.data<float>(), *rp = rinv.data<float>(), *g = table_.param(gain).data<float>();
+  const float* res = residual ? residual->data<float>() : nullptr;
+  float* dxp = dx.data<float>();
+  float* dg = table_.grad(gain).data<float>();
+  kernels::for_rows(d_, n, d, [&](int64_t r0, int64_t r1) { kernels::rmsnorm_backward_rows(dyp, xp, g, rp, res, dxp, r0, r1, d); });
+  kernels::for_columns(d_, d, [&](int64_t j0, int64_t j1) { kernels::rmsnorm_gain_grad_cols(dyp, xp, rp, dg, n, d, j0, j1); });
+}
+
+void Model::rope(Tensor& x, int64_t heads, float sign) {
+  const int64_t n = x.dim(0), hd = config_.head_dim(), seq = seq_;
+  float* p = x.data<float>();
+  const float *c = rope_cos_.data(), *s = rope_sin_.data();
+  kernels::for_rows(d_, n, heads * hd, [&](int64_t r0, int64_t r1) { kernels::rope_rows(p, r0, r1, heads, hd, seq, c, s, sign); });
+}
+
+AttentionShape Model::attention_shape() const {
+  const int64_t hd = config_.head_dim();
+  return {batch_, seq_, config_.n_heads, config_.kv_heads(), hd, float(1.0 / std::sqrt(double(hd)))};
+}
+
 double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
   if (batch <= 0 || seq <= 0) fail(ErrorKind::invalid_argument, "forward: batch and sequence length must be positive, got ", batch, " and ", seq);
   if (seq > config_.context) fail(ErrorKind::invalid_argument, "forward: sequence length ", seq, " exceeds model.context (", config_.context, ")");
   const int64_t N = batch * seq, D = config_.dim, V = config_.vocab_size, H = config_.n_heads, KV = config_.kv_heads();
-  const int64_t hd = config_.head_dim(), F = config_.hidden(), group = H / KV;
+  const int64_t hd = config_.head_dim(), F = config_.hidden();
   for (int64_t i = 0; i < N; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V) fail(ErrorKind::invalid_argument, "forward: token ", tokens[i], " at position ", i, " is outside [0, ", V, ")");
     if (targets[i] < 0 || targets[i] >= V) fail(ErrorKind::invalid_argument, "forward: target ", targets[i], " at position ", i, " is outside [0, ", V, ")");
@@ -203,239 +210,153 @@ double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t bat
   tokens_.assign(tokens, tokens + N);
   targets_.assign(targets, targets + N);
   batch_ = batch, seq_ = seq;
-  const float scale = float(1.0 / std::sqrt(double(hd)));
 
-  Tensor x = matrix(N, D);
-  const float* emb = table_.param(*tok_emb_).data<float>();
-  for (int64_t r = 0; r < N; ++r) std::memcpy(x.data<float>() + r * D, emb + int64_t(tokens[r]) * D, size_t(D) * sizeof(float));
+  // x (N, D) = tok_emb[tokens]
+  ensure_matrix(x_embed, N, D);
+  {
+    const float* emb = table_.param(*tok_emb_).data<float>();
+    float* x = x_embed.data<float>();
+    kernels::for_rows(d_, N, D, [&](int64_t r0, int64_t r1) { kernels::embedding_rows(emb, tokens_.data(), x, r0, r1, D); });
+  }
 
+  Tensor x = x_embed;
   for (Block& b : blocks_) {
     b.x_in = x;
-    b.h1 = matrix(N, D), b.h1_rinv = Tensor::empty({N}, DType::f32);
-    rmsnorm_forward(x.data<float>(), table_.param(*b.attn_norm).data<float>(), b.h1.data<float>(), b.h1_rinv.data<float>(), N, D, config_.norm_eps);
-    b.h1_used = quantize_activations(b.h1);
+    // Attention branch: h1 = norm(x); q, k, v = BitLinear(h1); RoPE; causal attention; x_mid = x + wo(att).
+    rmsnorm(x, *b.attn_norm, b.h1, b.h1_rinv);
+    quantize_activations(b.h1, b.h1_used);
     for (Linear* l : {&b.wq, &b.wk, &b.wv}) quantize_weight(*l);
-    b.q = matrix(N, H * hd), b.k = matrix(N, KV * hd), b.v = matrix(N, KV * hd);
+    ensure_matrix(b.q, N, H * hd), ensure_matrix(b.k, N, KV * hd), ensure_matrix(b.v, N, KV * hd);
     linear_forward(b.h1_used, b.wq, b.q);
     linear_forward(b.h1_used, b.wk, b.k);
     linear_forward(b.h1_used, b.wv, b.v);
-    rope(b.q.data<float>(), N, H, hd, seq, rope_cos_.data(), rope_sin_.data(), 1.0f);
-    rope(b.k.data<float>(), N, KV, hd, seq, rope_cos_.data(), rope_sin_.data(), 1.0f);
-
-    // Causal softmax attention, each query head reading the key/value head of its group.
-    b.probs = Tensor::zeros({batch, H, seq, seq}, DType::f32);
-    b.att = matrix(N, H * hd);
-    const float *q = b.q.data<float>(), *k = b.k.data<float>(), *v = b.v.data<float>();
-    float *probs = b.probs.data<float>(), *att = b.att.data<float>();
-    tbb::parallel_for(int64_t(0), batch * H, [&](int64_t bh) {
-      const int64_t bi = bh / H, h = bh % H, g = h / group;
-      for (int64_t t = 0; t < seq; ++t) {
-        float* p = probs + (bh * seq + t) * seq;
-        const float* qt = q + (bi * seq + t) * H * hd + h * hd;
-        float m = -INFINITY;
-        for (int64_t s = 0; s <= t; ++s) {
-          const float* ks = k + (bi * seq + s) * KV * hd + g * hd;
-          float dot = 0;
-          for (int64_t c = 0; c < hd; ++c) dot += qt[c] * ks[c];
-          p[s] = dot * scale;
-          m = std::max(m, p[s]);
-        }
-        double sum = 0;
-        for (int64_t s = 0; s <= t; ++s) sum += (p[s] = std::exp(p[s] - m));
-        const float inv = float(1.0 / sum);
-        float* out = att + (bi * seq + t) * H * hd + h * hd;
-        for (int64_t s = 0; s <= t; ++s) {
-          p[s] *= inv;
-          const float* vs = v + (bi * seq + s) * KV * hd + g * hd;
-          for (int64_t c = 0; c < hd; ++c) out[c] += p[s] * vs[c];
-        }
-      }
-    });
-    if (config_.subln) {
-      b.att_normed = matrix(N, H * hd), b.att_rinv = Tensor::empty({N}, DType::f32);
-      rmsnorm_forward(b.att.data<float>(), table_.param(*b.attn_sub_norm).data<float>(), b.att_normed.data<float>(), b.att_rinv.data<float>(), N,
-                      H * hd, config_.norm_eps);
-    } else {
-      b.att_normed = b.att;
-    }
-    b.att_used = quantize_activations(b.att_normed);
+    rope(b.q, H, 1.0f);
+    rope(b.k, KV, 1.0f);
+    ensure_matrix(b.att, N, H * hd), ensure(b.lse, {batch, H, seq});
+    d_.attention_forward(b.q, b.k, b.v, attention_shape(), b.att, b.lse);
+    if (config_.subln) rmsnorm(b.att, *b.attn_sub_norm, b.att_normed, b.att_rinv);
+    else b.att_normed = b.att;
+    quantize_activations(b.att_normed, b.att_used);
     quantize_weight(b.wo);
-    Tensor a = matrix(N, D);
-    linear_forward(b.att_used, b.wo, a);
-    b.x_mid = matrix(N, D);
-    for (int64_t i = 0; i < N * D; ++i) b.x_mid.data<float>()[i] = x.data<float>()[i] + a.data<float>()[i];
+    ensure_matrix(b.x_mid, N, D);
+    std::memcpy(b.x_mid.data<float>(), x.data<float>(), size_t(N * D) * sizeof(float));
+    linear_forward(b.att_used, b.wo, b.x_mid, true);
 
-    b.h2 = matrix(N, D), b.h2_rinv = Tensor::empty({N}, DType::f32);
-    rmsnorm_forward(b.x_mid.data<float>(), table_.param(*b.ffn_norm).data<float>(), b.h2.data<float>(), b.h2_rinv.data<float>(), N, D,
-                    config_.norm_eps);
-    b.h2_used = quantize_activations(b.h2);
-    b.up = matrix(N, F), b.f = matrix(N, F);
+    // FFN branch: h2 = norm(x_mid); f = swiglu(gate, up) or relu^2(up); x_out = x_mid + w_down(f).
+    rmsnorm(b.x_mid, *b.ffn_norm, b.h2, b.h2_rinv);
+    quantize_activations(b.h2, b.h2_used);
+    ensure_matrix(b.up, N, F), ensure_matrix(b.f, N, F);
     quantize_weight(b.w_up);
     linear_forward(b.h2_used, b.w_up, b.up);
     const float* up = b.up.data<float>();
     float* f = b.f.data<float>();
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
-      b.gate = matrix(N, F);
+      ensure_matrix(b.gate, N, F);
       quantize_weight(b.w_gate);
       linear_forward(b.h2_used, b.w_gate, b.gate);
       const float* gate = b.gate.data<float>();
-      for (int64_t i = 0; i < N * F; ++i) f[i] = silu(gate[i]) * up[i];
+      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu(gate, up, f, i0, i1); });
     } else {
-      for (int64_t i = 0; i < N * F; ++i) f[i] = up[i] > 0 ? up[i] * up[i] : 0.0f;
+      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2(up, f, i0, i1); });
     }
-    if (config_.subln) {
-      b.f_normed = matrix(N, F), b.f_rinv = Tensor::empty({N}, DType::f32);
-      rmsnorm_forward(f, table_.param(*b.ffn_sub_norm).data<float>(), b.f_normed.data<float>(), b.f_rinv.data<float>(), N, F, config_.norm_eps);
-    } else {
-      b.f_normed = b.f;
-    }
-    b.f_used = quantize_activations(b.f_normed);
+    if (config_.subln) rmsnorm(b.f, *b.ffn_sub_norm, b.f_normed, b.f_rinv);
+    else b.f_normed = b.f;
+    quantize_activations(b.f_normed, b.f_used);
     quantize_weight(b.w_down);
-    Tensor m = matrix(N, D);
-    linear_forward(b.f_used, b.w_down, m);
-    x = matrix(N, D);
-    for (int64_t i = 0; i < N * D; ++i) x.data<float>()[i] = b.x_mid.data<float>()[i] + m.data<float>()[i];
+    ensure_matrix(b.x_out, N, D);
+    std::memcpy(b.x_out.data<float>(), b.x_mid.data<float>(), size_t(N * D) * sizeof(float));
+    linear_forward(b.f_used, b.w_down, b.x_out, true);
+    x = b.x_out;
   }
 
-  x_final = x;
-  xf = matrix(N, D), xf_rinv = Tensor::empty({N}, DType::f32);
-  rmsnorm_forward(x.data<float>(), table_.param(*final_norm_).data<float>(), xf.data<float>(), xf_rinv.data<float>(), N, D, config_.norm_eps);
-  logits_ = matrix(N, V);
-  Tensor head = table_.param(*head_);
-  d_.matmul(xf, head, logits_, {false, true, 1.0f, 0.0f});
-
-  // Cross-entropy, mean over tokens; softmax probabilities kept for backward.
-  probs_ = matrix(N, V);
-  std::vector<double> row_loss(static_cast<size_t>(N));
-  tbb::parallel_for(int64_t(0), N, [&](int64_t r) {
-    const float* lr = logits_.data<float>() + r * V;
-    float* pr = probs_.data<float>() + r * V;
-    const float m = *std::max_element(lr, lr + V);
-    double sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += std::exp(double(lr[j] - m));
-    const double lse = double(m) + std::log(sum);
-    for (int64_t j = 0; j < V; ++j) pr[j] = float(std::exp(double(lr[j]) - lse));
-    row_loss[size_t(r)] = lse - lr[targets_[size_t(r)]];
+  // Head: xf = norm(x); logits (N, V) = xf head^T; mean cross-entropy (no probability matrix kept).
+  rmsnorm(x, *final_norm_, xf, xf_rinv);
+  ensure_matrix(logits_, N, V);
+  d_.matmul(xf, table_.param(*head_), logits_, {false, true, 1.0f, 0.0f});
+  row_lse_.resize(size_t(N));
+  row_loss_.resize(size_t(N));
+  const float* lg = logits_.data<float>();
+  kernels::for_rows(d_, N, V, [&](int64_t r0, int64_t r1) {
+    kernels::cross_entropy_rows(lg, targets_.data(), row_lse_.data(), row_loss_.data(), r0, r1, V);
   });
   double loss = 0;
-  for (double l : row_loss) loss += l;  // in row order: the same sum every time
+  for (double l : row_loss_) loss += l;  // in row order: the same sum every time
   return loss / double(N);
 }
 
-void Model::backward() {
+void Model::backward(float loss_scale) {
   if (tokens_.empty()) fail(ErrorKind::invalid_argument, "backward() before forward()");
   const int64_t N = batch_ * seq_, D = config_.dim, V = config_.vocab_size, H = config_.n_heads, KV = config_.kv_heads();
-  const int64_t hd = config_.head_dim(), F = config_.hidden(), group = H / KV, seq = seq_;
-  const float scale = float(1.0 / std::sqrt(double(hd)));
+  const int64_t hd = config_.head_dim(), F = config_.hidden();
+  Scratch& s = scratch_;
 
-  Tensor dlogits = probs_.clone();
-  float* dl = dlogits.data<float>();
-  const float inv_n = float(1.0 / double(N));
-  for (int64_t r = 0; r < N; ++r) {
-    dl[r * V + targets_[size_t(r)]] -= 1.0f;
-    for (int64_t j = 0; j < V; ++j) dl[r * V + j] *= inv_n;
+  // dlogits = (softmax - onehot) * loss_scale / N, from the forward's log-sum-exp.
+  Tensor& dlogits = ensure_matrix(s.dlogits, N, V);
+  {
+    const float inv_n = float(double(loss_scale) / double(N));
+    const float* lg = logits_.data<float>();
+    float* dl = dlogits.data<float>();
+    kernels::for_rows(d_, N, V, [&](int64_t r0, int64_t r1) {
+      kernels::cross_entropy_backward_rows(lg, targets_.data(), row_lse_.data(), inv_n, dl, r0, r1, V);
+    });
   }
   Tensor dhead = table_.grad(*head_);
   d_.matmul(dlogits, xf, dhead, {true, false, 1.0f, 1.0f});
-  Tensor dxf = matrix(N, D);
-  d_.matmul(dlogits, table_.param(*head_), dxf, {false, false, 1.0f, 0.0f});
-  Tensor dx = matrix(N, D);
-  rmsnorm_backward(dxf.data<float>(), x_final.data<float>(), table_.param(*final_norm_).data<float>(), xf_rinv.data<float>(), dx.data<float>(),
-                   table_.grad(*final_norm_).data<float>(), N, D);
+  ensure_matrix(s.dxf, N, D);
+  d_.matmul(dlogits, table_.param(*head_), s.dxf, {false, false, 1.0f, 0.0f});
+  const Tensor& x_last = blocks_.empty() ? x_embed : blocks_.back().x_out;
+  rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
 
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = *it;
-    // FFN branch: dx is the gradient of the block's output, which is x_mid + m.
-    Tensor df_normed = matrix(N, F);
-    linear_backward(dx, b.f_used, b.w_down, &df_normed, false);
-    Tensor df = df_normed;
+    // FFN branch: dx is the gradient of the block's output, x_out = x_mid + w_down(f).
+    ensure_matrix(s.df_normed, N, F);
+    linear_backward(s.dx, b.f_used, b.w_down, &s.df_normed, false);
+    Tensor* df = &s.df_normed;
     if (config_.subln) {
-      df = matrix(N, F);
-      rmsnorm_backward(df_normed.data<float>(), b.f.data<float>(), table_.param(*b.ffn_sub_norm).data<float>(), b.f_rinv.data<float>(),
-                       df.data<float>(), table_.grad(*b.ffn_sub_norm).data<float>(), N, F);
+      rmsnorm_backward(s.df_normed, b.f, *b.ffn_sub_norm, b.f_rinv, nullptr, s.df);
+      df = &s.df;
     }
-    Tensor dh2 = matrix(N, D), dup = matrix(N, F);
-    const float *dfp = df.data<float>(), *up = b.up.data<float>();
+    ensure_matrix(s.dup, N, F);
+    ensure_matrix(s.dh, N, D);
+    const float *dfp = df->data<float>(), *up = b.up.data<float>();
+    float* dup = s.dup.data<float>();
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
-      Tensor dgate = matrix(N, F);
+      ensure_matrix(s.dgate, N, F);
       const float* gate = b.gate.data<float>();
-      for (int64_t i = 0; i < N * F; ++i) {
-        const float sig = 1.0f / (1.0f + std::exp(-gate[i]));
-        dup.data<float>()[i] = dfp[i] * gate[i] * sig;
-        dgate.data<float>()[i] = dfp[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
-      }
-      linear_backward(dgate, b.h2_used, b.w_gate, &dh2, false);
-      linear_backward(dup, b.h2_used, b.w_up, &dh2, true);
+      float* dgate = s.dgate.data<float>();
+      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu_backward(gate, up, dfp, dgate, dup, i0, i1); });
+      linear_backward(s.dgate, b.h2_used, b.w_gate, &s.dh, false);
+      linear_backward(s.dup, b.h2_used, b.w_up, &s.dh, true);
     } else {
-      for (int64_t i = 0; i < N * F; ++i) dup.data<float>()[i] = up[i] > 0 ? 2.0f * up[i] * dfp[i] : 0.0f;
-      linear_backward(dup, b.h2_used, b.w_up, &dh2, false);
+      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2_backward(up, dfp, dup, i0, i1); });
+      linear_backward(s.dup, b.h2_used, b.w_up, &s.dh, false);
     }
-    Tensor dx_mid = matrix(N, D);
-    rmsnorm_backward(dh2.data<float>(), b.x_mid.data<float>(), table_.param(*b.ffn_norm).data<float>(), b.h2_rinv.data<float>(),
-                     dx_mid.data<float>(), table_.grad(*b.ffn_norm).data<float>(), N, D);
-    for (int64_t i = 0; i < N * D; ++i) dx_mid.data<float>()[i] += dx.data<float>()[i];
+    // dx_mid = norm backward of dh2, plus the residual path's dx.
+    rmsnorm_backward(s.dh, b.x_mid, *b.ffn_norm, b.h2_rinv, &s.dx, s.dx_mid);
 
-    // Attention branch.
-    Tensor datt_normed = matrix(N, H * hd);
-    linear_backward(dx_mid, b.att_used, b.wo, &datt_normed, false);
-    Tensor datt = datt_normed;
+    // Attention branch: x_mid = x_in + wo(att).
+    ensure_matrix(s.datt_normed, N, H * hd);
+    linear_backward(s.dx_mid, b.att_used, b.wo, &s.datt_normed, false);
+    Tensor* datt = &s.datt_normed;
     if (config_.subln) {
-      datt = matrix(N, H * hd);
-      rmsnorm_backward(datt_normed.data<float>(), b.att.data<float>(), table_.param(*b.attn_sub_norm).data<float>(), b.att_rinv.data<float>(),
-                       datt.data<float>(), table_.grad(*b.attn_sub_norm).data<float>(), N, H * hd);
+      rmsnorm_backward(s.datt_normed, b.att, *b.attn_sub_norm, b.att_rinv, nullptr, s.datt);
+      datt = &s.datt;
     }
-    Tensor dq = matrix(N, H * hd), dk = matrix(N, KV * hd), dv = matrix(N, KV * hd);
-    const float *q = b.q.data<float>(), *k = b.k.data<float>(), *v = b.v.data<float>(), *probs = b.probs.data<float>(), *dout = datt.data<float>();
-    float *dqp = dq.data<float>(), *dkp = dk.data<float>(), *dvp = dv.data<float>();
-    // One task per (sequence, key/value head): it alone writes that head's dk and dv.
-    tbb::parallel_for(int64_t(0), batch_ * KV, [&](int64_t bg) {
-      const int64_t bi = bg / KV, g = bg % KV;
-      std::vector<float> dp(static_cast<size_t>(seq));
-      for (int64_t h = g * group; h < (g + 1) * group; ++h)
-        for (int64_t t = 0; t < seq; ++t) {
-          const float* p = probs + ((bi * H + h) * seq + t) * seq;
-          const float* dot_ = dout + (bi * seq + t) * H * hd + h * hd;
-          const float* qt = q + (bi * seq + t) * H * hd + h * hd;
-          float* dqt = dqp + (bi * seq + t) * H * hd + h * hd;
-          double row = 0;
-          for (int64_t s = 0; s <= t; ++s) {
-            const float* vs = v + (bi * seq + s) * KV * hd + g * hd;
-            float* dvs = dvp + (bi * seq + s) * KV * hd + g * hd;
-            float dot = 0;
-            for (int64_t c = 0; c < hd; ++c) {
-              dot += dot_[c] * vs[c];
-              dvs[c] += p[s] * dot_[c];
-            }
-            dp[size_t(s)] = dot;
-            row += double(p[s]) * dot;
-          }
-          for (int64_t s = 0; s <= t; ++s) {
-            const float ds = p[s] * (dp[size_t(s)] - float(row)) * scale;
-            const float* ks = k + (bi * seq + s) * KV * hd + g * hd;
-            float* dks = dkp + (bi * seq + s) * KV * hd + g * hd;
-            for (int64_t c = 0; c < hd; ++c) {
-              dqt[c] += ds * ks[c];
-              dks[c] += ds * qt[c];
-            }
-          }
-        }
-    });
-    rope(dqp, N, H, hd, seq, rope_cos_.data(), rope_sin_.data(), -1.0f);
-    rope(dkp, N, KV, hd, seq, rope_cos_.data(), rope_sin_.data(), -1.0f);
-    Tensor dh1 = matrix(N, D);
-    linear_backward(dq, b.h1_used, b.wq, &dh1, false);
-    linear_backward(dk, b.h1_used, b.wk, &dh1, true);
-    linear_backward(dv, b.h1_used, b.wv, &dh1, true);
-    Tensor dx_in = matrix(N, D);
-    rmsnorm_backward(dh1.data<float>(), b.x_in.data<float>(), table_.param(*b.attn_norm).data<float>(), b.h1_rinv.data<float>(),
-                     dx_in.data<float>(), table_.grad(*b.attn_norm).data<float>(), N, D);
-    for (int64_t i = 0; i < N * D; ++i) dx_in.data<float>()[i] += dx_mid.data<float>()[i];
-    dx = dx_in;
+    ensure_matrix(s.dq, N, H * hd), ensure_matrix(s.dk, N, KV * hd), ensure_matrix(s.dv, N, KV * hd);
+    d_.attention_backward(b.q, b.k, b.v, b.att, *datt, b.lse, attention_shape(), s.dq, s.dk, s.dv);
+    rope(s.dq, H, -1.0f);
+    rope(s.dk, KV, -1.0f);
+    linear_backward(s.dq, b.h1_used, b.wq, &s.dh, false);
+    linear_backward(s.dk, b.h1_used, b.wk, &s.dh, true);
+    linear_backward(s.dv, b.h1_used, b.wv, &s.dh, true);
+    // dx_in = norm backward of dh1, plus the residual path's dx_mid; it is the next block's dx.
+    rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, b.h1_rinv, &s.dx_mid, s.dx);
   }
-  // Embedding rows, in token order (deterministic accumulation).
+  // Embedding rows, in token order per column slice (deterministic accumulation).
   float* demb = table_.grad(*tok_emb_).data<float>();
-  for (int64_t r = 0; r < N; ++r)
-    for (int64_t j = 0; j < D; ++j) demb[int64_t(tokens_[size_t(r)]) * D + j] += dx.data<float>()[r * D + j];
+  const float* dx = s.dx.data<float>();
+  kernels::for_columns(d_, D, [&](int64_t j0, int64_t j1) { kernels::embedding_grad_cols(dx, tokens_.data(), demb, N, D, j0, j1); });
 }
 
 }  // namespace hybrit

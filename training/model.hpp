@@ -2,8 +2,10 @@
 // (RoPE, grouped-query heads) -> residual; RMSNorm -> FFN (SwiGLU or relu^2) -> residual]; final
 // RMSNorm; output head. Every linear layer inside the blocks is a BitLinear (absmean ternary
 // weights, absmax int8 activations per token, straight-through backward); `quant none` is the
-// full-precision twin. Forward and backward are written by hand, one pair per piece, on the CPU;
-// matmuls and quantizers go through the dispatcher.
+// full-precision twin. Forward and backward are written by hand, one pair per piece, on the CPU:
+// matmuls, quantizers and attention are ops of the op table, the loops between them kernels of
+// training/kernels.hpp, all routed by the dispatcher. Activation buffers live as long as the
+// model and are reused by every step of the same shape (no per-step allocation or page faults).
 #pragma once
 #include <cmath>
 #include <string>
@@ -37,13 +39,9 @@ struct ModelConfig {
   void validate() const;
 };
 
-// Pieces the inference forward (inference/model.cpp) shares with this one, so both compute the
-// same numbers. rmsnorm_forward: y = x * g / rms(x) per row of d values; rinv (n values, or
-// nullptr) keeps 1 / rms for backward. rope_tables: cos and sin of the RoPE angles,
-// (context, head_dim / 2) each.
-void rmsnorm_forward(const float* x, const float* g, float* y, float* rinv, int64_t n, int64_t d, double eps);
+// What the inference forward (inference/model.cpp) shares with this one besides the kernels, so
+// both compute the same numbers: cos and sin of the RoPE angles, (context, head_dim / 2) each.
 void rope_tables(const ModelConfig& config, std::vector<float>& cos_t, std::vector<float>& sin_t);
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 class Model {
  public:
@@ -58,8 +56,9 @@ class Model {
   const Tensor& logits() const { return logits_; }  // (batch * seq, vocab)
   // The last forward's final hidden states (after the final RMSNorm, what the head reads): (batch * seq, dim).
   const Tensor& final_hidden() const { return xf; }
-  // Adds the gradients of the last forward's loss to params().grads().
-  void backward();
+  // Adds the gradients of loss_scale * (the last forward's loss) to params().grads(); gradient
+  // accumulation passes 1 / micro-batches, so the sum is the gradient of the mean.
+  void backward(float loss_scale = 1.0f);
 
  private:
   struct Linear {
@@ -69,15 +68,28 @@ class Model {
   struct Block {
     const ParamSlice *attn_norm, *attn_sub_norm = nullptr, *ffn_norm, *ffn_sub_norm = nullptr;
     Linear wq, wk, wv, wo, w_gate, w_up, w_down;
-    // Activations kept for backward, (rows, width) each.
-    Tensor x_in, h1, h1_rinv, h1_used, q, k, v, probs, att, att_rinv, att_normed, att_used, x_mid, h2, h2_rinv, h2_used, gate, up,
-        f, f_rinv, f_normed, f_used;
+    // Activations kept for backward, (rows, width) each; lse is (batch, heads, seq). No
+    // (seq x seq) attention matrix: the attention backward recomputes it from q, k and lse.
+    // With quant none the *_used tensors share storage with what they quantize.
+    Tensor x_in, h1, h1_rinv, h1_used, q, k, v, att, lse, att_rinv, att_normed, att_used, x_mid, h2, h2_rinv, h2_used, gate, up, f, f_rinv,
+        f_normed, f_used, x_out;
+  };
+  // Buffers the backward reuses from block to block.
+  struct Scratch {
+    Tensor dx, dx_mid, dh, df, df_normed, dgate, dup, datt, datt_normed, dq, dk, dv, dlogits, dxf, q8, q8_scales;
   };
 
   void quantize_weight(Linear& l);
-  Tensor quantize_activations(const Tensor& x);
-  void linear_forward(const Tensor& x_used, Linear& l, Tensor& y);
+  // The activations a BitLinear multiplies, into `out`: q / s per row from the absmax quantizer,
+  // or x itself (out then shares x's storage).
+  void quantize_activations(const Tensor& x, Tensor& out);
+  void linear_forward(const Tensor& x_used, Linear& l, Tensor& y, bool accumulate = false);
   void linear_backward(const Tensor& dy, const Tensor& x_used, const Linear& l, Tensor* dx, bool accumulate_dx);
+  void rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& rinv);
+  // dx = the RMSNorm backward of dy (+ residual); the gain's gradient is added to the table.
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const ParamSlice& gain, const Tensor& rinv, const Tensor* residual, Tensor& dx);
+  void rope(Tensor& x, int64_t heads, float sign);
+  AttentionShape attention_shape() const;
 
   ModelConfig config_;
   Dispatcher& d_;
@@ -88,7 +100,9 @@ class Model {
   // The last forward's inputs and top-level activations.
   std::vector<int32_t> tokens_, targets_;
   int64_t batch_ = 0, seq_ = 0;
-  Tensor x_final, xf, xf_rinv, logits_, probs_;
+  Tensor x_embed, xf, xf_rinv, logits_;
+  std::vector<double> row_lse_, row_loss_;  // the cross-entropy's log-sum-exp and loss per row
+  Scratch scratch_;
 };
 
 }  // namespace hybrit

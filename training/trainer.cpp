@@ -147,9 +147,16 @@ StepMetrics Trainer::step() {
   std::string failure;
   try {
     // Activations that overflowed are refused by the quantizers; say which step it was.
-    m.loss = model_.forward(inputs_.data(), targets_.data(), t.batch, context);
-    if (!std::isfinite(m.loss)) failure = cat("the loss is ", std::isnan(m.loss) ? "NaN" : "Inf");
-    else model_.backward();
+    // Micro-batches are consecutive rows of the step's batch, so the step sees the same data for
+    // any train.grad_accum; each adds 1 / grad_accum of its mean loss's gradient.
+    const int64_t micro = t.batch / t.grad_accum;
+    m.loss = 0;
+    for (int64_t i = 0; i < t.grad_accum && failure.empty(); ++i) {
+      const double loss = model_.forward(inputs_.data() + i * micro * context, targets_.data() + i * micro * context, micro, context);
+      if (!std::isfinite(loss)) failure = cat("the loss is ", std::isnan(loss) ? "NaN" : "Inf");
+      else model_.backward(float(1.0 / double(t.grad_accum)));
+      m.loss += loss / double(t.grad_accum);
+    }
   } catch (const Error& e) {
     failure = cat("the forward or backward pass failed (", e.what(), ")");
   }
@@ -168,6 +175,7 @@ StepMetrics Trainer::step() {
   }
   ++step_;
   m.tokens_per_s = double(t.batch * context) / timer.seconds();
+  m.peak_rss_bytes = peak_rss_bytes();
   return m;
 }
 
@@ -177,7 +185,9 @@ double Trainer::evaluate() {
   double sum = 0;
   for (int64_t i = 0; i < t.eval_batches; ++i) {
     draw_batch(data_.split.val, i, int(t.batch), int(context), config_.seed ^ kEvalStream, inputs_.data(), targets_.data());
-    sum += model_.forward(inputs_.data(), targets_.data(), t.batch, context);
+    const int64_t micro = t.batch / t.grad_accum;  // the training step's micro-batches: the same memory
+    for (int64_t j = 0; j < t.grad_accum; ++j)
+      sum += model_.forward(inputs_.data() + j * micro * context, targets_.data() + j * micro * context, micro, context) / double(t.grad_accum);
   }
   return sum / double(t.eval_batches);
 }
@@ -354,7 +364,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
       const bool last = m.step == t.steps;
       if ((t.eval_every > 0 && m.step % t.eval_every == 0) || last) m.val_loss = trainer.evaluate();
       nlohmann::json line = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm}, {"tokens_per_s", m.tokens_per_s},
-                             {"elapsed_s", total.seconds()}};
+                             {"elapsed_s", total.seconds()}, {"peak_rss_bytes", m.peak_rss_bytes}};
       if (m.skipped) line["skipped"] = true;
       if (m.val_loss) line["val_loss"] = *m.val_loss;
       metrics << line.dump() << "\n" << std::flush;

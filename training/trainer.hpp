@@ -17,6 +17,7 @@ struct StepMetrics {
   double lr = 0;            // Muon's learning rate at this step (AdamW's scales alike)
   double grad_norm = 0;     // before clipping
   double tokens_per_s = 0;
+  size_t peak_rss_bytes = 0;  // the process's peak resident memory so far
   bool skipped = false;     // a non-finite loss or gradient, skipped (train.on_nonfinite: skip)
   std::optional<double> val_loss;
 };

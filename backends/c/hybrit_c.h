@@ -53,6 +53,9 @@ typedef struct {
    * activation rows in block order (see hybrit_c_ternary_prepare), x_stride bytes apart:
    * acc[i] = sum_j code_j * x_i[j]. Integer-exact, so every ISA gives the same values. */
   void (*ternary_dot)(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc);
+  /* y[i] = exp(x[i]) (in place when y == x); x < -87.3 gives 0. The scalar reference calls expf;
+   * the SIMD variants run a polynomial (vexp.h) within 2 ulp of it. */
+  void (*exp_n)(const float* x, float* y, int64_t n);
 } hybrit_c_kernels;
 
 /* Kernel table of a given ISA. Calling an ISA the CPU lacks is the caller's mistake: the C++
@@ -111,6 +114,44 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
  * read (a NaN there does not leak), as in BLAS. */
 int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+/* The same product with caller-owned packing buffers (64-byte aligned, at least
+ * hybrit_c_sgemm_workspace(kr, M, N, K) floats), for the many small products of a tiled kernel:
+ * no allocation per call. */
+int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K);
+void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                       int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* workspace);
+
+/* ---------------- causal attention (attention.c) ----------------
+ * Grouped-query causal softmax attention, tiled with an online softmax (FlashAttention-2): no
+ * (T x T) probability matrix is ever stored, only the log-sum-exp of each query row, and the
+ * backward recomputes each tile's probabilities from it. Layout, row-major:
+ *   q, out, dq, dout: (batch * seq, heads * head_dim), head h in columns [h * head_dim, ...);
+ *   k, v, dk, dv:     (batch * seq, kv_heads * head_dim); query head h reads kv head
+ *                     h / (heads / kv_heads);
+ *   lse:              (batch, heads, seq).
+ * Scores are scale * q . k, key s visible to query t when s <= t. Work is split into units, one
+ * (sequence, query head) for the forward, one (sequence, kv head) for the backward (the unit
+ * alone writes its dk and dv rows and the dq rows of its heads), and the tiles inside a unit are
+ * visited in a fixed order, so any split of the units over threads gives the same bits. */
+#define HYBRIT_ATTENTION_TILE 96 /* query and key rows per tile: a multiple of every micro-kernel's mr and nr */
+typedef struct {
+  int64_t batch, seq, heads, kv_heads, head_dim;
+  float scale;
+} hybrit_attention_shape;
+/* Floats of scratch one thread needs (for either direction). */
+int64_t hybrit_c_attention_workspace(const hybrit_c_kernels* kr, const hybrit_attention_shape* s);
+/* Units [u0, u1) of batch * heads. */
+void hybrit_c_attention_forward(const hybrit_c_kernels* kr, const hybrit_attention_shape* s, const float* q, const float* k, const float* v,
+                                float* out, float* lse, int64_t u0, int64_t u1, float* workspace);
+/* Units [u0, u1) of batch * kv_heads; dq, dk, dv are overwritten. */
+void hybrit_c_attention_backward(const hybrit_c_kernels* kr, const hybrit_attention_shape* s, const float* q, const float* k, const float* v,
+                                 const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv, int64_t u0,
+                                 int64_t u1, float* workspace);
+/* Every unit on one thread, scratch allocated here. */
+int hybrit_c_attention_forward_all(const hybrit_c_kernels* kr, const hybrit_attention_shape* s, const float* q, const float* k,
+                                   const float* v, float* out, float* lse);
+int hybrit_c_attention_backward_all(const hybrit_c_kernels* kr, const hybrit_attention_shape* s, const float* q, const float* k,
+                                    const float* v, const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv);
 
 /* Nearest centroid (squared Euclidean, GEMM form |x|^2 - 2 x.c + |c|^2, clamped at 0); ties go to
  * the lowest index. bad_index: the first point (or -1 - centroid) with a non-finite norm. */

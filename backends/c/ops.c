@@ -95,10 +95,14 @@ static void ternary_dot_scalar(const int8_t* x, int rows, int64_t x_stride, cons
   }
 }
 
+static void exp_scalar(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] < -87.3f ? 0.0f : expf(x[i]);
+}
+
 static const hybrit_c_kernels scalar_kernels = {
     HYBRIT_ISA_SCALAR, chunk_abs_sums_scalar, ternary_pass_scalar, absmax_scalar, int8_pass_scalar, argmin_update_scalar,
     SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,             gemm_ukr_scalar,
-    ternary_dot_scalar};
+    ternary_dot_scalar, exp_scalar};
 
 /* ---------------- selection ---------------- */
 
@@ -305,24 +309,21 @@ static void pack_b(int trans, const float* B, int64_t ldb, int64_t p0, int64_t j
   }
 }
 
-int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return HYBRIT_C_OK;
+int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K) {
+  const int64_t mc_max = (M < kr->mc ? M : kr->mc) + kr->mr, nc_max = (N < kr->nc ? N : kr->nc) + kr->nr, kc_max = K < kr->kc ? K : kr->kc;
+  /* B's panel first (the SIMD micro-kernels load it aligned), A's after it at a 64-byte boundary. */
+  return (nc_max * kc_max + 15) / 16 * 16 + mc_max * kc_max;
+}
+
+void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                       int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* workspace) {
+  if (M == 0 || N == 0) return;
   scale_c(M, N, beta, C, ldc);
-  if (K == 0 || alpha == 0.0f) return HYBRIT_C_OK;
+  if (K == 0 || alpha == 0.0f) return;
   const int64_t MC = kr->mc, KC = kr->kc, NC = kr->nc;
-  /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
-  const int64_t mc_max = (M < MC ? M : MC) + kr->mr, nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
-  void *ap_mem = NULL, *bp_mem = NULL;
-  const int ap_rc = posix_memalign(&ap_mem, 64, (size_t)(mc_max * kc_max) * sizeof(float));
-  const int bp_rc = posix_memalign(&bp_mem, 64, (size_t)(nc_max * kc_max) * sizeof(float));
-  float* ap = ap_rc == 0 ? (float*)ap_mem : NULL;
-  float* bp = bp_rc == 0 ? (float*)bp_mem : NULL;
-  if (!ap || !bp) {
-    free(ap);
-    free(bp);
-    return HYBRIT_C_NOMEM;
-  }
+  const int64_t nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
+  float* bp = workspace;
+  float* ap = workspace + (nc_max * kc_max + 15) / 16 * 16;
   for (int64_t jc = 0; jc < N; jc += NC) {
     const int64_t nc = N - jc < NC ? N - jc : NC;
     for (int64_t pc = 0; pc < K; pc += KC) {
@@ -340,8 +341,18 @@ int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t
       }
     }
   }
-  free(ap);
-  free(bp);
+}
+
+int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return HYBRIT_C_OK;
+  /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
+  void* mem = NULL;
+  if (K > 0 && alpha != 0.0f) {
+    if (posix_memalign(&mem, 64, (size_t)hybrit_c_sgemm_workspace(kr, M, N, K) * sizeof(float)) != 0) return HYBRIT_C_NOMEM;
+  }
+  hybrit_c_sgemm_ws(kr, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, (float*)mem);
+  free(mem);
   return HYBRIT_C_OK;
 }
 

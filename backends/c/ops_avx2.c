@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "hybrit_c.h"
+#include "vexp.h"
 
 static void chunk_abs_sums_avx2(const float* x, int64_t n, double* out) {
   const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
@@ -193,8 +194,10 @@ static void ternary_dot_avx2(const int8_t* x, int rows, int64_t x_stride, const 
   }
 }
 
+static void exp_avx2(const float* x, float* y, int64_t n) { hybrit_exp_poly(x, y, n); }
+
 static const hybrit_c_kernels avx2_kernels = {
     HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, argmin_update_avx2, MR, NR, 144, 256,
-    2048, gemm_ukr_avx2, ternary_dot_avx2};
+    2048, gemm_ukr_avx2, ternary_dot_avx2, exp_avx2};
 
 const hybrit_c_kernels* hybrit_c_kernels_avx2(void) { return &avx2_kernels; }

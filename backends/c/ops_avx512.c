@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "hybrit_c.h"
+#include "vexp.h"
 
 static void chunk_abs_sums_avx512(const float* x, int64_t n, double* out) {
   for (int64_t c0 = 0; c0 < n; c0 += HYBRIT_SUM_CHUNK) {
@@ -196,9 +197,11 @@ __attribute__((target("avx512vnni"))) static void ternary_dot_avx512vnni(const i
   }
 }
 
+static void exp_avx512(const float* x, float* y, int64_t n) { hybrit_exp_poly(x, y, n); }
+
 static const hybrit_c_kernels avx512_kernels = {
     HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, argmin_update_avx512, MR, NR,
-    144, 256, 2048, gemm_ukr_avx512, ternary_dot_avx512};
+    144, 256, 2048, gemm_ukr_avx512, ternary_dot_avx512, exp_avx512};
 static hybrit_c_kernels avx512_vnni_kernels;
 static int with_vnni;
 static pthread_once_t vnni_once = PTHREAD_ONCE_INIT;

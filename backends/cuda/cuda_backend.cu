@@ -266,6 +266,8 @@ class CudaBackend final : public Backend {
     CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
   }
   ~CudaBackend() override { cublasDestroy(cublas_); }
+  // No attention kernels yet: the dispatcher runs attention on a CPU backend (forcing cuda for it is an error).
+  bool supports(Op op) const override { return op != Op::attention_forward && op != Op::attention_backward; }
   BackendKind kind() const override { return BackendKind::cuda; }
   std::string describe() const override { return cat("cuda (", name_, ", cuda:", device_, ", cuBLAS)"); }
   bool computes_on_host() const override { return false; }

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "backends/backend.hpp"
@@ -228,7 +230,49 @@ class TbbBackend final : public Backend {
         raise_kernel_status(HYBRIT_C_NONFINITE, Op::kmeans_update, hybrit_c_first_nonfinite(x, n * d) / std::max<int64_t>(d, 1));
   }
 
+  // Units (sequence x head) in fixed pieces, each piece with its own scratch: the C kernel's
+  // results, bit for bit, on any thread count.
+  void run_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) override {
+    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    run_attention_units(s, sh.batch * sh.heads, [&](int64_t u0, int64_t u1, float* w) {
+      hybrit_c_attention_forward(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>(), u0, u1, w);
+    });
+  }
+  void run_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                              const AttentionShape& sh, Tensor& dq, Tensor& dk, Tensor& dv) override {
+    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    run_attention_units(s, sh.batch * sh.kv_heads, [&](int64_t u0, int64_t u1, float* w) {
+      hybrit_c_attention_backward(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), dout.data<float>(),
+                                  lse.data<float>(), dq.data<float>(), dk.data<float>(), dv.data<float>(), u0, u1, w);
+    });
+  }
+
+  void parallel_for(int64_t n, int64_t grain, const RangeBody& body) override {
+    grain = std::max<int64_t>(grain, 1);
+    if (n <= grain) {  // one piece: no task to schedule
+      if (n > 0) body(0, n);
+      return;
+    }
+    arena_.execute([&] { for_chunks(n, grain, body); });
+  }
+  int threads() const override { return threads_; }
+
  private:
+  template <class Kernel>
+  void run_attention_units(const hybrit_attention_shape& s, int64_t units, const Kernel& kernel) {
+    const size_t floats = size_t(hybrit_c_attention_workspace(kr_, &s));
+    arena_.execute([&] {
+      for_chunks(units, 1, [&](int64_t u0, int64_t u1) {
+        struct Free {
+          void operator()(float* p) const { std::free(p); }
+        };
+        std::unique_ptr<float, Free> w(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
+        if (!w) fail(ErrorKind::out_of_memory, "attention: out of memory for scratch buffers");
+        kernel(u0, u1, w.get());
+      });
+    });
+  }
+
   // kernel(first_row, rows, first_col, cols, &bad) works on a sub-block; a block of several rows
   // always spans whole rows, so the kernel's row strides stay those of the full matrix.
   template <class Kernel>

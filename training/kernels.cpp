@@ -1,0 +1,128 @@
+#include "training/kernels.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace hybrit::kernels {
+
+void rmsnorm_rows(const float* x, const float* g, float* y, float* rinv, int64_t r0, int64_t r1, int64_t d, double eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+    const float ri = float(1.0 / std::sqrt(ss / double(d) + eps));
+    if (rinv) rinv[r] = ri;
+    float* yr = y + r * d;
+    for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * ri * g[j];
+  }
+}
+
+void rmsnorm_backward_rows(const float* dy, const float* x, const float* g, const float* rinv, const float* residual, float* dx, int64_t r0,
+                           int64_t r1, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* dyr = dy + r * d;
+    const float* xr = x + r * d;
+    double dot = 0;
+    for (int64_t j = 0; j < d; ++j) dot += double(dyr[j]) * g[j] * xr[j];
+    const float ri = rinv[r], coeff = float(double(ri) * ri * ri * dot / double(d));
+    float* dxr = dx + r * d;
+    if (residual) {
+      const float* res = residual + r * d;
+      for (int64_t j = 0; j < d; ++j) dxr[j] = (ri * dyr[j] * g[j] - xr[j] * coeff) + res[j];
+    } else {
+      for (int64_t j = 0; j < d; ++j) dxr[j] = ri * dyr[j] * g[j] - xr[j] * coeff;
+    }
+  }
+}
+
+void rmsnorm_gain_grad_cols(const float* dy, const float* x, const float* rinv, float* dg, int64_t n, int64_t d, int64_t j0, int64_t j1) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* dyr = dy + r * d;
+    const float* xr = x + r * d;
+    const float ri = rinv[r];
+    for (int64_t j = j0; j < j1; ++j) dg[j] += dyr[j] * xr[j] * ri;
+  }
+}
+
+void rope_rows(float* x, int64_t r0, int64_t r1, int64_t heads, int64_t hd, int64_t seq, const float* cos_t, const float* sin_t, float sign) {
+  const int64_t half = hd / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* c = cos_t + (r % seq) * half;
+    const float* s = sin_t + (r % seq) * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (r * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float sn = sign * s[i], a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * sn;
+        v[i + half] = a * sn + b * c[i];
+      }
+    }
+  }
+}
+
+void swiglu(const float* gate, const float* up, float* f, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) f[i] = silu(gate[i]) * up[i];
+}
+
+void swiglu_backward(const float* gate, const float* up, const float* df, float* dgate, float* dup, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float sig = 1.0f / (1.0f + std::exp(-gate[i]));
+    dup[i] = df[i] * gate[i] * sig;
+    dgate[i] = df[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
+  }
+}
+
+void relu2(const float* up, float* f, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) f[i] = up[i] > 0 ? up[i] * up[i] : 0.0f;
+}
+
+void relu2_backward(const float* up, const float* df, float* dup, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) dup[i] = up[i] > 0 ? 2.0f * up[i] * df[i] : 0.0f;
+}
+
+void dequantize_ternary(const int8_t* q, float s, float* out, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) out[i] = float(q[i]) * s;
+}
+
+void dequantize_int8_rows(const int8_t* q, const float* scales, float* out, int64_t r0, int64_t r1, int64_t cols) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float s = scales[r];
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = float(q[r * cols + c]) / s;
+  }
+}
+
+void cross_entropy_rows(const float* logits, const int32_t* targets, double* lse, double* loss, int64_t r0, int64_t r1, int64_t v) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* lr = logits + r * v;
+    const float m = *std::max_element(lr, lr + v);
+    double sum = 0;
+    for (int64_t j = 0; j < v; ++j) sum += std::exp(double(lr[j] - m));
+    lse[r] = double(m) + std::log(sum);
+    loss[r] = lse[r] - lr[targets[r]];
+  }
+}
+
+void cross_entropy_backward_rows(const float* logits, const int32_t* targets, const double* lse, float inv_n, float* dlogits, int64_t r0,
+                                 int64_t r1, int64_t v) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* lr = logits + r * v;
+    float* dr = dlogits + r * v;
+    for (int64_t j = 0; j < v; ++j) dr[j] = float(std::exp(double(lr[j]) - lse[r]));
+    dr[targets[r]] -= 1.0f;
+    for (int64_t j = 0; j < v; ++j) dr[j] *= inv_n;
+  }
+}
+
+void embedding_rows(const float* table, const int32_t* tokens, float* x, int64_t r0, int64_t r1, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) std::memcpy(x + r * d, table + int64_t(tokens[r]) * d, size_t(d) * sizeof(float));
+}
+
+void embedding_grad_cols(const float* dx, const int32_t* tokens, float* dtable, int64_t n, int64_t d, int64_t j0, int64_t j1) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = dtable + int64_t(tokens[r]) * d;
+    const float* src = dx + r * d;
+    for (int64_t j = j0; j < j1; ++j) row[j] += src[j];
+  }
+}
+
+}  // namespace hybrit::kernels
