@@ -44,8 +44,8 @@ TEST(TrainConfig, SetOverridesApplyAndAreChecked) {
   EXPECT_EQ(c.model.quant, ModelConfig::Quant::none);
   EXPECT_EQ(c.data.sources, (std::vector<std::string>{"x"}));
   EXPECT_EQ(error_of("", {"train.stepz=5"}),
-            "--set train.stepz=5: train.stepz: unknown key (expected one of: batch, checkpoint_every, eval_batches, eval_every, keep_best, keep_checkpoints, "
-            "log_every, on_nonfinite, sample_prompt, sample_temperature, sample_tokens, steps)");
+            "--set train.stepz=5: train.stepz: unknown key (expected one of: batch, checkpoint_every, eval_batches, eval_every, grad_accum, keep_best, "
+            "keep_checkpoints, log_every, on_nonfinite, recompute, sample_prompt, sample_temperature, sample_tokens, steps)");
   EXPECT_EQ(error_of("", {"model.dim=50"}), "--set model.dim=50: model.dim (50) must be divisible by model.n_heads (4)");
   EXPECT_EQ(error_of("", {"steps"}), "--set steps: expected key=value");
 }
@@ -70,6 +70,10 @@ TEST(TrainConfig, BadInputNamesFileLineAndKey) {
   EXPECT_EQ(error_of("trian: {steps: 3}\n"), "run.yaml:1: trian: unknown key (expected one of: data, dispatch, model, optim, seed, train)");
   EXPECT_EQ(error_of("dispatch:\n  backend: gpu\n"), "run.yaml:2: dispatch.backend: expected c, tbb, cuda or auto, got 'gpu'");
   EXPECT_NE(error_of("model: [\n").find("run.yaml:2: YAML syntax error"), std::string::npos);
+  EXPECT_EQ(error_of("train:\n  batch: 12\n  grad_accum: 5\n"),
+            "run.yaml:3: train.grad_accum: train.batch (12) must split into 5 equal micro-batches; pick a divisor of it");
+  EXPECT_EQ(error_of("train:\n  recompute: all\n"), "run.yaml:2: train.recompute: expected one of none, attention, block, got 'all'");
+  EXPECT_EQ(parse_train_config("train: {batch: 12, grad_accum: 4, recompute: block}\n", "run.yaml").train.grad_accum, 4);
 }
 
 }  // namespace

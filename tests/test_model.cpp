@@ -1,7 +1,10 @@
 // The model, the optimizers and the data layer together: a short run on the fortunes corpus
 // learns, and is bit-for-bit repeatable (what exact resume will rest on). Gradients themselves are
 // checked against PyTorch in tests/python/test_model_torch.py.
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <string>
 
 #include "test_support.hpp"
 #include "training/data.hpp"
@@ -50,6 +53,95 @@ TEST(Training, ShortRunsOnFortunesLearnAndRepeatExactly) {
     for (int i = 30; i < 40; ++i) late += a[size_t(i)] / 10;
     EXPECT_LT(late, 3.6) << "mean loss of steps 30-39";
   }
+}
+
+std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t stream) {
+  Rng rng(run_seed(), stream);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& v : t) v = int32_t(rng.below(uint64_t(vocab)));
+  return t;
+}
+
+// One batch of 12 against 4 micro-batches of 3 whose gradients are summed at loss scale 1/4.
+TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
+  SCOPED_TRACE(cat("seed ", run_seed()));
+  DispatcherOptions o;
+  o.use_environment = false;
+  Dispatcher d(o);
+  for (auto quant : {ModelConfig::Quant::none, ModelConfig::Quant::ternary}) {
+    SCOPED_TRACE(quant == ModelConfig::Quant::none ? "quant none" : "quant ternary");
+    ModelConfig cfg;
+    cfg.dim = 64, cfg.n_layers = 2, cfg.n_heads = 4, cfg.n_kv_heads = 2, cfg.context = 40, cfg.quant = quant;
+    Model model(cfg, d, 99);
+    const int64_t batch = 12, seq = 40, micro = 3;
+    const std::vector<int32_t> in = random_tokens(batch * seq, cfg.vocab_size, 1), tg = random_tokens(batch * seq, cfg.vocab_size, 2);
+    model.params().zero_grads();
+    const double whole = model.forward(in.data(), tg.data(), batch, seq);
+    model.backward();
+    const std::vector<float> g_whole(model.params().grads().data<float>(), model.params().grads().data<float>() + model.params().grads().numel());
+    model.params().zero_grads();
+    double summed = 0;
+    for (int64_t i = 0; i < batch / micro; ++i) {
+      summed += model.forward(in.data() + i * micro * seq, tg.data() + i * micro * seq, micro, seq) / double(batch / micro);
+      model.backward(1.0f / float(batch / micro));
+    }
+    EXPECT_NEAR(summed, whole, 1e-6 * whole);
+    const float* g = model.params().grads().data<float>();
+    for (const auto& slice : model.params().slices()) {
+      double worst = 0, scale = 1e-12;
+      for (int64_t i = slice.offset; i < slice.offset + slice.numel; ++i) {
+        worst = std::max(worst, std::abs(double(g[i]) - g_whole[size_t(i)]));
+        scale = std::max(scale, std::abs(double(g_whole[size_t(i)])));
+      }
+      EXPECT_LE(worst, 1e-4 * scale) << slice.name << ": largest difference " << worst << " against a largest gradient of " << scale;
+    }
+  }
+}
+
+// Peak resident memory since the last reset (Linux: writing 5 to /proc/self/clear_refs resets
+// VmHWM), in bytes; -1 when this kernel does not offer it.
+int64_t reset_peak_rss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  clear.flush();
+  return clear ? 0 : -1;
+}
+int64_t peak_rss_since_reset() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return -1;
+}
+int64_t current_rss() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return -1;
+}
+
+// A training step at context 2048 never holds a (batch, heads, T, T) probability tensor: its
+// peak memory grows by less than one layer's such tensor would take (64 MiB here, two layers).
+TEST(Training, LongContextStepNeverAllocatesTheAttentionMatrix) {
+  if (reset_peak_rss() < 0 || current_rss() < 0) GTEST_SKIP() << "/proc/self/clear_refs is not writable here: peak RSS cannot be reset";
+  DispatcherOptions o;
+  o.use_environment = false;
+  Dispatcher d(o);
+  ModelConfig cfg;
+  cfg.dim = 64, cfg.n_layers = 2, cfg.n_heads = 4, cfg.context = 2048;
+  Model model(cfg, d, 5);
+  const int64_t T = 2048, batch = 1;
+  const std::vector<int32_t> in = random_tokens(T, cfg.vocab_size, 3), tg = random_tokens(T, cfg.vocab_size, 4);
+  model.params().zero_grads();
+  reset_peak_rss();
+  const int64_t before = current_rss();
+  const double loss = model.forward(in.data(), tg.data(), batch, T);
+  model.backward();
+  const int64_t growth = peak_rss_since_reset() - before;
+  const int64_t probability_tensor = batch * cfg.n_heads * T * T * int64_t(sizeof(float));
+  EXPECT_TRUE(std::isfinite(loss));
+  EXPECT_LT(growth, probability_tensor) << "peak memory grew by " << growth << " bytes in one step";
 }
 
 }  // namespace

@@ -180,6 +180,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
             t.grad_accum = as_int(n, k, o, 1);
             grad_accum_line = o.where(n, k);
           }},
+         {"recompute", [&](const YAML::Node& n, const std::string& k) { t.recompute = as_choice(n, k, o, {"none", "attention", "block"}); }},
          {"eval_every", [&](const YAML::Node& n, const std::string& k) { t.eval_every = as_int(n, k, o, 0); }},
          {"eval_batches", [&](const YAML::Node& n, const std::string& k) { t.eval_batches = as_int(n, k, o, 1); }},
          {"log_every", [&](const YAML::Node& n, const std::string& k) { t.log_every = as_int(n, k, o, 1); }},
@@ -288,7 +289,7 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "val_fraction" << YAML::Value << data.val_fraction << YAML::EndMap;
   y << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   y << YAML::Key << "steps" << YAML::Value << train.steps << YAML::Key << "batch" << YAML::Value << train.batch;
-  y << YAML::Key << "grad_accum" << YAML::Value << train.grad_accum;
+  y << YAML::Key << "grad_accum" << YAML::Value << train.grad_accum << YAML::Key << "recompute" << YAML::Value << train.recompute;
   y << YAML::Key << "eval_every" << YAML::Value << train.eval_every << YAML::Key << "eval_batches" << YAML::Value << train.eval_batches;
   y << YAML::Key << "log_every" << YAML::Value << train.log_every << YAML::Key << "sample_tokens" << YAML::Value << train.sample_tokens;
   y << YAML::Key << "sample_prompt" << YAML::Value << YAML::DoubleQuoted << train.sample_prompt;

@@ -22,6 +22,7 @@ struct TrainLoopConfig {
   int64_t steps = 1000;
   int64_t batch = 12;         // sequences per optimizer step
   int64_t grad_accum = 1;     // micro-batches per step (batch / grad_accum sequences each), gradients summed
+  std::string recompute = "none";  // none | attention | block: activations recomputed in the backward (Model::Recompute)
   int64_t eval_every = 100;   // 0: only at the end
   int64_t eval_batches = 16;
   int64_t log_every = 10;     // plain log lines when stderr is not a terminal

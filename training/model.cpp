@@ -198,6 +198,81 @@ AttentionShape Model::attention_shape() const {
   return {batch_, seq_, config_.n_heads, config_.kv_heads(), hd, float(1.0 / std::sqrt(double(hd)))};
 }
 
+void Model::attention_sublayer(Block& b, const BlockActivations& r, AttentionActivations& a) {
+  const int64_t N = batch_ * seq_, H = config_.n_heads, KV = config_.kv_heads(), hd = config_.head_dim();
+  ensure_matrix(a.q, N, H * hd), ensure_matrix(a.k, N, KV * hd), ensure_matrix(a.v, N, KV * hd);
+  linear_forward(r.h1_used, b.wq, a.q);
+  linear_forward(r.h1_used, b.wk, a.k);
+  linear_forward(r.h1_used, b.wv, a.v);
+  rope(a.q, H, 1.0f);
+  rope(a.k, KV, 1.0f);
+  ensure_matrix(a.att, N, H * hd), ensure(a.lse, {batch_, H, seq_});
+  d_.attention_forward(a.q, a.k, a.v, attention_shape(), a.att, a.lse);
+  if (config_.subln) rmsnorm(a.att, *b.attn_sub_norm, a.att_normed, a.att_rinv);
+  else a.att_normed = a.att;
+  quantize_activations(a.att_normed, a.att_used);
+}
+
+// x_mid = x_in + wo(attention(norm(x_in))); x_out = x_mid + w_down(ffn(norm(x_mid))). The
+// weights were quantized by this step's forward (Linear::w_used), so a recomputation reuses them.
+void Model::block_forward(Block& b, bool write_output) {
+  const int64_t N = batch_ * seq_, D = config_.dim, F = config_.hidden();
+  BlockActivations& r = block_activations(b);
+  AttentionActivations& a = attention_activations(b);
+  rmsnorm(b.x_in, *b.attn_norm, r.h1, r.h1_rinv);
+  quantize_activations(r.h1, r.h1_used);
+  attention_sublayer(b, r, a);
+  ensure_matrix(r.x_mid, N, D);
+  std::memcpy(r.x_mid.data<float>(), b.x_in.data<float>(), size_t(N * D) * sizeof(float));
+  linear_forward(a.att_used, b.wo, r.x_mid, true);
+
+  rmsnorm(r.x_mid, *b.ffn_norm, r.h2, r.h2_rinv);
+  quantize_activations(r.h2, r.h2_used);
+  ensure_matrix(r.up, N, F), ensure_matrix(r.f, N, F);
+  linear_forward(r.h2_used, b.w_up, r.up);
+  const float* up = r.up.data<float>();
+  float* f = r.f.data<float>();
+  if (config_.ffn == ModelConfig::Ffn::swiglu) {
+    ensure_matrix(r.gate, N, F);
+    linear_forward(r.h2_used, b.w_gate, r.gate);
+    const float* gate = r.gate.data<float>();
+    kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu(gate, up, f, i0, i1); });
+  } else {
+    kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2(up, f, i0, i1); });
+  }
+  if (config_.subln) rmsnorm(r.f, *b.ffn_sub_norm, r.f_normed, r.f_rinv);
+  else r.f_normed = r.f;
+  quantize_activations(r.f_normed, r.f_used);
+  if (!write_output) return;
+  ensure_matrix(b.x_out, N, D);
+  std::memcpy(b.x_out.data<float>(), r.x_mid.data<float>(), size_t(N * D) * sizeof(float));
+  linear_forward(r.f_used, b.w_down, b.x_out, true);
+}
+
+int64_t Model::parameter_count(const ModelConfig& c) {
+  const int64_t D = c.dim, F = c.hidden(), V = c.vocab_size, Q = c.n_heads * c.head_dim(), KV = c.kv_heads() * c.head_dim();
+  const int64_t block = D + Q * D + 2 * KV * D + (c.subln ? Q : 0) + D * Q + D + (c.ffn == ModelConfig::Ffn::swiglu ? 2 : 1) * F * D +
+                        (c.subln ? F : 0) + D * F;
+  return V * D + c.n_layers * block + D + (c.tied_embeddings ? 0 : V * D);
+}
+
+double Model::activation_bytes(const ModelConfig& config, Recompute recompute, int64_t batch, int64_t seq) {
+  const double N = double(batch * seq), D = double(config.dim), F = double(config.hidden()), V = double(config.vocab_size);
+  const double Q = double(config.n_heads * config.head_dim()), KV = double(config.kv_heads() * config.head_dim());
+  const bool quant = config.quant == ModelConfig::Quant::ternary;
+  const bool swiglu = config.ffn == ModelConfig::Ffn::swiglu;
+  // Floats per token of each group (the _used copies exist only when quantizing).
+  const double attn = Q + 2 * KV + Q + (config.subln ? Q : 0) + (quant ? Q : 0);
+  const double rest = D * (quant ? 2 : 1) + D + D * (quant ? 2 : 1) + F * (swiglu ? 3 : 2) + (config.subln ? F : 0) + (quant ? F : 0);
+  const double layers = double(config.n_layers);
+  const double kept = recompute == Recompute::block ? layers * 2 * D + attn + rest
+                      : recompute == Recompute::attention ? layers * (2 * D + rest) + attn
+                                                           : layers * (2 * D + rest + attn);
+  const double head = D + D + V * 2 + 2 * D;  // embedding, final norm, logits and their gradient
+  const double backward = 2 * F * (swiglu ? 2 : 1) + 4 * D + 2 * Q + 2 * KV;  // the backward's scratch, reused per block
+  return 4.0 * N * (kept + head + backward);
+}
+
 double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
   if (batch <= 0 || seq <= 0) fail(ErrorKind::invalid_argument, "forward: batch and sequence length must be positive, got ", batch, " and ", seq);
   if (seq > config_.context) fail(ErrorKind::invalid_argument, "forward: sequence length ", seq, " exceeds model.context (", config_.context, ")");
@@ -219,53 +294,17 @@ double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t bat
     kernels::for_rows(d_, N, D, [&](int64_t r0, int64_t r1) { kernels::embedding_rows(emb, tokens_.data(), x, r0, r1, D); });
   }
 
+  // This step's BitLinear weights, once: every block forward (and a recomputation) reads them.
+  for (Block& b : blocks_)
+    for (Linear* l : {&b.wq, &b.wk, &b.wv, &b.wo, &b.w_up, &b.w_down})
+      quantize_weight(*l);
+  if (config_.ffn == ModelConfig::Ffn::swiglu)
+    for (Block& b : blocks_) quantize_weight(b.w_gate);
+
   Tensor x = x_embed;
   for (Block& b : blocks_) {
     b.x_in = x;
-    // Attention branch: h1 = norm(x); q, k, v = BitLinear(h1); RoPE; causal attention; x_mid = x + wo(att).
-    rmsnorm(x, *b.attn_norm, b.h1, b.h1_rinv);
-    quantize_activations(b.h1, b.h1_used);
-    for (Linear* l : {&b.wq, &b.wk, &b.wv}) quantize_weight(*l);
-    ensure_matrix(b.q, N, H * hd), ensure_matrix(b.k, N, KV * hd), ensure_matrix(b.v, N, KV * hd);
-    linear_forward(b.h1_used, b.wq, b.q);
-    linear_forward(b.h1_used, b.wk, b.k);
-    linear_forward(b.h1_used, b.wv, b.v);
-    rope(b.q, H, 1.0f);
-    rope(b.k, KV, 1.0f);
-    ensure_matrix(b.att, N, H * hd), ensure(b.lse, {batch, H, seq});
-    d_.attention_forward(b.q, b.k, b.v, attention_shape(), b.att, b.lse);
-    if (config_.subln) rmsnorm(b.att, *b.attn_sub_norm, b.att_normed, b.att_rinv);
-    else b.att_normed = b.att;
-    quantize_activations(b.att_normed, b.att_used);
-    quantize_weight(b.wo);
-    ensure_matrix(b.x_mid, N, D);
-    std::memcpy(b.x_mid.data<float>(), x.data<float>(), size_t(N * D) * sizeof(float));
-    linear_forward(b.att_used, b.wo, b.x_mid, true);
-
-    // FFN branch: h2 = norm(x_mid); f = swiglu(gate, up) or relu^2(up); x_out = x_mid + w_down(f).
-    rmsnorm(b.x_mid, *b.ffn_norm, b.h2, b.h2_rinv);
-    quantize_activations(b.h2, b.h2_used);
-    ensure_matrix(b.up, N, F), ensure_matrix(b.f, N, F);
-    quantize_weight(b.w_up);
-    linear_forward(b.h2_used, b.w_up, b.up);
-    const float* up = b.up.data<float>();
-    float* f = b.f.data<float>();
-    if (config_.ffn == ModelConfig::Ffn::swiglu) {
-      ensure_matrix(b.gate, N, F);
-      quantize_weight(b.w_gate);
-      linear_forward(b.h2_used, b.w_gate, b.gate);
-      const float* gate = b.gate.data<float>();
-      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu(gate, up, f, i0, i1); });
-    } else {
-      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2(up, f, i0, i1); });
-    }
-    if (config_.subln) rmsnorm(b.f, *b.ffn_sub_norm, b.f_normed, b.f_rinv);
-    else b.f_normed = b.f;
-    quantize_activations(b.f_normed, b.f_used);
-    quantize_weight(b.w_down);
-    ensure_matrix(b.x_out, N, D);
-    std::memcpy(b.x_out.data<float>(), b.x_mid.data<float>(), size_t(N * D) * sizeof(float));
-    linear_forward(b.f_used, b.w_down, b.x_out, true);
+    block_forward(b, true);
     x = b.x_out;
   }
 
@@ -309,49 +348,53 @@ void Model::backward(float loss_scale) {
 
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = *it;
+    if (recompute_ == Recompute::block) block_forward(b, false);  // refills the shared buffers, same bits
+    BlockActivations& r = block_activations(b);
+    AttentionActivations& a = attention_activations(b);
     // FFN branch: dx is the gradient of the block's output, x_out = x_mid + w_down(f).
     ensure_matrix(s.df_normed, N, F);
-    linear_backward(s.dx, b.f_used, b.w_down, &s.df_normed, false);
+    linear_backward(s.dx, r.f_used, b.w_down, &s.df_normed, false);
     Tensor* df = &s.df_normed;
     if (config_.subln) {
-      rmsnorm_backward(s.df_normed, b.f, *b.ffn_sub_norm, b.f_rinv, nullptr, s.df);
+      rmsnorm_backward(s.df_normed, r.f, *b.ffn_sub_norm, r.f_rinv, nullptr, s.df);
       df = &s.df;
     }
     ensure_matrix(s.dup, N, F);
     ensure_matrix(s.dh, N, D);
-    const float *dfp = df->data<float>(), *up = b.up.data<float>();
+    const float *dfp = df->data<float>(), *up = r.up.data<float>();
     float* dup = s.dup.data<float>();
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
       ensure_matrix(s.dgate, N, F);
-      const float* gate = b.gate.data<float>();
+      const float* gate = r.gate.data<float>();
       float* dgate = s.dgate.data<float>();
       kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu_backward(gate, up, dfp, dgate, dup, i0, i1); });
-      linear_backward(s.dgate, b.h2_used, b.w_gate, &s.dh, false);
-      linear_backward(s.dup, b.h2_used, b.w_up, &s.dh, true);
+      linear_backward(s.dgate, r.h2_used, b.w_gate, &s.dh, false);
+      linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, true);
     } else {
       kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2_backward(up, dfp, dup, i0, i1); });
-      linear_backward(s.dup, b.h2_used, b.w_up, &s.dh, false);
+      linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, false);
     }
     // dx_mid = norm backward of dh2, plus the residual path's dx.
-    rmsnorm_backward(s.dh, b.x_mid, *b.ffn_norm, b.h2_rinv, &s.dx, s.dx_mid);
+    rmsnorm_backward(s.dh, r.x_mid, *b.ffn_norm, r.h2_rinv, &s.dx, s.dx_mid);
 
     // Attention branch: x_mid = x_in + wo(att).
+    if (recompute_ == Recompute::attention) attention_sublayer(b, r, a);  // refills the shared buffers, same bits
     ensure_matrix(s.datt_normed, N, H * hd);
-    linear_backward(s.dx_mid, b.att_used, b.wo, &s.datt_normed, false);
+    linear_backward(s.dx_mid, a.att_used, b.wo, &s.datt_normed, false);
     Tensor* datt = &s.datt_normed;
     if (config_.subln) {
-      rmsnorm_backward(s.datt_normed, b.att, *b.attn_sub_norm, b.att_rinv, nullptr, s.datt);
+      rmsnorm_backward(s.datt_normed, a.att, *b.attn_sub_norm, a.att_rinv, nullptr, s.datt);
       datt = &s.datt;
     }
     ensure_matrix(s.dq, N, H * hd), ensure_matrix(s.dk, N, KV * hd), ensure_matrix(s.dv, N, KV * hd);
-    d_.attention_backward(b.q, b.k, b.v, b.att, *datt, b.lse, attention_shape(), s.dq, s.dk, s.dv);
+    d_.attention_backward(a.q, a.k, a.v, a.att, *datt, a.lse, attention_shape(), s.dq, s.dk, s.dv);
     rope(s.dq, H, -1.0f);
     rope(s.dk, KV, -1.0f);
-    linear_backward(s.dq, b.h1_used, b.wq, &s.dh, false);
-    linear_backward(s.dk, b.h1_used, b.wk, &s.dh, true);
-    linear_backward(s.dv, b.h1_used, b.wv, &s.dh, true);
+    linear_backward(s.dq, r.h1_used, b.wq, &s.dh, false);
+    linear_backward(s.dk, r.h1_used, b.wk, &s.dh, true);
+    linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
     // dx_in = norm backward of dh1, plus the residual path's dx_mid; it is the next block's dx.
-    rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, b.h1_rinv, &s.dx_mid, s.dx);
+    rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
   }
   // Embedding rows, in token order per column slice (deterministic accumulation).
   float* demb = table_.grad(*tok_emb_).data<float>();

@@ -45,10 +45,24 @@ void rope_tables(const ModelConfig& config, std::vector<float>& cos_t, std::vect
 
 class Model {
  public:
+  // Activation recomputation (train.recompute): none keeps every activation for the backward;
+  // attention keeps the attention sublayer's (q, k, v, its output) for one block at a time and
+  // recomputes them in the backward; block keeps only each block's input and recomputes the
+  // whole block. Recomputation runs the same kernels on the same inputs: the same bits.
+  enum class Recompute { none, attention, block };
+  void set_recompute(Recompute r) { recompute_ = r; }
+  Recompute recompute() const { return recompute_; }
+  // Bytes of activations a forward of (batch, seq) keeps for the backward, and the scratch the
+  // backward adds, for a model and recompute setting (the trainer's memory check).
+  static double activation_bytes(const ModelConfig& config, Recompute recompute, int64_t batch, int64_t seq);
+  // Parameters of a model of this configuration (what the table allocates).
+  static int64_t parameter_count(const ModelConfig& config);
+
   Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed);
 
   const ModelConfig& config() const { return config_; }
   ParamTable& params() { return table_; }
+  const ParamTable& params() const { return table_; }
 
   // tokens and targets: batch * seq values, row-major (batch, seq), seq <= context. Returns the
   // mean cross-entropy and keeps what backward() needs.
@@ -65,14 +79,21 @@ class Model {
     const ParamSlice* weight = nullptr;
     Tensor w_used;  // the weights the forward multiplied by: ternary * scale, or the latent ones
   };
+  // Activations kept for backward, (rows, width) each; lse is (batch, heads, seq). No
+  // (seq x seq) attention matrix: the attention backward recomputes it from q, k and lse.
+  // With quant none the *_used tensors share storage with what they quantize.
+  struct AttentionActivations {  // what the attention sublayer makes from h1_used
+    Tensor q, k, v, att, lse, att_rinv, att_normed, att_used;
+  };
+  struct BlockActivations {  // the rest of a block, from its input to its output
+    Tensor h1, h1_rinv, h1_used, x_mid, h2, h2_rinv, h2_used, gate, up, f, f_rinv, f_normed, f_used;
+  };
   struct Block {
     const ParamSlice *attn_norm, *attn_sub_norm = nullptr, *ffn_norm, *ffn_sub_norm = nullptr;
     Linear wq, wk, wv, wo, w_gate, w_up, w_down;
-    // Activations kept for backward, (rows, width) each; lse is (batch, heads, seq). No
-    // (seq x seq) attention matrix: the attention backward recomputes it from q, k and lse.
-    // With quant none the *_used tensors share storage with what they quantize.
-    Tensor x_in, h1, h1_rinv, h1_used, q, k, v, att, lse, att_rinv, att_normed, att_used, x_mid, h2, h2_rinv, h2_used, gate, up, f, f_rinv,
-        f_normed, f_used, x_out;
+    Tensor x_in, x_out;  // always kept: recomputation starts from x_in
+    AttentionActivations attn;  // used with recompute none
+    BlockActivations rest;      // used with recompute none or attention
   };
   // Buffers the backward reuses from block to block.
   struct Scratch {
@@ -90,6 +111,14 @@ class Model {
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const ParamSlice& gain, const Tensor& rinv, const Tensor* residual, Tensor& dx);
   void rope(Tensor& x, int64_t heads, float sign);
   AttentionShape attention_shape() const;
+  // Where a block's activations live: its own buffers, or buffers shared by all blocks that the
+  // backward refills by recomputing (train.recompute).
+  AttentionActivations& attention_activations(Block& b) { return recompute_ == Recompute::none ? b.attn : shared_attn_; }
+  BlockActivations& block_activations(Block& b) { return recompute_ == Recompute::block ? shared_rest_ : b.rest; }
+  // The attention sublayer from r.h1_used: q, k, v, RoPE, attention, SubLN, quantization.
+  void attention_sublayer(Block& b, const BlockActivations& r, AttentionActivations& a);
+  // A block's forward from b.x_in; the last GEMM (into b.x_out) only when `write_output`.
+  void block_forward(Block& b, bool write_output);
 
   ModelConfig config_;
   Dispatcher& d_;
@@ -103,6 +132,9 @@ class Model {
   Tensor x_embed, xf, xf_rinv, logits_;
   std::vector<double> row_lse_, row_loss_;  // the cross-entropy's log-sum-exp and loss per row
   Scratch scratch_;
+  Recompute recompute_ = Recompute::none;
+  AttentionActivations shared_attn_;
+  BlockActivations shared_rest_;
 };
 
 }  // namespace hybrit

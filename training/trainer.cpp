@@ -77,6 +77,8 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const 
     tokenizer_model_path_ = !tokenizer_model.empty() ? tokenizer_model : cache_dir.empty() ? "" : (fs::path(cache_dir) / "tokenizer.model").string();
   inputs_.resize(size_t(config_.train.batch * config_.model.context));
   targets_.resize(inputs_.size());
+  model_.set_recompute(recompute_of(config_.train));
+  check_step_memory(config_);
 }
 
 namespace {
@@ -279,7 +281,31 @@ void truncate_metrics(const fs::path& file, int64_t step) {
 }
 }  // namespace
 
+Model::Recompute recompute_of(const TrainLoopConfig& t) {
+  return t.recompute == "block" ? Model::Recompute::block : t.recompute == "attention" ? Model::Recompute::attention : Model::Recompute::none;
+}
+
+void check_step_memory(const TrainConfig& config) {
+  const TrainLoopConfig& t = config.train;
+  const int64_t micro = t.batch / t.grad_accum;
+  ModelConfig model = config.model;
+  if (config.data.tokenizer == "bpe") model.vocab_size = config.data.vocab_size;  // at most: BPE may settle on fewer
+  const double params = double(Model::parameter_count(model)) * sizeof(float);
+  // Parameters, gradients, AdamW's two moments or Muon's momentum plus its Newton-Schulz scratch,
+  // and the quantized weights the forward multiplies by.
+  const double state = params * (model.quant == ModelConfig::Quant::ternary ? 5 : 4);
+  const double activations = Model::activation_bytes(model, recompute_of(t), micro, model.context);
+  const double need = state + activations;
+  const double available = double(hardware().memory_available_bytes);
+  if (available > 0 && need > available)
+    fail(ErrorKind::invalid_argument, "the model needs about ", format_bytes(need), " for a training step (parameters and optimizer state ",
+         format_bytes(state), ", activations ", format_bytes(activations), " for micro-batches of ", micro, " sequences of ", model.context,
+         " tokens) but ", format_bytes(available), " is available; raise train.grad_accum, ",
+         t.recompute == "block" ? "" : "set train.recompute: block, ", "or lower train.batch or model.context");
+}
+
 RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume) {
+  check_step_memory(config);  // before the run folder is touched
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   if (ec) fail(ErrorKind::io, run_dir, ": cannot create the run folder (", ec.message(), ")");

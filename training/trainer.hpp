@@ -88,5 +88,11 @@ std::string default_run_folder(const std::string& name);
 
 RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume = "");
 
+// train.recompute as the model's setting.
+Model::Recompute recompute_of(const TrainLoopConfig& train);
+// Refuses a configuration whose training step cannot fit in the memory this process may use
+// (MemAvailable, capped by a cgroup limit): one line with the estimate's parts and what to change.
+void check_step_memory(const TrainConfig& config);
+
 
 }  // namespace hybrit

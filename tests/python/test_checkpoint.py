@@ -25,13 +25,14 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("quant", ["ternary", "none"])
-def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(cli, tmp_path, quant):
+@pytest.mark.parametrize("quant,extra", [("ternary", []), ("none", []), ("ternary", ["--set", "train.grad_accum=2", "--set", "train.recompute=block"])],
+                         ids=["ternary", "none", "ternary-grad_accum-recompute"])
+def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(cli, tmp_path, quant, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(cli, straight, "--set", "train.steps=8", "--set", f"model.quant={quant}")
+    train(cli, straight, "--set", "train.steps=8", "--set", f"model.quant={quant}", *extra)
     # The first leg stops at 4 but follows the 8-step schedule, as an interrupted run would.
-    train(cli, split, "--set", "train.steps=4", "--set", "optim.schedule.total_steps=8", "--set", f"model.quant={quant}")
-    r = train(cli, split, "--set", "train.steps=8", "--set", f"model.quant={quant}", "--resume", "auto")
+    train(cli, split, "--set", "train.steps=4", "--set", "optim.schedule.total_steps=8", "--set", f"model.quant={quant}", *extra)
+    r = train(cli, split, "--set", "train.steps=8", "--set", f"model.quant={quant}", "--resume", "auto", *extra)
     assert "resumed from" in r.stderr and "ckpt-00000004.h5" in r.stderr
     a, b = metrics(straight), metrics(split)
     assert [m["step"] for m in b] == list(range(1, 9))
@@ -40,6 +41,17 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(cli, tmp_path, 
     val_a = {m["step"]: m["val_loss"] for m in a if "val_loss" in m}
     val_b = {m["step"]: m["val_loss"] for m in b if "val_loss" in m}
     assert all(val_b[s] == v for s, v in val_a.items())
+
+
+@pytest.mark.parametrize("recompute", ["attention", "block"])
+def test_recomputing_activations_changes_no_bit(cli, tmp_path, recompute):
+    kept, again = tmp_path / "kept", tmp_path / "again"
+    train(cli, kept, "--set", "train.steps=5")
+    train(cli, again, "--set", "train.steps=5", "--set", f"train.recompute={recompute}")
+    a, b = metrics(kept), metrics(again)
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m["grad_norm"] for m in a] == [m["grad_norm"] for m in b]
+    assert all(m["peak_rss_bytes"] > 0 for m in b)
 
 
 def test_checkpoints_are_readable_with_h5py(cli, tmp_path):

@@ -97,3 +97,22 @@ def test_nonfinite_loss_stops_or_skips(cli, tmp_path, policy):
     else:
         assert r.returncode == 0, r.stderr
         assert [m.get("skipped", False) for m in metrics(tmp_path / "run")] == [False, True, True, True]
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_starts(cli, tmp_path):
+    run = tmp_path / "huge"
+    r = train(cli, run, "--set", "model.context=65536", "--set", "train.batch=64", "--set", "train.steps=1", check=False)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "for a training step" in line and "micro-batches of 64 sequences of 65536 tokens" in line, line
+    assert "raise train.grad_accum, set train.recompute: block" in line, line
+    assert not run.exists()  # refused before the run folder is touched
+
+
+def test_context_8192_trains_and_evaluates(cli, tmp_path):
+    run = tmp_path / "long"
+    r = train(cli, run, "--set", "model.context=8192", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1", "--set", "train.batch=1", "--set", "train.steps=2",
+              "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0", "--set", "train.recompute=block")
+    assert "done after 2 steps" in r.stdout
+    lines = metrics(run)
+    assert len(lines) == 2 and 0 < lines[-1]["val_loss"] < 6.0
