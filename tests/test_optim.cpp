@@ -188,6 +188,29 @@ TEST(Optimizer, AdamWGroupsTakeTheirOwnLearningRateAndDecay) {
   EXPECT_NEAR(t.param(t.slice("norm")).data<float>()[0], 1.0 - 0.1 * 0.2, 1e-6);
 }
 
+// optim.matrices: adamw puts block matrices through AdamW at the shared lr and decay: the same
+// update an embedding parameter with the same gradient gets.
+TEST(Optimizer, BlockMatricesTakeAdamWWhenAsked) {
+  ParamTable t;
+  t.add("w", {2, 3}, ParamGroup::block_matrix);
+  t.add("emb", {2, 3}, ParamGroup::embedding);
+  t.allocate();
+  Rng rng(run_seed(), 7);
+  for (int64_t i = 0; i < 6; ++i) {
+    t.params().data<float>()[i] = t.params().data<float>()[t.slice("emb").offset + i] = rng.normal();
+    t.grads().data<float>()[i] = t.grads().data<float>()[t.slice("emb").offset + i] = rng.normal();
+  }
+  OptimizerConfig cfg;
+  cfg.grad_clip = 0;
+  cfg.schedule.kind = Schedule::Kind::constant;
+  cfg.adamw.weight_decay = 0.1;
+  cfg.matrices = OptimizerConfig::Matrices::adamw;
+  optimizer_step(dispatcher(), t, cfg, 0);
+  const float* p = t.params().data<float>();
+  for (int64_t i = 0; i < 6; ++i) EXPECT_EQ(p[i], p[t.slice("emb").offset + i]) << i;
+  EXPECT_EQ(t.muon_momentum().data<float>()[0], 0.0f);  // Muon never ran
+}
+
 TEST(Optimizer, ClipsByGlobalNormAndRefusesNonFiniteGradients) {
   ParamTable t;
   t.add("a", {3}, ParamGroup::norm);

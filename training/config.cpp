@@ -199,6 +199,9 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
     {"optim", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
          {"grad_clip", [&](const YAML::Node& n, const std::string& k) { op.grad_clip = as_double(n, k, o); }},
+         {"matrices", [&](const YAML::Node& n, const std::string& k) {
+            op.matrices = as_choice(n, k, o, {"muon", "adamw"}) == "muon" ? OptimizerConfig::Matrices::muon : OptimizerConfig::Matrices::adamw;
+          }},
          {"schedule", [&](const YAML::Node& s, const std::string& sp) {
             walk(s, sp, o, {
               {"kind", [&](const YAML::Node& n, const std::string& k) { op.schedule.kind = parse_schedule_kind(as_string(n, k, o), o.where(n, k) + ": " + k); }},
@@ -300,6 +303,7 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::EndMap;
   const char* kinds[] = {"constant", "cosine", "wsd", "bitnet_two_stage"};
   y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << optim.grad_clip;
+  y << YAML::Key << "matrices" << YAML::Value << (optim.matrices == OptimizerConfig::Matrices::muon ? "muon" : "adamw");
   y << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value << kinds[int(optim.schedule.kind)];
   y << YAML::Key << "warmup_steps" << YAML::Value << optim.schedule.warmup_steps << YAML::Key << "min_lr_ratio" << YAML::Value << optim.schedule.min_lr_ratio;
   y << YAML::Key << "decay_fraction" << YAML::Value << optim.schedule.decay_fraction;

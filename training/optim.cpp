@@ -172,7 +172,7 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
   float* av = table.adam_v().data<float>();
   float* mm = table.muon_momentum().data<float>();
   for (const auto& s : table.slices()) {
-    if (s.group == ParamGroup::block_matrix) {
+    if (s.group == ParamGroup::block_matrix && config.matrices == OptimizerConfig::Matrices::muon) {
       const MuonConfig& mu = config.muon;
       const float beta = float(mu.momentum), lr = float(mu.lr * mult.lr);
       Tensor update = Tensor::empty(s.shape, DType::f32);
@@ -189,12 +189,14 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
     } else {
       // PyTorch's AdamW, in its order: decay, moments, bias-corrected step; per-group values.
       auto pick = [](double group_value, double fallback) { return group_value >= 0 ? group_value : fallback; };
-      const double group_lr = s.group == ParamGroup::embedding ? pick(aw.embedding_lr, aw.lr)
-                            : s.group == ParamGroup::head      ? pick(aw.head_lr, aw.lr)
-                                                               : pick(aw.norm_lr, aw.lr);
-      const double group_wd = s.group == ParamGroup::embedding ? pick(aw.embedding_weight_decay, aw.weight_decay)
-                            : s.group == ParamGroup::head      ? pick(aw.head_weight_decay, aw.weight_decay)
-                                                               : pick(aw.norm_weight_decay, 0.0);
+      const double group_lr = s.group == ParamGroup::embedding    ? pick(aw.embedding_lr, aw.lr)
+                            : s.group == ParamGroup::head         ? pick(aw.head_lr, aw.lr)
+                            : s.group == ParamGroup::block_matrix ? aw.lr
+                                                                  : pick(aw.norm_lr, aw.lr);
+      const double group_wd = s.group == ParamGroup::embedding    ? pick(aw.embedding_weight_decay, aw.weight_decay)
+                            : s.group == ParamGroup::head         ? pick(aw.head_weight_decay, aw.weight_decay)
+                            : s.group == ParamGroup::block_matrix ? aw.weight_decay
+                                                                  : pick(aw.norm_weight_decay, 0.0);
       const double lr = group_lr * mult.lr;
       const double wd = group_wd * mult.weight_decay;
       const float decay = float(1.0 - lr * wd), step_size = float(lr / bc1), sqrt_bc2 = float(std::sqrt(bc2));

@@ -101,6 +101,10 @@ struct Schedule {
 Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what);
 
 struct OptimizerConfig {
+  // The block matrices (attention and FFN weights) take Muon, or AdamW like every other parameter
+  // (optim.matrices: muon | adamw; the plain-PyTorch setup, for comparisons).
+  enum class Matrices { muon, adamw };
+  Matrices matrices = Matrices::muon;
   AdamWConfig adamw;
   MuonConfig muon;
   Schedule schedule;
@@ -114,7 +118,7 @@ struct StepReport {
 
 // One optimizer step over every parameter of the table: checks gradients are finite (an Error
 // naming the first bad parameter otherwise, and nothing is changed), clips by global norm, then
-// Muon for block matrices and AdamW for the rest. `step` counts from 0 (AdamW's bias correction
+// Muon for block matrices (unless config.matrices is adamw) and AdamW for the rest. `step` counts from 0 (AdamW's bias correction
 // uses step + 1).
 StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step);
 

@@ -102,6 +102,7 @@ class TbbBackend final : public Backend {
     const float* b = bt.data<float>();
     float* c = ct.data<float>();
     const int64_t lda = at.dim(1), ldb = bt.dim(1);
+    if (k >= kSplitKMin && k >= 8 * std::max(m, n)) return run_matmul_split_k(a, b, c, m, n, k, lda, ldb, args);
     // Blocks of C: enough for every thread (x2 for balance), none thinner than 32 rows/columns.
     const int64_t want = 2 * threads_;
     int64_t mb = std::clamp<int64_t>(m / 32, 1, want), nb = std::clamp<int64_t>(want / mb, 1, std::max<int64_t>(1, n / 64));
@@ -118,6 +119,32 @@ class TbbBackend final : public Backend {
           gemm_(args.trans_a, args.trans_b, mi, nj, k, args.alpha, ab, lda, bb, ldb, args.beta, c + i0 * n + j0, n);
         }
       }, tbb::simple_partitioner());
+    });
+  }
+
+  // A long inner dimension with a small C (the weight gradients dW = dy^T x, k = tokens): blocks
+  // of C would each re-pack the whole of the other operand, so the k axis is cut instead, into a
+  // number of parts fixed by k alone; each part multiplies into a private C, and the parts are
+  // added in part order (the same bits on any thread count).
+  static constexpr int64_t kSplitKMin = 4096, kSplitKPart = 2048, kSplitKMaxParts = 8;
+  void run_matmul_split_k(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                          const MatmulArgs& args) {
+    const int64_t parts = std::min(kSplitKMaxParts, k / kSplitKPart), per = (k + parts - 1) / parts;
+    std::vector<float> partial(size_t(parts * m * n));
+    arena_.execute([&] {
+      for_chunks(parts, 1, [&](int64_t p, int64_t) {
+        const int64_t k0 = p * per, kk = std::min(per, k - k0);
+        const float* ap = args.trans_a ? a + k0 * lda : a + k0;
+        const float* bp = args.trans_b ? b + k0 : b + k0 * ldb;
+        gemm_(args.trans_a, args.trans_b, m, n, kk, args.alpha, ap, lda, bp, ldb, 0.0f, partial.data() + p * m * n, n);
+      });
+      for_chunks(m * n, kElementGrain, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          float sum = partial[size_t(e)];
+          for (int64_t p = 1; p < parts; ++p) sum += partial[size_t(p * m * n + e)];
+          c[e] = args.beta == 0.0f ? sum : args.beta * c[e] + sum;
+        }
+      });
     });
   }
 
