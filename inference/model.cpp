@@ -349,7 +349,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     if (config_.ffn == ModelConfig::Ffn::swiglu) {
       linear(ffn_in, L.w_gate, gate);
       const float* gp = gate.data<float>();
-      for (int64_t i = 0; i < N * F; ++i) fp[i] = kernels::silu(gp[i]) * upp[i];
+      kernels::swiglu(gp, upp, fp, 0, N * F);
     } else {
       for (int64_t i = 0; i < N * F; ++i) fp[i] = upp[i] > 0 ? upp[i] * upp[i] : 0.0f;
     }

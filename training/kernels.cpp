@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backends/c/vexp.h"
+
 namespace hybrit::kernels {
 
 void rmsnorm_rows(const float* x, const float* g, float* y, float* rinv, int64_t r0, int64_t r1, int64_t d, double eps) {
@@ -60,15 +62,51 @@ void rope_rows(float* x, int64_t r0, int64_t r1, int64_t heads, int64_t hd, int6
   }
 }
 
-void swiglu(const float* gate, const float* up, float* f, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) f[i] = silu(gate[i]) * up[i];
+namespace {
+// The element-wise kernels heavy in exponentials are compiled for AVX-512, AVX2 and the baseline
+// and picked at load time by the CPU (GCC function multi-versioning). -ffp-contract=off (in
+// CMakeLists.txt) keeps every variant's arithmetic the same, so all give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define HYBRIT_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HYBRIT_MULTIVERSION
+#endif
+
+// sig[i] = 1 / (1 + exp(-g[i])) for n <= kBlock values, with the vectorizable exp.
+constexpr int64_t kBlock = 256;
+inline __attribute__((always_inline)) void sigmoid_block(const float* g, float* sig, int64_t n) {
+  float neg[kBlock];
+  for (int64_t i = 0; i < n; ++i) neg[i] = -g[i];
+  hybrit_exp_poly(neg, sig, n);
+  for (int64_t i = 0; i < n; ++i) sig[i] = 1.0f / (1.0f + sig[i]);
+}
+}  // namespace
+
+float silu(float g) {
+  float sig;
+  sigmoid_block(&g, &sig, 1);
+  return g * sig;
 }
 
-void swiglu_backward(const float* gate, const float* up, const float* df, float* dgate, float* dup, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const float sig = 1.0f / (1.0f + std::exp(-gate[i]));
-    dup[i] = df[i] * gate[i] * sig;
-    dgate[i] = df[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
+HYBRIT_MULTIVERSION void swiglu(const float* gate, const float* up, float* f, int64_t i0, int64_t i1) {
+  float sig[kBlock];
+  for (int64_t b = i0; b < i1; b += kBlock) {
+    const int64_t n = std::min(kBlock, i1 - b);
+    sigmoid_block(gate + b, sig, n);
+    for (int64_t i = 0; i < n; ++i) f[b + i] = gate[b + i] * sig[i] * up[b + i];
+  }
+}
+
+HYBRIT_MULTIVERSION void swiglu_backward(const float* gate, const float* up, const float* df, float* dgate, float* dup, int64_t i0, int64_t i1) {
+  float sig[kBlock];
+  for (int64_t b = i0; b < i1; b += kBlock) {
+    const int64_t n = std::min(kBlock, i1 - b);
+    sigmoid_block(gate + b, sig, n);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gate[b + i], s = sig[i], d = df[b + i];
+      dup[b + i] = d * g * s;
+      dgate[b + i] = d * up[b + i] * s * (1.0f + g * (1.0f - s));
+    }
   }
 }
 

@@ -145,23 +145,56 @@ Schedule::Multipliers Schedule::at(int64_t step) const {
 
 // ------------------------------------------------------------------ the step
 
+namespace {
+constexpr int64_t kPiece = 1 << 15;  // elements per piece of the parallel loops below (fixed: same bits on any thread count)
+
+// The first element of [0, n) of `values` that is not finite, scanning pieces in parallel; -1 if none.
+int64_t first_nonfinite(Dispatcher& d, const float* values, int64_t n) {
+  std::vector<int64_t> first(size_t((n + kPiece - 1) / kPiece), -1);
+  d.parallel_for(n, kPiece, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      if (!std::isfinite(values[i])) {
+        first[size_t(i0 / kPiece)] = i;
+        return;
+      }
+  });
+  for (int64_t f : first)
+    if (f >= 0) return f;
+  return -1;
+}
+
+const ParamSlice& slice_holding(const ParamTable& table, int64_t index) {
+  for (const auto& s : table.slices())
+    if (index >= s.offset && index < s.offset + s.numel) return s;
+  return table.slices().front();  // not reached: a non-finite value lies in a slice (padding stays 0)
+}
+}  // namespace
+
 StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step) {
   StepReport report;
   float* params = table.params().data<float>();
   float* grads = table.grads().data<float>();
+  const int64_t n = table.numel();
+  if (const int64_t bad = first_nonfinite(d, grads, n); bad >= 0) {
+    const ParamSlice& s = slice_holding(table, bad);
+    fail(ErrorKind::corrupt_data, "step ", step, ": the gradient of ", s.name, " is not finite (element ", bad - s.offset, " is ",
+         std::isnan(grads[bad]) ? "NaN" : "Inf", "); no parameter was changed");
+  }
+  // The squared norm in double: per piece, then the pieces in order.
+  std::vector<double> piece_sq(size_t((n + kPiece - 1) / kPiece), 0.0);
+  d.parallel_for(n, kPiece, [&](int64_t i0, int64_t i1) {
+    double sq = 0;
+    for (int64_t i = i0; i < i1; ++i) sq += double(grads[i]) * grads[i];
+    piece_sq[size_t(i0 / kPiece)] = sq;
+  });
   double sq = 0;
-  for (const auto& s : table.slices())
-    for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
-      if (!std::isfinite(grads[i]))
-        fail(ErrorKind::corrupt_data, "step ", step, ": the gradient of ", s.name, " is not finite (element ", i - s.offset,
-             " is ", std::isnan(grads[i]) ? "NaN" : "Inf", "); no parameter was changed");
-      sq += double(grads[i]) * grads[i];
-    }
+  for (double v : piece_sq) sq += v;
   report.grad_norm = std::sqrt(sq);
   if (config.grad_clip > 0 && report.grad_norm > config.grad_clip) {
     const float factor = float(config.grad_clip / (report.grad_norm + 1e-6));
-    for (const auto& s : table.slices())
-      for (int64_t i = s.offset; i < s.offset + s.numel; ++i) grads[i] *= factor;
+    d.parallel_for(n, kPiece, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) grads[i] *= factor;
+    });
     report.clipped = true;
   }
   const Schedule::Multipliers mult = config.schedule.at(step);
@@ -177,15 +210,19 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
       const float beta = float(mu.momentum), lr = float(mu.lr * mult.lr);
       Tensor update = Tensor::empty(s.shape, DType::f32);
       float* u = update.data<float>();
-      for (int64_t i = 0; i < s.numel; ++i) {
-        const int64_t k = s.offset + i;
-        mm[k] = beta * mm[k] + (1.0f - beta) * grads[k];
-        u[i] = mu.nesterov ? beta * mm[k] + (1.0f - beta) * grads[k] : mm[k];
-      }
+      d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t k = s.offset + i;
+          mm[k] = beta * mm[k] + (1.0f - beta) * grads[k];
+          u[i] = mu.nesterov ? beta * mm[k] + (1.0f - beta) * grads[k] : mm[k];
+        }
+      });
       newton_schulz5(d, update, mu.ns_steps);
       const float decay = float(1.0 - mu.lr * mult.lr * mu.weight_decay * mult.weight_decay);
       const float step_size = float(lr * muon_scale(s.shape[0], s.shape[1]));
-      for (int64_t i = 0; i < s.numel; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
+      d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
+      });
     } else {
       // PyTorch's AdamW, in its order: decay, moments, bias-corrected step; per-group values.
       auto pick = [](double group_value, double fallback) { return group_value >= 0 ? group_value : fallback; };
@@ -201,21 +238,23 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
       const double wd = group_wd * mult.weight_decay;
       const float decay = float(1.0 - lr * wd), step_size = float(lr / bc1), sqrt_bc2 = float(std::sqrt(bc2));
       const float b1 = float(aw.beta1), b2 = float(aw.beta2), eps = float(aw.eps);
-      for (int64_t k = s.offset; k < s.offset + s.numel; ++k) {
-        params[k] *= decay;
-        am[k] = b1 * am[k] + (1.0f - b1) * grads[k];
-        av[k] = b2 * av[k] + (1.0f - b2) * grads[k] * grads[k];
-        params[k] -= step_size * am[k] / (std::sqrt(av[k]) / sqrt_bc2 + eps);
-      }
+      d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
+        for (int64_t k = s.offset + i0; k < s.offset + i1; ++k) {
+          params[k] *= decay;
+          am[k] = b1 * am[k] + (1.0f - b1) * grads[k];
+          av[k] = b2 * av[k] + (1.0f - b2) * grads[k] * grads[k];
+          params[k] -= step_size * am[k] / (std::sqrt(av[k]) / sqrt_bc2 + eps);
+        }
+      });
     }
   }
   // Finite gradients with an absurd learning rate can still overflow a parameter: stop there,
   // so no run goes on with (or saves) infinite weights.
-  for (const auto& s : table.slices())
-    for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
-      if (!std::isfinite(params[i]))
-        fail(ErrorKind::corrupt_data, "step ", step, ": the update made ", s.name, " non-finite (element ", i - s.offset,
-             "); the learning rate is probably too high");
+  if (const int64_t bad = first_nonfinite(d, params, n); bad >= 0) {
+    const ParamSlice& s = slice_holding(table, bad);
+    fail(ErrorKind::corrupt_data, "step ", step, ": the update made ", s.name, " non-finite (element ", bad - s.offset,
+         "); the learning rate is probably too high");
+  }
   return report;
 }
 

@@ -121,6 +121,19 @@ int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t 
 void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                        int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* workspace);
 
+/* The pieces of that product, for a kernel that multiplies the same operands many times (the
+ * tiles of attention): op(A) (M x K) packed into MR-tall panels (panel i at out + i * mr * K),
+ * op(B) (K x N) into NR-wide panels (panel j at out + j * nr * K, row p of it at + p * nr);
+ * then C (M x N, row stride ldc) += alpha * op(A) op(B) from panels a_stride and b_stride floats
+ * apart. A K-range [p0, p0 + k) of packed B panels starts at bp + p0 * nr, with the panels'
+ * stride unchanged; a row range of packed A starting at a multiple of mr at ap + (i0 / mr) * mr * K. */
+void hybrit_c_pack_a(const hybrit_c_kernels* kr, int trans, const float* A, int64_t lda, int64_t M, int64_t K, float* out);
+void hybrit_c_pack_b(const hybrit_c_kernels* kr, int trans, const float* B, int64_t ldb, int64_t K, int64_t N, float* out);
+static inline int64_t hybrit_c_packed_a_floats(const hybrit_c_kernels* kr, int64_t M, int64_t K) { return (M + kr->mr - 1) / kr->mr * kr->mr * K; }
+static inline int64_t hybrit_c_packed_b_floats(const hybrit_c_kernels* kr, int64_t K, int64_t N) { return (N + kr->nr - 1) / kr->nr * kr->nr * K; }
+void hybrit_c_gemm_packed(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K, float alpha, const float* ap, int64_t a_stride,
+                          const float* bp, int64_t b_stride, float* C, int64_t ldc);
+
 /* ---------------- causal attention (attention.c) ----------------
  * Grouped-query causal softmax attention, tiled with an online softmax (FlashAttention-2): no
  * (T x T) probability matrix is ever stored, only the log-sum-exp of each query row, and the

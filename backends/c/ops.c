@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gemm_pack.h"
 #include "hybrit_c.h"
 
 const hybrit_c_kernels* hybrit_c_kernels_avx2(void);
@@ -277,36 +278,22 @@ static void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
   }
 }
 
-static void pack_a(int trans, const float* A, int64_t lda, int64_t i0, int64_t p0, int64_t mc, int64_t kc, int mr,
-                   float* out) {
-  for (int64_t ir = 0; ir < mc; ir += mr) {
-    const int64_t m = mc - ir < mr ? mc - ir : mr;
-    for (int64_t p = 0; p < kc; ++p, out += mr) {
-      int64_t i = 0;
-      for (; i < m; ++i) {
-        const int64_t row = i0 + ir + i, col = p0 + p;
-        out[i] = trans ? A[col * lda + row] : A[row * lda + col];
-      }
-      for (; i < mr; ++i) out[i] = 0.0f;
-    }
-  }
+void hybrit_c_pack_a(const hybrit_c_kernels* kr, int trans, const float* A, int64_t lda, int64_t M, int64_t K, float* out) {
+  hybrit_pack_a(trans, A, lda, 0, 0, M, K, kr->mr, out);
 }
 
-static void pack_b(int trans, const float* B, int64_t ldb, int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr,
-                   float* out) {
-  for (int64_t jr = 0; jr < nc; jr += nr) {
-    const int64_t n = nc - jr < nr ? nc - jr : nr;
-    for (int64_t p = 0; p < kc; ++p, out += nr) {
-      int64_t j = 0;
-      if (!trans) {
-        const float* src = B + (p0 + p) * ldb + j0 + jr;
-        for (; j < n; ++j) out[j] = src[j];
-      } else {
-        for (; j < n; ++j) out[j] = B[(j0 + jr + j) * ldb + p0 + p];
-      }
-      for (; j < nr; ++j) out[j] = 0.0f;
+void hybrit_c_pack_b(const hybrit_c_kernels* kr, int trans, const float* B, int64_t ldb, int64_t K, int64_t N, float* out) {
+  hybrit_pack_b(trans, B, ldb, 0, 0, K, N, kr->nr, out);
+}
+
+void hybrit_c_gemm_packed(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K, float alpha, const float* ap, int64_t a_stride,
+                          const float* bp, int64_t b_stride, float* C, int64_t ldc) {
+  for (int64_t jr = 0; jr < N; jr += kr->nr)
+    for (int64_t ir = 0; ir < M; ir += kr->mr) {
+      const int m = (int)(M - ir < kr->mr ? M - ir : kr->mr);
+      const int n = (int)(N - jr < kr->nr ? N - jr : kr->nr);
+      kr->gemm_ukr(K, ap + (ir / kr->mr) * a_stride, bp + (jr / kr->nr) * b_stride, C + ir * ldc + jr, ldc, alpha, m, n);
     }
-  }
 }
 
 int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K) {
@@ -328,10 +315,10 @@ void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int
     const int64_t nc = N - jc < NC ? N - jc : NC;
     for (int64_t pc = 0; pc < K; pc += KC) {
       const int64_t kc = K - pc < KC ? K - pc : KC;
-      pack_b(trans_b, B, ldb, pc, jc, kc, nc, kr->nr, bp);
+      hybrit_pack_b(trans_b, B, ldb, pc, jc, kc, nc, kr->nr, bp);
       for (int64_t ic = 0; ic < M; ic += MC) {
         const int64_t mc = M - ic < MC ? M - ic : MC;
-        pack_a(trans_a, A, lda, ic, pc, mc, kc, kr->mr, ap);
+        hybrit_pack_a(trans_a, A, lda, ic, pc, mc, kc, kr->mr, ap);
         for (int64_t jr = 0; jr < nc; jr += kr->nr)
           for (int64_t ir = 0; ir < mc; ir += kr->mr) {
             const int m = (int)(mc - ir < kr->mr ? mc - ir : kr->mr);

@@ -130,13 +130,20 @@ class TbbBackend final : public Backend {
   void run_matmul_split_k(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                           const MatmulArgs& args) {
     const int64_t parts = std::min(kSplitKMaxParts, k / kSplitKPart), per = (k + parts - 1) / parts;
-    std::vector<float> partial(size_t(parts * m * n));
+    // The partials live in a buffer of the calling thread that only grows: a fresh multi-megabyte
+    // allocation per call would be zeroed and page-faulted in every time (every part is written
+    // whole before it is read, so old contents never show).
+    thread_local std::unique_ptr<float[]> buffer;
+    thread_local size_t capacity = 0;
+    const size_t need = size_t(parts * m * n);
+    if (capacity < need) buffer.reset(new float[need]), capacity = need;
+    float* partial = buffer.get();
     arena_.execute([&] {
       for_chunks(parts, 1, [&](int64_t p, int64_t) {
         const int64_t k0 = p * per, kk = std::min(per, k - k0);
         const float* ap = args.trans_a ? a + k0 * lda : a + k0;
         const float* bp = args.trans_b ? b + k0 : b + k0 * ldb;
-        gemm_(args.trans_a, args.trans_b, m, n, kk, args.alpha, ap, lda, bp, ldb, 0.0f, partial.data() + p * m * n, n);
+        gemm_(args.trans_a, args.trans_b, m, n, kk, args.alpha, ap, lda, bp, ldb, 0.0f, partial + p * m * n, n);
       });
       for_chunks(m * n, kElementGrain, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
@@ -289,15 +296,24 @@ class TbbBackend final : public Backend {
   void run_attention_units(const hybrit_attention_shape& s, int64_t units, const Kernel& kernel) {
     const size_t floats = size_t(hybrit_c_attention_workspace(kr_, &s));
     arena_.execute([&] {
-      for_chunks(units, 1, [&](int64_t u0, int64_t u1) {
-        struct Free {
-          void operator()(float* p) const { std::free(p); }
-        };
-        std::unique_ptr<float, Free> w(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
-        if (!w) fail(ErrorKind::out_of_memory, "attention: out of memory for scratch buffers");
-        kernel(u0, u1, w.get());
-      });
+      for_chunks(units, 1, [&](int64_t u0, int64_t u1) { kernel(u0, u1, thread_scratch(floats)); });
     });
+  }
+
+  // Scratch of the calling worker thread that only grows (64-byte aligned): a fresh allocation
+  // per unit of work would be mapped, page-faulted and unmapped every time.
+  static float* thread_scratch(size_t floats) {
+    struct Free {
+      void operator()(float* p) const { std::free(p); }
+    };
+    thread_local std::unique_ptr<float, Free> buffer;
+    thread_local size_t capacity = 0;
+    if (capacity < floats) {
+      buffer.reset(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
+      if (!buffer) capacity = 0, fail(ErrorKind::out_of_memory, "attention: out of memory for scratch buffers");
+      capacity = floats;
+    }
+    return buffer.get();
   }
 
   // kernel(first_row, rows, first_col, cols, &bad) works on a sub-block; a block of several rows
