@@ -1,6 +1,5 @@
 #include "clustering/embed.hpp"
 
-#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <atomic>
@@ -66,12 +65,14 @@ void ngram_buckets(const std::string& record, const NgramEmbeddingOptions& o, st
 
 // Records in blocks, each block in parallel, the progress bar between blocks (drawn by one thread).
 template <class Body>
-void for_records_with_progress(const char* label, int64_t n, const Body& body) {
+void for_records_with_progress(Dispatcher& d, const char* label, int64_t n, const Body& body) {
   ProgressBar bar(label, n);
-  constexpr int64_t kBlock = 2048;
+  constexpr int64_t kBlock = 2048, kPiece = 16;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    tbb::parallel_for(start, end, [&](int64_t r) { body(r); });
+    d.parallel_for(end - start, kPiece, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = start + r0; r < start + r1; ++r) body(r);
+    });
     bar.update(end);
   }
   bar.finish();
@@ -87,7 +88,7 @@ void l2_normalise(float* row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) row[j] *= inv;
 }
 
-Tensor embed_ngrams(const std::vector<std::string>& records, const NgramEmbeddingOptions& o) {
+Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& records, const NgramEmbeddingOptions& o) {
   if (records.empty()) fail(ErrorKind::invalid_argument, "embedding: no records");
   if (o.dim < 1 || o.dim > (int64_t(1) << 24)) fail(ErrorKind::invalid_argument, "embedding.dim: expected 1 to 16777216, got ", o.dim);
   auto check_range = [](const char* key, int lo, int hi) {
@@ -106,7 +107,7 @@ Tensor embed_ngrams(const std::vector<std::string>& records, const NgramEmbeddin
   };
   // Pass 1: document frequencies. Integer counts, so the sum is the same in any order.
   std::vector<std::atomic<int64_t>> df(static_cast<size_t>(d));
-  for_records_with_progress("n-gram df", n, [&](int64_t r) {
+  for_records_with_progress(dispatcher, "n-gram df", n, [&](int64_t r) {
     thread_local Scratch s;
     ngram_buckets(records[size_t(r)], o, s.buckets, s.text, s.words);
     for (size_t i = 0; i < s.buckets.size(); ++i)
@@ -118,7 +119,7 @@ Tensor embed_ngrams(const std::vector<std::string>& records, const NgramEmbeddin
   // Pass 2: the rows (hashing again costs less than keeping every record's n-grams).
   Tensor out = Tensor::zeros({n, d}, DType::f32);
   float* base = out.data<float>();
-  for_records_with_progress("n-gram embed", n, [&](int64_t r) {
+  for_records_with_progress(dispatcher, "n-gram embed", n, [&](int64_t r) {
     thread_local Scratch s;
     ngram_buckets(records[size_t(r)], o, s.buckets, s.text, s.words);
     float* row = base + r * d;

@@ -25,7 +25,8 @@ struct NgramEmbeddingOptions {
 // with df the number of records in which the bucket occurs (scikit-learn's smooth idf); rows are
 // L2-normalised (a record with no n-gram at all gets a zero row). The same records give the same
 // rows on any thread count.
-Tensor embed_ngrams(const std::vector<std::string>& records, const NgramEmbeddingOptions& options);
+// The per-record loops run on `dispatcher`'s threads (Dispatcher::parallel_for).
+Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& records, const NgramEmbeddingOptions& options);
 
 struct ModelEmbeddingOptions {
   std::string checkpoint;   // a training checkpoint (.h5)

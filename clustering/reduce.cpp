@@ -412,7 +412,7 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   Tensor embeddings;
   if (c.select.strategy != ReduceStrategy::random) {
     t.reset();
-    if (c.embedding == ReduceConfig::Embedding::ngram) embeddings = embed_ngrams(corpus.records, c.ngram);
+    if (c.embedding == ReduceConfig::Embedding::ngram) embeddings = embed_ngrams(dispatcher, corpus.records, c.ngram);
     else embeddings = embed_with_model(dispatcher, corpus.records, c.model);
     stages["embed"] = t.seconds();
     log_info("embedded ", n, " records as ", embeddings.shape()[1], "-d vectors (", c.embedding == ReduceConfig::Embedding::ngram ? "n-gram TF-IDF" : "model", ") in ",

@@ -1,8 +1,6 @@
 #include "inference/model.hpp"
 #include "training/kernels.hpp"
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <cmath>
@@ -92,17 +90,18 @@ namespace {
 // microseconds, more than a decode step's small pieces take on their own.
 constexpr int64_t kParallelWork = int64_t(1) << 17;
 
-// body(begin, end) over [0, n), split between threads only when the whole is worth it.
+// body(begin, end) over [0, n), split between the dispatcher's threads only when the whole is
+// worth it (each piece's results depend on its own indices alone).
 template <class Body>
-void maybe_parallel(int64_t n, int64_t work, int64_t grain, const Body& body) {
+void maybe_parallel(Dispatcher& d, int64_t n, int64_t work, int64_t grain, const Body& body) {
   if (work < kParallelWork) return body(int64_t(0), n);
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, grain), [&](const tbb::blocked_range<int64_t>& r) { body(r.begin(), r.end()); });
+  d.parallel_for(n, grain, body);
 }
 
 // y (n, rows) = x (n, cols) W^T (W is (rows, cols)), each element a dot in one fixed order, so a
 // row's result does not depend on the other rows (a GEMM's blocking may depend on the shape).
-void matmul_rows(const float* x, int64_t n, int64_t cols, const float* w, int64_t rows, float* y) {
-  maybe_parallel(rows, n * rows * cols, 16, [&](int64_t begin, int64_t end) {
+void matmul_rows(Dispatcher& d, const float* x, int64_t n, int64_t cols, const float* w, int64_t rows, float* y) {
+  maybe_parallel(d, rows, n * rows * cols, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r != end; ++r) {
       const float* wr = w + r * cols;
       for (int64_t i = 0; i < n; ++i) {
@@ -264,7 +263,7 @@ void InferenceModel::linear(const LinearInput& in, const Linear& l, Tensor& y) {
   const int64_t n = in.x->dim(0);
   if (packed_) return d_.matmul_ternary(in.q, in.s, l.packed, l.scale, y);
   const Tensor& x = in.dequantized.numel() ? in.dequantized : *in.x;
-  matmul_rows(x.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
+  matmul_rows(d_, x.data<float>(), n, l.cols, l.weights.data<float>(), l.rows, y.data<float>());
 }
 
 Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache& cache) {
@@ -327,7 +326,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
-    maybe_parallel(N * H, attention_work, 1, [&](int64_t begin, int64_t end) {
+    maybe_parallel(d_, N * H, attention_work, 1, [&](int64_t begin, int64_t end) {
       for (int64_t rh = begin; rh < end; ++rh) {
         const int64_t r = rh / H, hh = rh % H;
         attend(q.data<float>() + (r * H + hh) * hd, rows[size_t(r)].pos, *slices[size_t(rows[size_t(r)].slice)].block_table, cache, li, hh / group, hd,
@@ -370,7 +369,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
     kernels::rmsnorm_rows(x.data<float>() + (row - 1) * D, final_norm_.data<float>(), last.data<float>() + out_row * D, nullptr, 0, 1, D, config_.norm_eps);
     ++out_row;
   }
-  if (logits_rows > 0) matmul_rows(last.data<float>(), logits_rows, D, head_.data<float>(), V, logits.data<float>());
+  if (logits_rows > 0) matmul_rows(d_, last.data<float>(), logits_rows, D, head_.data<float>(), V, logits.data<float>());
   return logits;
 }
 

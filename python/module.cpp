@@ -705,7 +705,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         Tensor t;
         {
           py::gil_scoped_release release;
-          t = embed_ngrams(records, o);
+          Dispatcher dispatcher;  // the environment's HYBRIT_THREADS / HYBRIT_BACKEND apply
+          t = embed_ngrams(dispatcher, records, o);
         }
         return copy_to_numpy<float>(t);
       },
