@@ -152,9 +152,16 @@ const HardwareInfo& cpu_hardware() {
 }
 
 size_t peak_rss_bytes() {
+  // VmHWM belongs to this process's own address space. getrusage's ru_maxrss is not enough: Linux
+  // carries it across fork and exec, so a run started from a large process (a Python session)
+  // would report that process's peak.
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return size_t(std::stoull(line.substr(6))) * 1024;  // kB
   struct rusage usage {};
   if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
-  return size_t(usage.ru_maxrss) * 1024;  // Linux reports KiB
+  return size_t(usage.ru_maxrss) * 1024;
 }
 
 }  // namespace hybrit

@@ -42,7 +42,7 @@ struct HardwareInfo {
 const HardwareInfo& cpu_hardware();
 
 std::string format_bytes(double bytes);
-// The most resident memory this process has held so far (getrusage's ru_maxrss), in bytes.
+// The most resident memory this process has held so far (VmHWM), in bytes.
 size_t peak_rss_bytes();
 // "12.3 us", "4.56 ms", "7.89 s"; "n/a" for a non-finite value.
 std::string format_seconds(double seconds);

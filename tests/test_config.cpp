@@ -38,6 +38,23 @@ TEST(TrainConfig, ReadsEverySectionAndFillsDefaults) {
   EXPECT_EQ(again.to_yaml(), c.to_yaml());
 }
 
+// The training configs the project ships load, and their resolved YAML reads back the same.
+TEST(TrainConfig, ShippedConfigsLoad) {
+  for (const char* name : {"tiny.yaml", "small.yaml", "medium.yaml"}) {
+    SCOPED_TRACE(name);
+    const TrainConfig c = load_train_config(std::string(HYBRIT_SOURCE_DIR) + "/configs/" + name);
+    EXPECT_EQ(parse_train_config(c.to_yaml(), "resolved.yaml").to_yaml(), c.to_yaml());
+  }
+  const TrainConfig medium = load_train_config(std::string(HYBRIT_SOURCE_DIR) + "/configs/medium.yaml");
+  EXPECT_EQ(medium.model.context, 1024);
+  EXPECT_EQ(medium.train.recompute, "none");
+  const TrainConfig c = parse_train_config("train: {batch: 8, grad_accum: 4, recompute: attention}\noptim: {matrices: adamw}\n", "run.yaml");
+  const TrainConfig again = parse_train_config(c.to_yaml(), "resolved.yaml");
+  EXPECT_EQ(again.train.grad_accum, 4);
+  EXPECT_EQ(again.train.recompute, "attention");
+  EXPECT_EQ(again.optim.matrices, OptimizerConfig::Matrices::adamw);
+}
+
 TEST(TrainConfig, SetOverridesApplyAndAreChecked) {
   const TrainConfig c = parse_train_config("train: {steps: 30}\n", "run.yaml", {"train.steps=5", "model.quant=none", "data.sources=[x]"});
   EXPECT_EQ(c.train.steps, 5);

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "backends/c/vexp.h"
+#include "core/vexp.h"
 
 namespace hybrit::kernels {
 

@@ -33,7 +33,7 @@ void rmsnorm_gain_grad_cols(const float* dy, const float* x, const float* rinv, 
 // Llama; row r is position r % seq. sign = -1 applies the inverse rotation (the backward).
 void rope_rows(float* x, int64_t r0, int64_t r1, int64_t heads, int64_t hd, int64_t seq, const float* cos_t, const float* sin_t, float sign);
 
-// silu(g) = g * sigmoid(g), the exponential by the vectorizable polynomial of backends/c/vexp.h
+// silu(g) = g * sigmoid(g), the exponential by the vectorizable polynomial of core/vexp.h
 // (within 2 ulp of expf; training and inference use these same functions).
 float silu(float g);
 // f = silu(gate) * up over [i0, i1).

@@ -54,7 +54,7 @@ typedef struct {
    * acc[i] = sum_j code_j * x_i[j]. Integer-exact, so every ISA gives the same values. */
   void (*ternary_dot)(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t nbytes, int64_t* acc);
   /* y[i] = exp(x[i]) (in place when y == x); x < -87.3 gives 0. The scalar reference calls expf;
-   * the SIMD variants run a polynomial (vexp.h) within 2 ulp of it. */
+   * the SIMD variants run a polynomial (core/vexp.h) within 2 ulp of it. */
   void (*exp_n)(const float* x, float* y, int64_t n);
 } hybrit_c_kernels;
 

@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 #include "hybrit_c.h"
-#include "vexp.h"
+#include "core/vexp.h"
 
 static void chunk_abs_sums_avx2(const float* x, int64_t n, double* out) {
   const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));

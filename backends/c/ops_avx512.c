@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 #include "hybrit_c.h"
-#include "vexp.h"
+#include "core/vexp.h"
 
 static void chunk_abs_sums_avx512(const float* x, int64_t n, double* out) {
   for (int64_t c0 = 0; c0 < n; c0 += HYBRIT_SUM_CHUNK) {

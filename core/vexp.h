@@ -1,5 +1,5 @@
 /* exp(x) for n floats as plain loops that the compiler vectorizes at each ISA file's width
- * (ops_avx2.c, ops_avx512.c include this): Cephes' expf, x = k ln2 + r with |r| <= ln2 / 2 and a
+ * (backends/c/ops_avx2.c and ops_avx512.c, training/kernels.cpp include this; C and C++): Cephes' expf, x = k ln2 + r with |r| <= ln2 / 2 and a
  * degree-6 polynomial for exp(r), then 2^k from the exponent bits. Within 2 ulp of expf on
  * [-87.3, 88.3]; below that the result is 0 (what softmax wants of a masked -inf score), above it
  * the value at 88.3 (scores here are shifted by their row maximum, so they are <= 0). */
