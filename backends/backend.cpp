@@ -201,8 +201,12 @@ void Backend::matmul_ternary(const Tensor& xq, const Tensor& x_scales, const Ten
   run_matmul_ternary(xq, x_scales, w_packed, w_scale, y, m, n, k);
 }
 
-void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) {
-  const char* op = "attention_forward";
+// The checks both attention ops share: a valid shape, every query-side tensor (q, out, dout, dq)
+// (batch * seq, heads * head_dim) f32, every kv-side one (batch * seq, kv_heads * head_dim), lse
+// (batch * heads * seq values), all where this backend computes, and a kernel for the op.
+void Backend::check_attention(Op op_kind, const AttentionShape& sh, std::initializer_list<std::pair<const Tensor*, const char*>> query_side,
+                              std::initializer_list<std::pair<const Tensor*, const char*>> kv_side, const Tensor& lse) const {
+  const char* op = to_string(op_kind);
   expect(sh.batch > 0 && sh.seq > 0 && sh.heads > 0 && sh.kv_heads > 0 && sh.head_dim > 0 && sh.heads % sh.kv_heads == 0, op,
          "shape must be positive with heads (", sh.heads, ") a multiple of kv_heads (", sh.kv_heads, "), got batch ", sh.batch, ", seq ", sh.seq,
          ", head_dim ", sh.head_dim);
@@ -211,34 +215,23 @@ void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
     expect(t.dtype() == DType::f32 && t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols, op, name, " must be f32 (", rows, ", ", cols, "), got ", desc(t));
     check_device(t, op, name);
   };
-  matrix_of(q, sh.heads * sh.head_dim, "q");
-  matrix_of(k, sh.kv_heads * sh.head_dim, "k");
-  matrix_of(v, sh.kv_heads * sh.head_dim, "v");
-  matrix_of(out, sh.heads * sh.head_dim, "out");
+  for (auto [t, name] : query_side) matrix_of(*t, sh.heads * sh.head_dim, name);
+  for (auto [t, name] : kv_side) matrix_of(*t, sh.kv_heads * sh.head_dim, name);
   expect(lse.dtype() == DType::f32 && lse.numel() == sh.batch * sh.heads * sh.seq, op, "lse must be f32 with ", sh.batch * sh.heads * sh.seq,
          " elements, got ", desc(lse));
   check_device(lse, op, "lse");
-  if (!supports(Op::attention_forward)) fail(ErrorKind::unsupported, op, ": the ", to_string(kind()), " backend has no kernel for this op");
+  if (!supports(op_kind)) fail(ErrorKind::unsupported, op, ": the ", to_string(kind()), " backend has no kernel for this op");
+}
+
+void Backend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) {
+  check_attention(Op::attention_forward, sh, {{&q, "q"}, {&out, "out"}}, {{&k, "k"}, {&v, "v"}}, lse);
   run_attention_forward(q, k, v, sh, out, lse);
 }
 
 void Backend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
                                  const AttentionShape& sh, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const char* op = "attention_backward";
-  expect(sh.batch > 0 && sh.seq > 0 && sh.heads > 0 && sh.kv_heads > 0 && sh.head_dim > 0 && sh.heads % sh.kv_heads == 0, op,
-         "shape must be positive with heads (", sh.heads, ") a multiple of kv_heads (", sh.kv_heads, "), got batch ", sh.batch, ", seq ", sh.seq,
-         ", head_dim ", sh.head_dim);
-  const int64_t rows = sh.batch * sh.seq;
-  auto matrix_of = [&](const Tensor& t, int64_t cols, const char* name) {
-    expect(t.dtype() == DType::f32 && t.ndim() == 2 && t.dim(0) == rows && t.dim(1) == cols, op, name, " must be f32 (", rows, ", ", cols, "), got ", desc(t));
-    check_device(t, op, name);
-  };
-  for (auto [t, name] : {std::pair{&q, "q"}, {&out, "out"}, {&dout, "dout"}, {&dq, "dq"}}) matrix_of(*t, sh.heads * sh.head_dim, name);
-  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&dk, "dk"}, {&dv, "dv"}}) matrix_of(*t, sh.kv_heads * sh.head_dim, name);
-  expect(lse.dtype() == DType::f32 && lse.numel() == sh.batch * sh.heads * sh.seq, op, "lse must be f32 with ", sh.batch * sh.heads * sh.seq,
-         " elements, got ", desc(lse));
-  check_device(lse, op, "lse");
-  if (!supports(Op::attention_backward)) fail(ErrorKind::unsupported, op, ": the ", to_string(kind()), " backend has no kernel for this op");
+  check_attention(Op::attention_backward, sh, {{&q, "q"}, {&out, "out"}, {&dout, "dout"}, {&dq, "dq"}}, {{&k, "k"}, {&v, "v"}, {&dk, "dk"}, {&dv, "dv"}},
+                  lse);
   run_attention_backward(q, k, v, out, dout, lse, sh, dq, dk, dv);
 }
 

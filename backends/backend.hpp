@@ -3,6 +3,8 @@
 // once for every backend and then call the backend's run_* hook.
 #pragma once
 #include <functional>
+#include <initializer_list>
+#include <utility>
 #include <memory>
 #include <string>
 
@@ -110,6 +112,8 @@ class Backend {
 
  private:
   void check_device(const Tensor& t, const char* op, const char* name) const;
+  void check_attention(Op op, const AttentionShape& shape, std::initializer_list<std::pair<const Tensor*, const char*>> query_side,
+                       std::initializer_list<std::pair<const Tensor*, const char*>> kv_side, const Tensor& lse) const;
 };
 
 // Rows and columns of a tensor seen as a matrix: a 1-D tensor is one row, an n-D tensor is

@@ -98,33 +98,27 @@ TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
   }
 }
 
-// Peak resident memory since the last reset (Linux: writing 5 to /proc/self/clear_refs resets
-// VmHWM), in bytes; -1 when this kernel does not offer it.
+// Resets the peak resident memory (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); -1
+// when this kernel does not offer it.
 int64_t reset_peak_rss() {
   std::ofstream clear("/proc/self/clear_refs");
   clear << "5";
   clear.flush();
   return clear ? 0 : -1;
 }
-int64_t peak_rss_since_reset() {
+// A field of /proc/self/status in bytes (VmHWM: the peak since the reset; VmRSS: now); -1 if absent.
+int64_t status_bytes(const std::string& field) {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  return -1;
-}
-int64_t current_rss() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
   return -1;
 }
 
 // A training step at context 2048 never holds a (batch, heads, T, T) probability tensor: its
 // peak memory grows by less than one layer's such tensor would take (64 MiB here, two layers).
 TEST(Training, LongContextStepNeverAllocatesTheAttentionMatrix) {
-  if (reset_peak_rss() < 0 || current_rss() < 0) GTEST_SKIP() << "/proc/self/clear_refs is not writable here: peak RSS cannot be reset";
+  if (reset_peak_rss() < 0 || status_bytes("VmRSS") < 0) GTEST_SKIP() << "/proc/self/clear_refs is not writable here: peak RSS cannot be reset";
   DispatcherOptions o;
   o.use_environment = false;
   Dispatcher d(o);
@@ -135,10 +129,10 @@ TEST(Training, LongContextStepNeverAllocatesTheAttentionMatrix) {
   const std::vector<int32_t> in = random_tokens(T, cfg.vocab_size, 3), tg = random_tokens(T, cfg.vocab_size, 4);
   model.params().zero_grads();
   reset_peak_rss();
-  const int64_t before = current_rss();
+  const int64_t before = status_bytes("VmRSS");
   const double loss = model.forward(in.data(), tg.data(), batch, T);
   model.backward();
-  const int64_t growth = peak_rss_since_reset() - before;
+  const int64_t growth = status_bytes("VmHWM") - before;
   const int64_t probability_tensor = batch * cfg.n_heads * T * T * int64_t(sizeof(float));
   EXPECT_TRUE(std::isfinite(loss));
   EXPECT_LT(growth, probability_tensor) << "peak memory grew by " << growth << " bytes in one step";
