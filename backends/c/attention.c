@@ -82,6 +82,14 @@ static const float* a_rows(const hybrit_c_kernels* kr, const float* packed, int6
 static const float* b_krange(const hybrit_c_kernels* kr, const float* packed, int64_t p0) { return packed + p0 * kr->nr; }
 static const float* bt_cols(const hybrit_c_kernels* kr, const float* packed, int64_t j0, int64_t hd) { return packed + (j0 / kr->nr) * kr->nr * hd; }
 
+/* w->s (br x bc) = scale * Q_i K_j^T, from the unit's packed q (w->q_a) and k^T (w->k_bt). */
+static void tile_scores(const hybrit_c_kernels* kr, const hybrit_attention_shape* sh, const scratch* w, int64_t i0, int64_t br, int64_t j0,
+                        int64_t bc) {
+  const int64_t hd = sh->head_dim;
+  memset(w->s, 0, (size_t)(br * bc) * sizeof(float));
+  hybrit_c_gemm_packed(kr, br, bc, hd, sh->scale, a_rows(kr, w->q_a, i0, hd), kr->mr * hd, bt_cols(kr, w->k_bt, j0, hd), kr->nr * hd, w->s, bc);
+}
+
 void VARIANT(hybrit_c_attention_forward)(const hybrit_c_kernels* kr, const hybrit_attention_shape* sh, const float* q, const float* k, const float* v,
                                 float* out, float* lse, int64_t u0, int64_t u1, float* workspace) {
   const int64_t T = sh->seq, H = sh->heads, KV = sh->kv_heads, hd = sh->head_dim, group = H / KV;
@@ -103,9 +111,7 @@ void VARIANT(hybrit_c_attention_forward)(const hybrit_c_kernels* kr, const hybri
       for (int64_t r = 0; r < br; ++r) w.m[r] = -INFINITY, w.l[r] = 0.0f;
       for (int64_t j0 = 0; j0 <= i0; j0 += TILE) {
         const int64_t bc = imin(TILE, T - j0);
-        /* S (br x bc) = scale * Q_i K_j^T */
-        memset(w.s, 0, (size_t)(br * bc) * sizeof(float));
-        hybrit_c_gemm_packed(kr, br, bc, hd, sh->scale, a_rows(kr, w.q_a, i0, hd), mr * hd, bt_cols(kr, w.k_bt, j0, hd), nr * hd, w.s, bc);
+        tile_scores(kr, sh, &w, i0, br, j0, bc);
         for (int64_t r = 0; r < br; ++r) {
           float* row = w.s + r * bc;
           const int64_t n = visible(i0 + r, j0, bc);
@@ -189,9 +195,8 @@ void VARIANT(hybrit_c_attention_backward)(const hybrit_c_kernels* kr, const hybr
         const int64_t bc = imin(TILE, T - j0);
         for (int64_t i0 = j0; i0 < T; i0 += TILE) {
           const int64_t br = imin(TILE, T - i0);
-          /* P = exp(scale * Q_i K_j^T - lse_i), zero where masked */
-          memset(w.s, 0, (size_t)(br * bc) * sizeof(float));
-          hybrit_c_gemm_packed(kr, br, bc, hd, sh->scale, a_rows(kr, w.q_a, i0, hd), mr * hd, bt_cols(kr, w.k_bt, j0, hd), nr * hd, w.s, bc);
+          /* P = exp(S - lse_i), zero where masked */
+          tile_scores(kr, sh, &w, i0, br, j0, bc);
           for (int64_t r = 0; r < br; ++r) {
             float* row = w.s + r * bc;
             const int64_t n = visible(i0 + r, j0, bc);
