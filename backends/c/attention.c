@@ -6,7 +6,7 @@
  * Tiles are TILE x TILE and aligned on both axes, so a key tile is either fully visible to a
  * query tile or it is the diagonal tile, where key column c is visible to query row r when c <= r.
  * The operands that every tile reads (a head's q, k, v, dout) are packed into the micro-kernel's
- * panel layout once per unit (hybrit_c_pack_a / pack_b), so a tile packs only the probabilities
+ * panel layout once per unit (gemm_pack.h), so a tile packs only the probabilities
  * it has just computed. */
 /* Compiled once per ISA (HYBRIT_ATTENTION_VARIANT = scalar | avx2 | avx512, with that ISA's -m
  * flags, see CMakeLists.txt), so the row loops and the packing vectorize at the width of the

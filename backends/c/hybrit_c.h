@@ -114,21 +114,13 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
  * read (a NaN there does not leak), as in BLAS. */
 int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
-/* The same product with caller-owned packing buffers (64-byte aligned, at least
- * hybrit_c_sgemm_workspace(kr, M, N, K) floats), for the many small products of a tiled kernel:
- * no allocation per call. */
-int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K);
-void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                       int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* workspace);
-
-/* The pieces of that product, for a kernel that multiplies the same operands many times (the
- * tiles of attention): op(A) (M x K) packed into MR-tall panels (panel i at out + i * mr * K),
- * op(B) (K x N) into NR-wide panels (panel j at out + j * nr * K, row p of it at + p * nr);
- * then C (M x N, row stride ldc) += alpha * op(A) op(B) from panels a_stride and b_stride floats
- * apart. A K-range [p0, p0 + k) of packed B panels starts at bp + p0 * nr, with the panels'
- * stride unchanged; a row range of packed A starting at a multiple of mr at ap + (i0 / mr) * mr * K. */
-void hybrit_c_pack_a(const hybrit_c_kernels* kr, int trans, const float* A, int64_t lda, int64_t M, int64_t K, float* out);
-void hybrit_c_pack_b(const hybrit_c_kernels* kr, int trans, const float* B, int64_t ldb, int64_t K, int64_t N, float* out);
+/* The inner loops of that product, for a kernel that multiplies the same operands many times (the
+ * tiles of attention), on operands already packed by gemm_pack.h: op(A) (M x K) in MR-tall panels
+ * (panel i at ap + i * mr * K), op(B) (K x N) in NR-wide panels (panel j at bp + j * nr * K, row p
+ * of it at + p * nr). C (M x N, row stride ldc) += alpha * op(A) op(B) from panels a_stride and
+ * b_stride floats apart. A K-range [p0, p0 + k) of packed B panels starts at bp + p0 * nr, with
+ * the panels' stride unchanged; a row range of packed A starting at a multiple of mr at
+ * ap + (i0 / mr) * mr * K. */
 static inline int64_t hybrit_c_packed_a_floats(const hybrit_c_kernels* kr, int64_t M, int64_t K) { return (M + kr->mr - 1) / kr->mr * kr->mr * K; }
 static inline int64_t hybrit_c_packed_b_floats(const hybrit_c_kernels* kr, int64_t K, int64_t N) { return (N + kr->nr - 1) / kr->nr * kr->nr * K; }
 void hybrit_c_gemm_packed(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K, float alpha, const float* ap, int64_t a_stride,

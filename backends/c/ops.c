@@ -278,14 +278,6 @@ static void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
   }
 }
 
-void hybrit_c_pack_a(const hybrit_c_kernels* kr, int trans, const float* A, int64_t lda, int64_t M, int64_t K, float* out) {
-  hybrit_pack_a(trans, A, lda, 0, 0, M, K, kr->mr, out);
-}
-
-void hybrit_c_pack_b(const hybrit_c_kernels* kr, int trans, const float* B, int64_t ldb, int64_t K, int64_t N, float* out) {
-  hybrit_pack_b(trans, B, ldb, 0, 0, K, N, kr->nr, out);
-}
-
 void hybrit_c_gemm_packed(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K, float alpha, const float* ap, int64_t a_stride,
                           const float* bp, int64_t b_stride, float* C, int64_t ldc) {
   for (int64_t jr = 0; jr < N; jr += kr->nr)
@@ -296,21 +288,24 @@ void hybrit_c_gemm_packed(const hybrit_c_kernels* kr, int64_t M, int64_t N, int6
     }
 }
 
-int64_t hybrit_c_sgemm_workspace(const hybrit_c_kernels* kr, int64_t M, int64_t N, int64_t K) {
-  const int64_t mc_max = (M < kr->mc ? M : kr->mc) + kr->mr, nc_max = (N < kr->nc ? N : kr->nc) + kr->nr, kc_max = K < kr->kc ? K : kr->kc;
-  /* B's panel first (the SIMD micro-kernels load it aligned), A's after it at a 64-byte boundary. */
-  return (nc_max * kc_max + 15) / 16 * 16 + mc_max * kc_max;
-}
-
-void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                       int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* workspace) {
-  if (M == 0 || N == 0) return;
+int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return HYBRIT_C_OK;
   scale_c(M, N, beta, C, ldc);
-  if (K == 0 || alpha == 0.0f) return;
+  if (K == 0 || alpha == 0.0f) return HYBRIT_C_OK;
   const int64_t MC = kr->mc, KC = kr->kc, NC = kr->nc;
-  const int64_t nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
-  float* bp = workspace;
-  float* ap = workspace + (nc_max * kc_max + 15) / 16 * 16;
+  /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
+  const int64_t mc_max = (M < MC ? M : MC) + kr->mr, nc_max = (N < NC ? N : NC) + kr->nr, kc_max = K < KC ? K : KC;
+  void *ap_mem = NULL, *bp_mem = NULL;
+  const int ap_rc = posix_memalign(&ap_mem, 64, (size_t)(mc_max * kc_max) * sizeof(float));
+  const int bp_rc = posix_memalign(&bp_mem, 64, (size_t)(nc_max * kc_max) * sizeof(float));
+  float* ap = ap_rc == 0 ? (float*)ap_mem : NULL;
+  float* bp = bp_rc == 0 ? (float*)bp_mem : NULL;
+  if (!ap || !bp) {
+    free(ap);
+    free(bp);
+    return HYBRIT_C_NOMEM;
+  }
   for (int64_t jc = 0; jc < N; jc += NC) {
     const int64_t nc = N - jc < NC ? N - jc : NC;
     for (int64_t pc = 0; pc < K; pc += KC) {
@@ -319,27 +314,12 @@ void hybrit_c_sgemm_ws(const hybrit_c_kernels* kr, int trans_a, int trans_b, int
       for (int64_t ic = 0; ic < M; ic += MC) {
         const int64_t mc = M - ic < MC ? M - ic : MC;
         hybrit_pack_a(trans_a, A, lda, ic, pc, mc, kc, kr->mr, ap);
-        for (int64_t jr = 0; jr < nc; jr += kr->nr)
-          for (int64_t ir = 0; ir < mc; ir += kr->mr) {
-            const int m = (int)(mc - ir < kr->mr ? mc - ir : kr->mr);
-            const int n = (int)(nc - jr < kr->nr ? nc - jr : kr->nr);
-            kr->gemm_ukr(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, alpha, m, n);
-          }
+        hybrit_c_gemm_packed(kr, mc, nc, kc, alpha, ap, kr->mr * kc, bp, kr->nr * kc, C + ic * ldc + jc, ldc);
       }
     }
   }
-}
-
-int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return HYBRIT_C_OK;
-  /* Pack buffers sized to this problem: a small GEMM must not pay for a 2 MiB allocation. */
-  void* mem = NULL;
-  if (K > 0 && alpha != 0.0f) {
-    if (posix_memalign(&mem, 64, (size_t)hybrit_c_sgemm_workspace(kr, M, N, K) * sizeof(float)) != 0) return HYBRIT_C_NOMEM;
-  }
-  hybrit_c_sgemm_ws(kr, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, (float*)mem);
-  free(mem);
+  free(ap);
+  free(bp);
   return HYBRIT_C_OK;
 }
 
