@@ -43,6 +43,7 @@ struct MatmulArgs {
 // Causal grouped-query attention over `batch` sequences of `seq` tokens: q and out are
 // (batch * seq, heads * head_dim), k and v (batch * seq, kv_heads * head_dim), query head h reads
 // kv head h / (heads / kv_heads); scores are scale * q . k, key s visible to query t when s <= t.
+// (The C kernels' hybrit_attention_shape has the same fields; c_attention_shape converts.)
 struct AttentionShape {
   int64_t batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
   float scale = 1.0f;

@@ -136,8 +136,7 @@ Profile default_profile(const HardwareInfo& hw) {
     }
     prof.points(op, BackendKind::c) = std::move(c_pts);
     prof.points(op, BackendKind::tbb) = std::move(tbb_pts);
-    // The CUDA backend has no attention kernels: without points it is never picked for them.
-    if (op != Op::attention_forward && op != Op::attention_backward) prof.points(op, BackendKind::cuda) = std::move(cuda_pts);
+    prof.points(op, BackendKind::cuda) = std::move(cuda_pts);
   }
   return prof;
 }
@@ -368,7 +367,7 @@ Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
   else if (overrides.backend) forced = overrides.backend;
   const bool predict_all = !forced || explain;
   for (int b = 0; b < kBackendCount && predict_all; ++b) {
-    if (!available[b]) continue;
+    if (!available[b] || !has_kernel[int(size.op)][b]) continue;
     // CPU backends cannot read device memory, so device data stays where it is.
     if (BackendKind(b) != BackendKind::cuda && data.is_cuda()) continue;
     double t = profile.predict(size.op, BackendKind(b), size.work);
@@ -379,6 +378,8 @@ Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
   if (forced) {
     const std::string source = overrides.source.empty() ? "an override" : overrides.source;
     if (!available[int(*forced)]) fail(ErrorKind::unsupported, to_string(size.op), ": the ", to_string(*forced), " backend is forced but not available: ", unavailable_reason[int(*forced)]);
+    if (!has_kernel[int(size.op)][int(*forced)])
+      fail(ErrorKind::unsupported, to_string(size.op), ": the ", to_string(*forced), " backend is forced but has no kernel for this op");
     if (data.is_cuda() && *forced != BackendKind::cuda)
       fail(ErrorKind::invalid_argument, to_string(size.op), ": data is on ", data.str(), " but the ", to_string(*forced), " backend is forced, and it computes on the host");
     d.backend = *forced;
@@ -388,6 +389,8 @@ Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
   }
   if (data.is_cuda()) {
     if (!available[int(BackendKind::cuda)]) fail(ErrorKind::unsupported, to_string(size.op), ": data is on ", data.str(), " but the CUDA backend is not available");
+    if (!has_kernel[int(size.op)][int(BackendKind::cuda)])
+      fail(ErrorKind::unsupported, to_string(size.op), ": data is on ", data.str(), " but the CUDA backend has no kernel for this op; copy it with .to(cpu)");
     d.backend = BackendKind::cuda;
     if (explain) d.reason = cat("data is on ", data.str());
     return d;
@@ -471,7 +474,10 @@ Dispatcher::Dispatcher(const DispatcherOptions& options) {
   backends_[int(BackendKind::tbb)] = make_tbb_backend(conditions_.simd, conditions_.threads);
   std::string why;
   backends_[int(BackendKind::cuda)] = make_cuda_backend(&why);
-  for (int b = 0; b < kBackendCount; ++b) policy_.available[b] = backends_[b] != nullptr;
+  for (int b = 0; b < kBackendCount; ++b) {
+    policy_.available[b] = backends_[b] != nullptr;
+    for (int o = 0; o < kOpCount && backends_[b]; ++o) policy_.has_kernel[o][b] = backends_[b]->supports(Op(o));
+  }
   policy_.unavailable_reason[int(BackendKind::cuda)] = why;
   policy_.profile = load_profile(ov.profile_path.empty() ? default_profile_path() : ov.profile_path, !ov.profile_path.empty(), policy_.hardware,
                                  conditions_);

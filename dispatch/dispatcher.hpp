@@ -109,6 +109,13 @@ struct Policy {
   Overrides overrides;
   std::array<bool, kBackendCount> available{};
   std::array<std::string, kBackendCount> unavailable_reason;
+  // has_kernel[op][backend]: Backend::supports, copied by the Dispatcher (all true by default). A
+  // backend without a kernel for an op is never predicted nor picked for it; forcing it is an error.
+  std::array<std::array<bool, kBackendCount>, kOpCount> has_kernel = [] {
+    std::array<std::array<bool, kBackendCount>, kOpCount> all{};
+    for (auto& row : all) row.fill(true);
+    return all;
+  }();
 
   // Throws Error(unsupported) when the overrides force a backend that is not available.
   void validate() const;

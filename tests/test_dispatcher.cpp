@@ -105,6 +105,25 @@ TEST(Policy, OverridesWinAndAMissingBackendIsAnError) {
   EXPECT_THROW(q.choose(work_of(Op::matmul, 10, 0), Device::cuda(0)), Error);  // CPU backend, device data
 }
 
+// A backend without a kernel for an op (the CUDA backend for attention) is never picked for it,
+// even when its profile says it is fastest, and forcing it names the op.
+TEST(Policy, ABackendWithoutAKernelIsNeverPickedAndCannotBeForced) {
+  Policy p = synthetic_policy(true);
+  const OpSize big = work_of(Op::attention_forward, 1e10, 0);
+  EXPECT_EQ(p.choose(big, Device::cpu()).backend, BackendKind::cuda);  // the synthetic GPU is fastest
+  p.has_kernel[int(Op::attention_forward)][int(BackendKind::cuda)] = false;
+  EXPECT_EQ(p.choose(big, Device::cpu()).backend, BackendKind::tbb);
+  EXPECT_EQ(p.choose(work_of(Op::matmul, 1e10, 0), Device::cpu()).backend, BackendKind::cuda);  // other ops unchanged
+  p.overrides.backend = BackendKind::cuda;
+  try {
+    p.choose(big, Device::cpu());
+    FAIL() << "forcing a backend without the kernel must fail";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+    EXPECT_NE(std::string(e.what()).find("attention_forward: the cuda backend is forced but has no kernel"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Profile, InterpolatesInLogLogAndExtrapolatesByThroughput) {
   Profile p;
   p.points(Op::matmul, BackendKind::c) = {{1e3, 1e-6}, {1e5, 1e-4}, {1e7, 4e-3}};

@@ -66,27 +66,31 @@ void rope_tables(const ModelConfig& c, std::vector<float>& cos_t, std::vector<fl
     }
 }
 
+void Model::declare_parameters(const ModelConfig& c, ParamTable& table) {
+  const int64_t D = c.dim, hd = c.head_dim(), F = c.hidden(), V = c.vocab_size;
+  const int64_t qdim = c.n_heads * hd, kvdim = c.kv_heads() * hd;
+  table.add("tok_emb", {V, D}, ParamGroup::embedding);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const std::string p = cat("blocks.", l, ".");
+    table.add(p + "attn_norm", {D}, ParamGroup::norm);
+    table.add(p + "wq", {qdim, D}, ParamGroup::block_matrix);
+    table.add(p + "wk", {kvdim, D}, ParamGroup::block_matrix);
+    table.add(p + "wv", {kvdim, D}, ParamGroup::block_matrix);
+    if (c.subln) table.add(p + "attn_sub_norm", {qdim}, ParamGroup::norm);
+    table.add(p + "wo", {D, qdim}, ParamGroup::block_matrix);
+    table.add(p + "ffn_norm", {D}, ParamGroup::norm);
+    if (c.ffn == ModelConfig::Ffn::swiglu) table.add(p + "w_gate", {F, D}, ParamGroup::block_matrix);
+    table.add(p + "w_up", {F, D}, ParamGroup::block_matrix);
+    if (c.subln) table.add(p + "ffn_sub_norm", {F}, ParamGroup::norm);
+    table.add(p + "w_down", {D, F}, ParamGroup::block_matrix);
+  }
+  table.add("final_norm", {D}, ParamGroup::norm);
+  if (!c.tied_embeddings) table.add("head", {V, D}, ParamGroup::head);
+}
+
 Model::Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed) : config_(config), d_(dispatcher) {
   config_.validate();
-  const int64_t D = config_.dim, hd = config_.head_dim(), F = config_.hidden(), V = config_.vocab_size;
-  const int64_t qdim = config_.n_heads * hd, kvdim = config_.kv_heads() * hd;
-  table_.add("tok_emb", {V, D}, ParamGroup::embedding);
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    const std::string p = cat("blocks.", l, ".");
-    table_.add(p + "attn_norm", {D}, ParamGroup::norm);
-    table_.add(p + "wq", {qdim, D}, ParamGroup::block_matrix);
-    table_.add(p + "wk", {kvdim, D}, ParamGroup::block_matrix);
-    table_.add(p + "wv", {kvdim, D}, ParamGroup::block_matrix);
-    if (config_.subln) table_.add(p + "attn_sub_norm", {qdim}, ParamGroup::norm);
-    table_.add(p + "wo", {D, qdim}, ParamGroup::block_matrix);
-    table_.add(p + "ffn_norm", {D}, ParamGroup::norm);
-    if (config_.ffn == ModelConfig::Ffn::swiglu) table_.add(p + "w_gate", {F, D}, ParamGroup::block_matrix);
-    table_.add(p + "w_up", {F, D}, ParamGroup::block_matrix);
-    if (config_.subln) table_.add(p + "ffn_sub_norm", {F}, ParamGroup::norm);
-    table_.add(p + "w_down", {D, F}, ParamGroup::block_matrix);
-  }
-  table_.add("final_norm", {D}, ParamGroup::norm);
-  if (!config_.tied_embeddings) table_.add("head", {V, D}, ParamGroup::head);
+  declare_parameters(config_, table_);
   table_.allocate();
 
   tok_emb_ = &table_.slice("tok_emb");
@@ -250,10 +254,9 @@ void Model::block_forward(Block& b, bool write_output) {
 }
 
 int64_t Model::parameter_count(const ModelConfig& c) {
-  const int64_t D = c.dim, F = c.hidden(), V = c.vocab_size, Q = c.n_heads * c.head_dim(), KV = c.kv_heads() * c.head_dim();
-  const int64_t block = D + Q * D + 2 * KV * D + (c.subln ? Q : 0) + D * Q + D + (c.ffn == ModelConfig::Ffn::swiglu ? 2 : 1) * F * D +
-                        (c.subln ? F : 0) + D * F;
-  return V * D + c.n_layers * block + D + (c.tied_embeddings ? 0 : V * D);
+  ParamTable table;  // declared, never allocated
+  declare_parameters(c, table);
+  return table.numel();
 }
 
 double Model::activation_bytes(const ModelConfig& config, Recompute recompute, int64_t batch, int64_t seq) {

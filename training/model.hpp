@@ -55,8 +55,10 @@ class Model {
   // Bytes of activations a forward of (batch, seq) keeps for the backward, and the scratch the
   // backward adds, for a model and recompute setting (the trainer's memory check).
   static double activation_bytes(const ModelConfig& config, Recompute recompute, int64_t batch, int64_t seq);
-  // Parameters of a model of this configuration (what the table allocates).
+  // Floats the parameter table of a model of this configuration allocates (slices padded to 64 bytes).
   static int64_t parameter_count(const ModelConfig& config);
+  // The parameter table's slices, in order: names, shapes and groups (what checkpoints store).
+  static void declare_parameters(const ModelConfig& config, ParamTable& table);
 
   Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed);
 

@@ -65,14 +65,14 @@ class CBackend final : public Backend {
   }
 
   void run_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) override {
-    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    const hybrit_attention_shape s = c_attention_shape(sh);
     check(Op::attention_forward, [&](int64_t*) {
       return hybrit_c_attention_forward_all(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>());
     });
   }
   void run_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
                               const AttentionShape& sh, Tensor& dq, Tensor& dk, Tensor& dv) override {
-    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    const hybrit_attention_shape s = c_attention_shape(sh);
     check(Op::attention_backward, [&](int64_t*) {
       return hybrit_c_attention_backward_all(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), dout.data<float>(),
                                              lse.data<float>(), dq.data<float>(), dk.data<float>(), dv.data<float>());

@@ -168,5 +168,10 @@ int hybrit_c_kmeans_update(const float* X, int64_t n, int64_t d, const int32_t* 
 
 #ifdef __cplusplus
 }
+/* From the op table's AttentionShape (backends/backend.hpp), which has the same fields. */
+template <class Shape>
+inline hybrit_attention_shape c_attention_shape(const Shape& s) {
+  return hybrit_attention_shape{s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.scale};
+}
 #endif
 #endif

@@ -130,14 +130,8 @@ class TbbBackend final : public Backend {
   void run_matmul_split_k(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                           const MatmulArgs& args) {
     const int64_t parts = std::min(kSplitKMaxParts, k / kSplitKPart), per = (k + parts - 1) / parts;
-    // The partials live in a buffer of the calling thread that only grows: a fresh multi-megabyte
-    // allocation per call would be zeroed and page-faulted in every time (every part is written
-    // whole before it is read, so old contents never show).
-    thread_local std::unique_ptr<float[]> buffer;
-    thread_local size_t capacity = 0;
-    const size_t need = size_t(parts * m * n);
-    if (capacity < need) buffer.reset(new float[need]), capacity = need;
-    float* partial = buffer.get();
+    // Every part is written whole before it is read, so the scratch's old contents never show.
+    float* partial = thread_scratch(Scratch::split_k, size_t(parts * m * n));
     arena_.execute([&] {
       for_chunks(parts, 1, [&](int64_t p, int64_t) {
         const int64_t k0 = p * per, kk = std::min(per, k - k0);
@@ -267,14 +261,14 @@ class TbbBackend final : public Backend {
   // Units (sequence x head) in fixed pieces, each piece with its own scratch: the C kernel's
   // results, bit for bit, on any thread count.
   void run_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionShape& sh, Tensor& out, Tensor& lse) override {
-    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    const hybrit_attention_shape s = c_attention_shape(sh);
     run_attention_units(s, sh.batch * sh.heads, [&](int64_t u0, int64_t u1, float* w) {
       hybrit_c_attention_forward(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>(), u0, u1, w);
     });
   }
   void run_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout, const Tensor& lse,
                               const AttentionShape& sh, Tensor& dq, Tensor& dk, Tensor& dv) override {
-    const hybrit_attention_shape s{sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim, sh.scale};
+    const hybrit_attention_shape s = c_attention_shape(sh);
     run_attention_units(s, sh.batch * sh.kv_heads, [&](int64_t u0, int64_t u1, float* w) {
       hybrit_c_attention_backward(kr_, &s, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), dout.data<float>(),
                                   lse.data<float>(), dq.data<float>(), dk.data<float>(), dv.data<float>(), u0, u1, w);
@@ -296,24 +290,30 @@ class TbbBackend final : public Backend {
   void run_attention_units(const hybrit_attention_shape& s, int64_t units, const Kernel& kernel) {
     const size_t floats = size_t(hybrit_c_attention_workspace(kr_, &s));
     arena_.execute([&] {
-      for_chunks(units, 1, [&](int64_t u0, int64_t u1) { kernel(u0, u1, thread_scratch(floats)); });
+      for_chunks(units, 1, [&](int64_t u0, int64_t u1) { kernel(u0, u1, thread_scratch(Scratch::attention, floats)); });
     });
   }
 
-  // Scratch of the calling worker thread that only grows (64-byte aligned): a fresh allocation
-  // per unit of work would be mapped, page-faulted and unmapped every time.
-  static float* thread_scratch(size_t floats) {
+  // Scratch of the calling thread that only grows (64-byte aligned), one buffer per use so that
+  // no use can clobber another's: a fresh multi-megabyte allocation per call would be mapped,
+  // zeroed, page-faulted and unmapped every time.
+  enum class Scratch { split_k = 0, attention = 1 };
+  static float* thread_scratch(Scratch use, size_t floats) {
     struct Free {
       void operator()(float* p) const { std::free(p); }
     };
-    thread_local std::unique_ptr<float, Free> buffer;
-    thread_local size_t capacity = 0;
-    if (capacity < floats) {
-      buffer.reset(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
-      if (!buffer) capacity = 0, fail(ErrorKind::out_of_memory, "attention: out of memory for scratch buffers");
-      capacity = floats;
+    struct Buffer {
+      std::unique_ptr<float, Free> memory;
+      size_t capacity = 0;
+    };
+    thread_local Buffer buffers[2];
+    Buffer& b = buffers[int(use)];
+    if (b.capacity < floats) {
+      b.memory.reset(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
+      b.capacity = b.memory ? floats : 0;
+      if (!b.memory) fail(ErrorKind::out_of_memory, "tbb backend: out of memory for ", floats * sizeof(float), " bytes of scratch");
     }
-    return buffer.get();
+    return b.memory.get();
   }
 
   // kernel(first_row, rows, first_col, cols, &bad) works on a sub-block; a block of several rows
