@@ -115,8 +115,10 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
          shape_str(o.initial_centroids.shape()));
 
   Rng rng(o.seed, kStream);
-  // Training sample (faiss): at most k * max_points_per_centroid points.
-  const Tensor train = o.max_points_per_centroid > 0 && n > k * o.max_points_per_centroid
+  // Training sample (faiss): at most k * max_points_per_centroid points. Compared as n / k so a
+  // huge cap (no sampling) cannot overflow the product.
+  const bool sample = o.max_points_per_centroid > 0 && o.max_points_per_centroid <= (n - 1) / k;
+  const Tensor train = sample
                            ? gather_rows(x, sample_indices(n, k * o.max_points_per_centroid, rng))
                            : x;
   const int64_t m = train.dim(0);

@@ -1,5 +1,8 @@
 #include "inference/server.hpp"
 
+// The kernel caps this at net.core.somaxconn; httplib's default of 5 turned bursts of clients
+// into TCP resets before the server could answer them 429.
+#define CPPHTTPLIB_LISTEN_BACKLOG 1024
 #include <httplib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -29,23 +32,33 @@ namespace {
 // hybrit's checks name the field first ("top_p: expected ..."): the field an Error is about.
 std::string field_of(const std::string& message) { return message.substr(0, message.find(':')); }
 
+// A value as an error message quotes it: its JSON, cut to a short prefix (a field may hold
+// megabytes, and the message goes back to the client and into the log).
+std::string quote(const json& v) {
+  if (v.is_array()) return cat("a list of ", v.size());
+  if (v.is_object()) return cat("an object of ", v.size(), " fields");
+  std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > 60) text = text.substr(0, 57) + "...";
+  return text;
+}
+
 double number_field(const json& body, const char* key, double fallback) {
   if (!body.contains(key) || body[key].is_null()) return fallback;
-  if (!body[key].is_number()) bad(key, cat("expected a number, got ", body[key].dump()));
+  if (!body[key].is_number()) bad(key, cat("expected a number, got ", quote(body[key])));
   return body[key].get<double>();
 }
 
 int64_t integer_field(const json& body, const char* key, int64_t fallback) {
   if (!body.contains(key) || body[key].is_null()) return fallback;
   const json& v = body[key];
-  if (!v.is_number_integer()) bad(key, cat("expected an integer, got ", v.dump()));
+  if (!v.is_number_integer()) bad(key, cat("expected an integer, got ", quote(v)));
   return v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>();
 }
 
 std::vector<int32_t> token_list(const json& list, const char* what) {
   std::vector<int32_t> out;
   for (const json& t : list) {
-    if (!t.is_number_integer()) bad("prompt", cat(what, ": expected token ids (integers), got ", t.dump()));
+    if (!t.is_number_integer()) bad("prompt", cat(what, ": expected token ids (integers), got ", quote(t)));
     const int64_t id = t.get<int64_t>();
     if (id < 0 || id > INT32_MAX) bad("prompt", cat(what, ": token ", id, " is out of range"));
     out.push_back(int32_t(id));
@@ -67,6 +80,31 @@ bool has_default_value(const std::string& key, const json& v) {
 
 }  // namespace
 
+json parse_request_body(const std::string& text) {
+  // nlohmann's parser keeps its own stack, but dump() and the destructor recurse: a body nested
+  // 100k levels deep would overflow the thread's stack. Real requests nest 3 levels.
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (in_string) {
+      if (ch == '\\') ++i;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      if (++depth > kMaxRequestDepth) bad("", cat("malformed JSON: nested deeper than ", kMaxRequestDepth, " levels (at byte ", i, ")"));
+    } else if (ch == ']' || ch == '}') {
+      --depth;
+    }
+  }
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for numbers such as 1e400
+    bad("", cat("malformed JSON: ", e.what()));
+  }
+}
+
 CompletionRequest parse_completion_request(const json& body, const Tokenizer& tokenizer, int64_t default_max_tokens) {
   if (!body.is_object()) bad("", cat("expected a JSON object, got ", body.type_name()));
   static const char* known[] = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop",
@@ -75,12 +113,13 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
   for (const auto& [key, value] : body.items()) {
     if (std::find(std::begin(known), std::end(known), key) != std::end(known)) continue;
     if (std::find(std::begin(unsupported), std::end(unsupported), key) != std::end(unsupported)) {
-      if (!has_default_value(key, value)) bad(key, cat("not supported by hybrit (got ", value.dump(), ")"));
+      if (!has_default_value(key, value)) bad(key, cat("not supported by hybrit (got ", quote(value), ")"));
       continue;
     }
-    bad(key, "unknown field");
+    bad(key.size() > 60 ? key.substr(0, 57) + "..." : key, "unknown field");
   }
-  if (body.contains("model") && !body["model"].is_null() && !body["model"].is_string()) bad("model", "expected a string");
+  for (const char* key : {"model", "user"})
+    if (body.contains(key) && !body[key].is_null() && !body[key].is_string()) bad(key, cat("expected a string, got ", quote(body[key])));
 
   CompletionRequest r;
   if (!body.contains("prompt") || body["prompt"].is_null()) bad("prompt", "required (a string, a list of strings, or token ids)");
@@ -104,7 +143,7 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
       }
     }
   } else {
-    bad("prompt", cat("expected a string, a non-empty list of strings, or token ids, got ", prompt.dump()));
+    bad("prompt", cat("expected a string, a non-empty list of strings, or token ids, got ", quote(prompt)));
   }
   for (size_t i = 0; i < r.prompts.size(); ++i)
     if (r.prompts[i].empty()) bad("prompt", r.prompts.size() == 1 ? "empty (give at least one token)" : cat("prompt[", i, "] is empty"));
@@ -124,7 +163,7 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
     bad(field, m.substr(std::min(m.size(), field.size() + 2)));
   }
   if (body.contains("seed") && !body["seed"].is_null()) {
-    if (!body["seed"].is_number_integer()) bad("seed", cat("expected an integer, got ", body["seed"].dump()));
+    if (!body["seed"].is_number_integer()) bad("seed", cat("expected an integer, got ", quote(body["seed"])));
     g.sampling.seed = body["seed"].is_number_unsigned() ? body["seed"].get<uint64_t>() : uint64_t(body["seed"].get<int64_t>());
     r.seeded = true;
   }
@@ -133,16 +172,16 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
     if (stop.is_string()) g.stop.push_back(stop.get<std::string>());
     else if (stop.is_array())
       for (const json& s : stop) {
-        if (!s.is_string()) bad("stop", cat("expected strings, got ", s.dump()));
+        if (!s.is_string()) bad("stop", cat("expected strings, got ", quote(s)));
         g.stop.push_back(s.get<std::string>());
       }
-    else bad("stop", cat("expected a string or a list of strings, got ", stop.dump()));
+    else bad("stop", cat("expected a string or a list of strings, got ", quote(stop)));
     if (g.stop.size() > 16) bad("stop", cat("at most 16 stop strings, got ", g.stop.size()));
     for (const auto& s : g.stop)
       if (s.empty()) bad("stop", "an empty stop string would end every output at once");
   }
   if (body.contains("stream") && !body["stream"].is_null()) {
-    if (!body["stream"].is_boolean()) bad("stream", cat("expected true or false, got ", body["stream"].dump()));
+    if (!body["stream"].is_boolean()) bad("stream", cat("expected true or false, got ", quote(body["stream"])));
     r.stream = body["stream"].get<bool>();
   }
   if (body.contains("stream_options") && !body["stream_options"].is_null()) {
@@ -150,8 +189,8 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
     if (!r.stream) bad("stream_options", "only allowed with stream: true");
     if (!so.is_object()) bad("stream_options", "expected an object");
     for (const auto& [key, value] : so.items()) {
-      if (key != "include_usage") bad("stream_options", cat("unknown field ", key));
-      if (!value.is_boolean()) bad("stream_options", cat("include_usage: expected true or false, got ", value.dump()));
+      if (key != "include_usage") bad("stream_options", cat("unknown field ", quote(key)));
+      if (!value.is_boolean()) bad("stream_options", cat("include_usage: expected true or false, got ", quote(value)));
       r.include_usage = value.get<bool>();
     }
   }
@@ -232,21 +271,55 @@ std::string metrics_text(const BackgroundEngine::Snapshot& s, HttpCounters& http
   return out;
 }
 
+// Set on the threads that take connections beyond the pool: their completions answer 429 at once.
+thread_local bool t_over_capacity = false;
+
+// httplib's thread pool queues connections without bound once every thread is taken, and a queued
+// client waits in silence. This one hands a connection past `threads` to a few overflow threads
+// that answer 429 (health and metrics still answer), so a burst hears "busy" instead of nothing.
+class AdmissionQueue : public httplib::TaskQueue {
+ public:
+  AdmissionQueue(size_t threads, size_t overflow_threads) : capacity_(threads), main_(threads), overflow_(overflow_threads) {}
+  void enqueue(std::function<void()> fn) override {
+    if (taken_.fetch_add(1) < capacity_) {
+      main_.enqueue([this, fn = std::move(fn)] {
+        fn();
+        taken_.fetch_sub(1);
+      });
+      return;
+    }
+    taken_.fetch_sub(1);
+    overflow_.enqueue([fn = std::move(fn)] {
+      t_over_capacity = true;
+      fn();
+      t_over_capacity = false;
+    });
+  }
+  void shutdown() override {
+    main_.shutdown();
+    overflow_.shutdown();
+  }
+
+ private:
+  const size_t capacity_;
+  std::atomic<size_t> taken_{0};
+  httplib::ThreadPool main_, overflow_;
+};
+
 class CompletionHandler {
  public:
   CompletionHandler(BackgroundEngine& engine, const InferenceModel& model, const ServerOptions& options, HttpCounters& http)
       : engine_(engine), model_(model), options_(options), http_(http) {}
 
   void operator()(const httplib::Request& req, httplib::Response& res) {
-    json body;
-    try {
-      body = json::parse(req.body);
-    } catch (const json::parse_error& e) {
-      return reply(res, 400, error_body(cat("malformed JSON: ", e.what()), "invalid_request_error"));
+    if (t_over_capacity) {
+      res.set_header("Retry-After", "1");
+      res.set_header("Connection", "close");
+      return reply(res, 429, error_body("the server is busy: every connection thread is taken; retry later", "server_busy"));
     }
     CompletionRequest request;
     try {
-      request = parse_completion_request(body, model_.tokenizer(), options_.default_max_tokens);
+      request = parse_completion_request(parse_request_body(req.body), model_.tokenizer(), options_.default_max_tokens);
     } catch (const RequestError& e) {
       return reply(res, 400, error_body(e.message, "invalid_request_error", e.param));
     }
@@ -415,7 +488,7 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
   // every request the engine can hold (the queue's 429 comes before the threads run out) and a
   // few for /health and /metrics.
   const size_t threads = size_t(options.engine.max_running + options.engine.max_waiting + 8);
-  server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  server.new_task_queue = [threads] { return new AdmissionQueue(threads, 4); };
   server.set_socket_options([](int sock) {
     // httplib's default is SO_REUSEPORT, which lets a second server share a taken port in silence.
     int yes = 1;
@@ -433,6 +506,25 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
   server.Get("/metrics", [&](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_text(engine.snapshot(), http), "text/plain; version=0.0.4");
   });
+  // A known path asked with the wrong method: 405 with the method it takes (RFC 9110's Allow).
+  auto wrong_method = [&](const char* allowed) {
+    return [allowed](const httplib::Request& req, httplib::Response& res) {
+      res.status = 405;
+      res.set_header("Allow", allowed);
+      res.set_content(dump(error_body(cat(req.method, " ", req.path, ": method not allowed (use ", allowed, ")"), "method_not_allowed")) + "\n",
+                      "application/json");
+    };
+  };
+  server.Get("/v1/completions", wrong_method("POST"));
+  server.Put("/v1/completions", wrong_method("POST"));
+  server.Patch("/v1/completions", wrong_method("POST"));
+  server.Delete("/v1/completions", wrong_method("POST"));
+  for (const char* path : {"/health", "/metrics"}) {
+    server.Post(path, wrong_method("GET"));
+    server.Put(path, wrong_method("GET"));
+    server.Patch(path, wrong_method("GET"));
+    server.Delete(path, wrong_method("GET"));
+  }
   server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;  // our handlers' own error bodies
     const char* type = res.status == 404 ? "not_found" : res.status == 413 ? "request_too_large" : "invalid_request_error";

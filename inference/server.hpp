@@ -40,6 +40,10 @@ struct CompletionRequest {
   bool seeded = false;                        // false: a fresh random seed per request
   bool stream = false, include_usage = false;
 };
+// A request body as JSON: at most kMaxRequestDepth levels of nesting, numbers within double's
+// range. Throws RequestError (param "") for anything else.
+inline constexpr int kMaxRequestDepth = 64;
+nlohmann::json parse_request_body(const std::string& text);
 CompletionRequest parse_completion_request(const nlohmann::json& body, const Tokenizer& tokenizer, int64_t default_max_tokens);
 
 // Serves until SIGINT or SIGTERM, then returns. on_listening(port) runs once the socket is bound.

@@ -78,3 +78,15 @@ def test_bad_input_is_one_clear_error():
         hybrit.kmeans(x, 2, init=np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="init: expected 'k-means\\+\\+', 'random'"):
         hybrit.kmeans(x, 2, init="kmeans++")
+
+
+@pytest.mark.parametrize("cap", [2**62, 2**63 - 1])
+def test_a_huge_sample_cap_trains_on_every_point(cap):
+    # k * max_points_per_centroid overflowed int64 and sampled from garbage (SIGSEGV); a cap
+    # beyond the data means no sampling, the same as 0.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    big = hybrit.kmeans(x, 4, seed=2, max_points_per_centroid=cap)
+    full = hybrit.kmeans(x, 4, seed=2, max_points_per_centroid=0)
+    np.testing.assert_array_equal(big.labels, full.labels)
+    assert big.inertia == full.inertia

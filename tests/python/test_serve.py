@@ -202,6 +202,81 @@ def test_malformed_bodies_and_unknown_paths(server):
     assert status == 404 and "no such endpoint" in json.loads(text)["error"]["message"]
 
 
+@pytest.mark.parametrize("field", ["temperature", "seed", "stop", "n", "prompt"])
+def test_deeply_nested_json_answers_400_and_the_server_lives(server, field):
+    # 100k levels: dump() or the destructor recursing that deep overflows the stack (SIGSEGV).
+    raw = '{"prompt": "a", "%s": %s1%s}' % (field, "[" * 100_000, "]" * 100_000) if field != "prompt" else \
+        '{"prompt": %s1%s}' % ("[" * 100_000, "]" * 100_000)
+    status, r = server.post(None, raw=raw)
+    assert status == 400 and "nested deeper than 64 levels" in r["error"]["message"], r
+    assert server.get("/health")[0] == 200
+
+
+def test_error_messages_quote_a_short_prefix_of_a_value(server):
+    status, r = server.post({"prompt": "a", "temperature": "x" * 100_000})
+    assert status == 400 and r["error"]["param"] == "temperature" and len(r["error"]["message"]) < 200, r
+    status, r = server.post({"prompt": "a", "stop": [[1] * 50_000]})
+    assert status == 400 and "a list of 50000" in r["error"]["message"] and len(r["error"]["message"]) < 200, r
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"prompt": "a", "temperature": 1e400}', "number overflow"),
+    ('{"prompt": "a", "max_tokens": -1e999}', "number overflow"),
+])
+def test_numbers_beyond_double_answer_400(server, raw, message):
+    status, r = server.post(None, raw=raw)
+    assert status == 400 and message in r["error"]["message"] and r["error"]["type"] == "invalid_request_error", r
+
+
+@pytest.mark.parametrize("key, value", [("user", 5), ("model", ["m"])])
+def test_string_fields_are_type_checked(server, key, value):
+    status, r = server.post({"prompt": "a", key: value})
+    assert status == 400 and r["error"]["param"] == key and "expected a string" in r["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/v1/completions", "POST"), ("PUT", "/v1/completions", "POST"), ("DELETE", "/v1/completions", "POST"),
+    ("POST", "/health", "GET"), ("POST", "/metrics", "GET"),
+])
+def test_a_known_path_with_the_wrong_method_answers_405(server, method, path, allowed):
+    c = server.connection()
+    c.request(method, path, body="{}" if method in ("PUT", "POST") else None)
+    r = c.getresponse()
+    body = json.loads(r.read())
+    c.close()
+    assert r.status == 405 and r.getheader("Allow") == allowed and "method not allowed" in body["error"]["message"]
+
+
+def test_a_burst_of_clients_hears_429_not_a_reset(cli, checkpoint):
+    # 150 streams at once against 1 running + 1 waiting slot (12 connection threads): every client
+    # gets an HTTP answer; none is reset by a full listen backlog or left waiting unanswered.
+    s = Server(cli, checkpoint, "--max-running", "1", "--max-waiting", "1")
+    try:
+        statuses, failures = [], []
+        start = threading.Barrier(150)
+        def client():
+            start.wait()
+            try:
+                c = s.connection()
+                c.request("POST", "/v1/completions", body=json.dumps({"prompt": "The ", "max_tokens": 100, "stream": True}))
+                r = c.getresponse()
+                r.read()
+                statuses.append(r.status)
+                c.close()
+            except OSError as e:
+                failures.append(repr(e))
+        threads = [threading.Thread(target=client) for _ in range(150)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == [], failures[:5]
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+    finally:
+        rc, _, err = s.stop()
+    assert rc == 0, err
+
+
 def test_a_full_queue_answers_429_and_the_rest_finish(cli, checkpoint):
     s = Server(cli, checkpoint, "--max-running", "1", "--max-waiting", "1")
     try:
