@@ -154,8 +154,8 @@ int main(int argc, char** argv) {
     if (*inspect) {
       std::vector<CheckpointDataset> datasets;
       const CheckpointMeta meta = inspect_checkpoint(ckpt_path, &datasets);
-      const TrainConfig cfg = parse_train_config(meta.config_yaml, ckpt_path + " (its config)");
-      const nlohmann::json tok = nlohmann::json::parse(meta.tokenizer_json);
+      const TrainConfig cfg = checkpoint_config(meta, ckpt_path);
+      const nlohmann::json tok = nlohmann::json::parse(meta.tokenizer_json);  // checkpoint_config checked it
       std::printf("checkpoint  %s\nstep        %lld (%lld tokens seen), seed %llu\n", ckpt_path.c_str(), static_cast<long long>(meta.step),
                   static_cast<long long>(meta.tokens_seen), static_cast<unsigned long long>(meta.seed));
       std::printf("model       %lld layers, dim %lld, %lld heads (%lld kv), ffn %s %lld, context %lld, quant %s%s%s\n",
@@ -165,7 +165,6 @@ int main(int argc, char** argv) {
                   cfg.model.quant == ModelConfig::Quant::ternary ? "ternary" : "none", cfg.model.subln ? ", subln" : "",
                   cfg.model.tied_embeddings ? ", tied embeddings" : "");
       std::printf("tokenizer   %s, %d tokens\n\n", tok.value("kind", "?").c_str(), tok.value("vocab_size", 0));
-      int bad = 0;
       int64_t params = 0;
       for (const auto& d : datasets) {
         int64_t n = 1;
@@ -173,10 +172,12 @@ int main(int argc, char** argv) {
         if (d.name.rfind("params/", 0) == 0) params += n;
         std::printf("  %-40s %-14s %016llx %s\n", d.name.c_str(), shape_str(d.shape).c_str(), static_cast<unsigned long long>(d.checksum),
                     d.checksum_ok ? "ok" : "CHECKSUM MISMATCH");
-        bad += !d.checksum_ok;
       }
-      std::printf("\n%lld parameters; %zu datasets, %d failing their checksum\n", static_cast<long long>(params), datasets.size(), bad);
-      if (bad) fail(ErrorKind::corrupt_data, ckpt_path, ": ", bad, " datasets fail their checksum");
+      const std::vector<std::string> problems = checkpoint_layout_problems(cfg, datasets);
+      std::printf("\n%lld parameters; %zu datasets; %zu problems\n", static_cast<long long>(params), datasets.size(), problems.size());
+      for (const auto& p : problems) std::printf("  %s\n", p.c_str());
+      if (!problems.empty())
+        fail(ErrorKind::corrupt_data, ckpt_path, ": damaged: ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more)") : "");
       return 0;
     }
     if (*exporter) {

@@ -6,6 +6,8 @@
 #include <hdf5.h>
 #include <unistd.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -133,6 +135,35 @@ std::vector<uint8_t> read_u8_dataset(hid_t ds, const std::string& name, const st
   return bytes;
 }
 
+// One checksum over every root attribute, each length-prefixed so no two attribute lists hash
+// alike by moving bytes between neighbours. A flipped byte in `step` or the config text would
+// otherwise be taken at its word ("done after 4294967336 steps").
+uint64_t metadata_checksum(const std::vector<std::string>& values) {
+  uint64_t h = kFnv1aOffset;
+  for (const auto& v : values) {
+    const uint64_t n = v.size();
+    h = fnv1a64(&n, sizeof n, h);
+    h = fnv1a64(v.data(), v.size(), h);
+  }
+  return h;
+}
+
+// Root attribute lists: what a checkpoint's and an export's metadata checksums cover.
+std::vector<std::string> checkpoint_metadata(const std::string& format, int version, const CheckpointMeta& m, const std::string& convention) {
+  return {format, cat(version), cat(m.step), cat(m.tokens_seen), cat(m.seed), m.config_yaml, m.tokenizer_json, convention};
+}
+std::vector<std::string> export_metadata(const std::string& format, int version, const CheckpointMeta& m) {
+  return {format, cat(version), cat(m.step), m.config_yaml, m.tokenizer_json};
+}
+
+uint64_t packed_attrs_checksum(float scale, int64_t cols) { return fnv1a64(&cols, sizeof cols, fnv1a64(&scale, sizeof scale)); }
+
+void check_metadata(hid_t file, const std::vector<std::string>& values, const std::string& path) {
+  const uint64_t expect = read_scalar_attr<uint64_t>(file, "meta_fnv1a64", H5T_NATIVE_UINT64, path);
+  if (metadata_checksum(values) != expect)
+    fail(ErrorKind::corrupt_data, path, ": the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)");
+}
+
 // The tokenizer a file carries: byte-level, or BPE rebuilt from its model bytes.
 std::unique_ptr<Tokenizer> tokenizer_of(const CheckpointMeta& meta, const std::string& path) {
   if (meta.tokenizer_model.empty()) return std::make_unique<ByteTokenizer>();
@@ -201,14 +232,17 @@ CheckpointMeta read_meta(hid_t file, const std::string& path) {
   if (!has_attr(file, "format") || read_string_attr(file, "format", path) != kFormat)
     fail(ErrorKind::corrupt_data, path, ": not a hybrit checkpoint (attribute format is not '", kFormat, "')");
   const int version = read_scalar_attr<int>(file, "format_version", H5T_NATIVE_INT, path);
-  if (version != kCheckpointVersion)
-    fail(ErrorKind::unsupported, path, ": checkpoint format version ", version, ", this hybrit reads version ", kCheckpointVersion);
+  if (version != kCheckpointVersion && version != 1)
+    fail(ErrorKind::unsupported, path, ": checkpoint format version ", version, ", this hybrit reads versions 1 and ", kCheckpointVersion);
   CheckpointMeta m;
   m.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
   m.tokens_seen = read_scalar_attr<int64_t>(file, "tokens_seen", H5T_NATIVE_INT64, path);
   m.seed = read_scalar_attr<uint64_t>(file, "seed", H5T_NATIVE_UINT64, path);
   m.config_yaml = read_string_attr(file, "config", path);
   m.tokenizer_json = read_string_attr(file, "tokenizer", path);
+  if (version >= 2)  // version 1 files, written before the metadata had a checksum, are read as they are
+    check_metadata(file, checkpoint_metadata(kFormat, version, m, read_string_attr(file, "muon_momentum_convention", path)), path);
+  if (m.step < 0 || m.tokens_seen < 0) fail(ErrorKind::corrupt_data, path, ": step ", m.step, " and tokens_seen ", m.tokens_seen, " cannot be negative");
   if (H5Lexists(file, "tokenizer_model", H5P_DEFAULT) > 0) {
     Handle ds(H5Dopen2(file, "tokenizer_model", H5P_DEFAULT), H5Dclose);
     const std::vector<uint8_t> bytes = read_u8_dataset(ds, "tokenizer_model", path, true);
@@ -234,6 +268,8 @@ void save_checkpoint(const std::string& path, ParamTable& table, const Checkpoin
     write_string_attr(file, "config", meta.config_yaml, tmp);
     write_string_attr(file, "tokenizer", meta.tokenizer_json, tmp);
     write_string_attr(file, "muon_momentum_convention", kMomentumConvention, tmp);
+    const uint64_t meta_sum = metadata_checksum(checkpoint_metadata(kFormat, version, meta, kMomentumConvention));
+    write_scalar_attr(file, "meta_fnv1a64", H5T_NATIVE_UINT64, &meta_sum, tmp);
     for (int b = 0; b < 4; ++b) {
       float* base = buffer_of(table, b).data<float>();
       for (const auto& s : table.slices())
@@ -295,10 +331,59 @@ CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<Checkpoin
   return meta;
 }
 
+TrainConfig checkpoint_config(const CheckpointMeta& meta, const std::string& path) {
+  TrainConfig config;
+  try {
+    config = parse_train_config(meta.config_yaml, path + " (its config)");
+  } catch (const Error& e) {
+    fail(ErrorKind::corrupt_data, path, ": its config does not parse (", e.what(), ")");
+  }
+  nlohmann::json tokenizer;
+  try {
+    tokenizer = nlohmann::json::parse(meta.tokenizer_json);
+  } catch (const nlohmann::json::exception& e) {
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer attribute is not JSON (", e.what(), ")");
+  }
+  const auto vocab = tokenizer.is_object() ? tokenizer.find("vocab_size") : tokenizer.end();
+  if (vocab == tokenizer.end() || !vocab->is_number_integer() || vocab->get<int64_t>() < 1 || vocab->get<int64_t>() > 65536)
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer attribute has no vocab_size in [1, 65536]: ", meta.tokenizer_json.substr(0, 80));
+  config.model.vocab_size = vocab->get<int64_t>();  // BPE may have settled on fewer tokens than data.vocab_size
+  return config;
+}
+
+std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets) {
+  ParamTable table;  // declared, never allocated
+  Model::declare_parameters(config.model, table);
+  std::map<std::string, const CheckpointDataset*> found;
+  for (const auto& d : datasets) found[d.name] = &d;
+  std::vector<std::string> problems;
+  for (const char* group : kBuffers)
+    for (const auto& s : table.slices()) {
+      const std::string name = cat(group, "/", s.name);
+      auto it = found.find(name);
+      if (it == found.end()) problems.push_back(cat("dataset ", name, " is missing"));
+      else if (it->second->shape != s.shape)
+        problems.push_back(cat("dataset ", name, " has shape ", shape_str(it->second->shape), ", the model needs ", shape_str(s.shape)));
+      if (it != found.end()) found.erase(it);
+    }
+  for (const auto& [name, d] : found) problems.push_back(cat("dataset ", name, " is not part of the config's model"));
+  for (const auto& d : datasets)
+    if (!d.checksum_ok) problems.push_back(cat("dataset ", d.name, " fails its checksum (the file is damaged)"));
+  return problems;
+}
+
+CheckpointMeta verify_checkpoint(const std::string& path) {
+  std::vector<CheckpointDataset> datasets;
+  const CheckpointMeta meta = inspect_checkpoint(path, &datasets);
+  const std::vector<std::string> problems = checkpoint_layout_problems(checkpoint_config(meta, path), datasets);
+  if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
+  return meta;
+}
+
 int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const std::string& out_path) {
   CheckpointMeta meta;
   const std::vector<NamedArray> arrays = read_checkpoint_arrays(checkpoint, &meta);
-  const TrainConfig cfg = parse_train_config(meta.config_yaml, checkpoint + " (its config)");
+  const TrainConfig cfg = checkpoint_config(meta, checkpoint);
   const bool ternary = cfg.model.quant == ModelConfig::Quant::ternary;
   quiet_hdf5();
   const std::string tmp = out_path + ".tmp";
@@ -307,11 +392,13 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
     Handle file(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
     if (file.id < 0) fail(ErrorKind::io, tmp, ": cannot create the export file");
     write_string_attr(file, "format", kInferenceExportFormat, tmp);
-    const int version = 1;
+    const int version = kInferenceExportVersion;
     write_scalar_attr(file, "format_version", H5T_NATIVE_INT, &version, tmp);
     write_scalar_attr(file, "step", H5T_NATIVE_INT64, &meta.step, tmp);
     write_string_attr(file, "config", meta.config_yaml, tmp);
     write_string_attr(file, "tokenizer", meta.tokenizer_json, tmp);
+    const uint64_t meta_sum = metadata_checksum(export_metadata(kInferenceExportFormat, version, meta));
+    write_scalar_attr(file, "meta_fnv1a64", H5T_NATIVE_UINT64, &meta_sum, tmp);
     if (!meta.tokenizer_model.empty()) write_u8_dataset(file, "tokenizer_model", meta.tokenizer_model.data(), {meta.tokenizer_model.size()}, tmp);
     for (const auto& a : arrays) {
       if (a.name.rfind("params/", 0) != 0) continue;  // optimizer state stays behind
@@ -331,6 +418,8 @@ int64_t export_for_inference(Dispatcher& d, const std::string& checkpoint, const
       const Handle ds = write_u8_dataset(file, name + ".packed", packed.raw(), {hsize_t(rows), hsize_t(packed_cols)}, tmp);
       write_scalar_attr(ds, "scale", H5T_NATIVE_FLOAT, &scale, tmp);
       write_scalar_attr(ds, "cols", H5T_NATIVE_INT64, &cols, tmp);
+      const uint64_t attrs_sum = packed_attrs_checksum(scale, cols);
+      write_scalar_attr(ds, "attrs_fnv1a64", H5T_NATIVE_UINT64, &attrs_sum, tmp);
       weight_bytes += int64_t(packed.nbytes()) + int64_t(sizeof(float));
     }
     check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
@@ -347,10 +436,15 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
   const CheckpointMeta m = read_meta(file, path);
   if (meta) *meta = m;
   std::vector<NamedArray> out;
+  std::vector<CheckpointDataset> found;
   for_each_dataset(file, path, [&](CheckpointDataset&& d, std::vector<float>&& values) {
     if (!d.checksum_ok) fail(ErrorKind::corrupt_data, path, ": dataset ", d.name, " fails its checksum (the file is damaged)");
-    out.push_back({std::move(d.name), std::move(d.shape), std::move(values)});
+    out.push_back({d.name, d.shape, std::move(values)});
+    found.push_back(std::move(d));
   });
+  // A file whose index lost its datasets reads as "no datasets", not as an error: compare with the config.
+  const std::vector<std::string> problems = checkpoint_layout_problems(checkpoint_config(m, path), found);
+  if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
   return out;
 }
 
@@ -368,11 +462,13 @@ InferenceExport read_inference_export(const std::string& path) {
   if (!has_attr(file, "format") || read_string_attr(file, "format", path) != kInferenceExportFormat)
     fail(ErrorKind::corrupt_data, path, ": not a hybrit export (attribute format is not '", kInferenceExportFormat, "')");
   const int version = read_scalar_attr<int>(file, "format_version", H5T_NATIVE_INT, path);
-  if (version != 1) fail(ErrorKind::unsupported, path, ": export format version ", version, ", this hybrit reads version 1");
+  if (version != 1 && version != kInferenceExportVersion)
+    fail(ErrorKind::unsupported, path, ": export format version ", version, ", this hybrit reads versions 1 and ", kInferenceExportVersion);
   InferenceExport out;
   out.meta.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
   out.meta.config_yaml = read_string_attr(file, "config", path);
   out.meta.tokenizer_json = read_string_attr(file, "tokenizer", path);
+  if (version >= 2) check_metadata(file, export_metadata(kInferenceExportFormat, version, out.meta), path);
   H5G_info_t info{};
   H5Gget_info(file, &info);
   for (hsize_t i = 0; i < info.nlinks; ++i) {
@@ -387,6 +483,8 @@ InferenceExport read_inference_export(const std::string& path) {
       InferenceExport::Packed p;
       p.scale = read_scalar_attr<float>(ds, "scale", H5T_NATIVE_FLOAT, path);
       p.cols = read_scalar_attr<int64_t>(ds, "cols", H5T_NATIVE_INT64, path);
+      if (version >= 2 && packed_attrs_checksum(p.scale, p.cols) != read_scalar_attr<uint64_t>(ds, "attrs_fnv1a64", H5T_NATIVE_UINT64, path))
+        fail(ErrorKind::corrupt_data, path, ": dataset ", name, ": its scale and column count fail their checksum (the file is damaged)");
       if (shape.size() != 2 || p.cols < 1 || shape[1] != (p.cols + 3) / 4)
         fail(ErrorKind::corrupt_data, path, ": dataset ", name, " has shape ", shape_str(shape), ", which cannot hold ", p.cols, " columns at 4 per byte");
       p.rows = shape[0];
@@ -400,19 +498,20 @@ InferenceExport read_inference_export(const std::string& path) {
       out.f32[name] = std::move(a);
     }
   }
-  out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
+  out.config = checkpoint_config(out.meta, path);
   out.tokenizer = tokenizer_of(out.meta, path);
-  out.config.model.vocab_size = out.tokenizer->vocab_size();
+  if (out.tokenizer->vocab_size() != out.config.model.vocab_size)
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer has ", out.tokenizer->vocab_size(), " tokens but its tokenizer attribute says ", out.config.model.vocab_size);
   return out;
 }
 
 CheckpointModel load_checkpoint_model(Dispatcher& dispatcher, const std::string& path) {
   CheckpointModel out;
   const std::vector<NamedArray> arrays = read_checkpoint_arrays(path, &out.meta);
-  out.config = parse_train_config(out.meta.config_yaml, path + " (its config)");
+  out.config = checkpoint_config(out.meta, path);
   out.tokenizer = tokenizer_of(out.meta, path);
-  // BPE may have settled on fewer tokens than data.vocab_size asked for; the model was built with the real count.
-  out.config.model.vocab_size = out.tokenizer->vocab_size();
+  if (out.tokenizer->vocab_size() != out.config.model.vocab_size)
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer has ", out.tokenizer->vocab_size(), " tokens but its tokenizer attribute says ", out.config.model.vocab_size);
   out.model = std::make_unique<Model>(out.config.model, dispatcher, out.config.seed);
   ParamTable& table = out.model->params();
   std::map<std::string, const NamedArray*> by_name;

@@ -1,7 +1,8 @@
 // HDF5 checkpoints: one file holds everything a run needs to continue bit for bit. Layout
 // (readable with h5py; documented in training/README.md):
-//   attributes of /: format "hybrit-checkpoint", format_version 1, step, tokens_seen, seed,
-//                     config (resolved YAML), tokenizer (JSON), muon_momentum_convention
+//   attributes of /: format "hybrit-checkpoint", format_version 2, step, tokens_seen, seed,
+//                     config (resolved YAML), tokenizer (JSON), muon_momentum_convention,
+//                     meta_fnv1a64 (over all of them, length-prefixed, in this order)
 //   /params/<name>, /optim/adam_m/<name>, /optim/adam_v/<name>, /optim/muon_momentum/<name>:
 //                     f32 datasets in the parameter's shape, each with an attribute fnv1a64
 //   /tokenizer_model: the BPE model's bytes (u8), when the tokenizer is BPE
@@ -28,7 +29,10 @@ struct CheckpointMeta {
   std::string tokenizer_model;  // bytes; empty for the byte tokenizer
 };
 
-inline constexpr int kCheckpointVersion = 1;
+// Version 2 added meta_fnv1a64, one checksum over the root attributes; version 1 files still load.
+inline constexpr int kCheckpointVersion = 2;
+// Version 2 added meta_fnv1a64 on the root and attrs_fnv1a64 (scale and cols) on packed datasets.
+inline constexpr int kInferenceExportVersion = 2;
 
 void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta);
 // Checks the format, version, every dataset's presence, shape and checksum against `table`'s
@@ -46,8 +50,18 @@ struct CheckpointDataset {
 // with its checksum verified. Errors only when the file is unreadable or not a checkpoint.
 CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<CheckpointDataset>* datasets);
 
+// A checkpoint's own config, model.vocab_size taken from its tokenizer. A config or tokenizer
+// attribute that does not parse is a damaged file (ErrorKind::corrupt_data), not a config error.
+TrainConfig checkpoint_config(const CheckpointMeta& meta, const std::string& path);
+// What keeps `datasets` from being a checkpoint of `config`: missing, misshapen and unexpected
+// datasets in any of the four buffer groups, and checksum failures. Empty when all is well.
+std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets);
+// Reads and checks everything (metadata checksum, layout, every dataset's checksum) without
+// loading: an Error naming the first problem. Returns the metadata.
+CheckpointMeta verify_checkpoint(const std::string& path);
+
 // Every f32 dataset of a checkpoint by name ("params/tok_emb", "optim/adam_m/..."), checksums
-// verified (an Error naming the first that fails).
+// verified and the layout compared with the config (an Error naming the first problem).
 struct NamedArray {
   std::string name;
   Shape shape;
@@ -55,11 +69,12 @@ struct NamedArray {
 };
 std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, CheckpointMeta* meta);
 
-// The packed inference file of a checkpoint (HDF5, format "hybrit-inference", version 1): the
+// The packed inference file of a checkpoint (HDF5, format "hybrit-inference", version 2): the
 // config, the tokenizer (and its BPE model), and per parameter either `<name>` (f32: embedding,
 // head, norm gains, and every matrix of a quant-none model) or, for the BitLinear weights of a
 // ternary model, `<name>.packed` (u8, rows x ceil(cols / 4), code q + 1 per 2 bits, as
-// pack_ternary) with attributes `scale` (the absmean scale, f32) and `cols`. Quantization and
+// pack_ternary) with attributes `scale` (the absmean scale, f32), `cols` and attrs_fnv1a64 (over
+// both). Version 2: meta_fnv1a64 on the root covers format, version, step, config, tokenizer. Quantization and
 // packing go through `dispatcher`. Returns the bytes of weights written.
 int64_t export_for_inference(Dispatcher& dispatcher, const std::string& checkpoint, const std::string& out_path);
 

@@ -388,6 +388,9 @@ TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_p
       reject("not a hybrit token cache");
     } else if (h.key != key) {
       log_info("token cache ", cache_path, " was made from other files or another tokenizer; rebuilding it");
+    } else if (std::error_code ec; h.records >= (uint64_t(1) << 40) || h.tokens >= (uint64_t(1) << 40) ||
+               fs::file_size(cache_path, ec) != sizeof h + (h.records + 1) * sizeof(int64_t) + h.tokens * sizeof(uint16_t) + sizeof(uint64_t)) {
+      reject("its size does not match its header (truncated or damaged)");  // checked before the header's counts allocate anything
     } else {
       TokenizedCorpus t;
       t.record_offsets.resize(h.records + 1);
@@ -428,6 +431,7 @@ TokenizedCorpus tokenize_cached(const Corpus& corpus, const std::string& cache_p
     out.write(reinterpret_cast<const char*>(t.record_offsets.data()), std::streamsize(t.record_offsets.size() * sizeof(int64_t)));
     out.write(reinterpret_cast<const char*>(packed.data()), std::streamsize(packed.size() * sizeof(uint16_t)));
     out.write(reinterpret_cast<const char*>(&checksum), sizeof checksum);
+    out.close();
     if (!out) {
       log_warn("token cache ", tmp, ": cannot write (", std::strerror(errno), "); continuing without a cache");
       return t;

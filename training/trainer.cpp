@@ -1,8 +1,10 @@
 #include "training/trainer.hpp"
+#include "core/file.hpp"
 
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <algorithm>
@@ -104,30 +106,38 @@ void Trainer::save(const std::string& path) {
   save_checkpoint(path, model_.params(), meta);
 }
 
-void Trainer::restore(const std::string& path) {
-  const CheckpointMeta meta = inspect_checkpoint(path, nullptr);
-  const TrainConfig then = parse_train_config(meta.config_yaml, path + " (its config)");
-  const ModelConfig &a = then.model, &b = config_.model;
-  const std::pair<std::string, std::pair<std::string, std::string>> fields[] = {
-      {"model.vocab_size", {cat(a.vocab_size), cat(b.vocab_size)}}, {"model.dim", {cat(a.dim), cat(b.dim)}},
-      {"model.n_layers", {cat(a.n_layers), cat(b.n_layers)}}, {"model.n_heads", {cat(a.n_heads), cat(b.n_heads)}},
-      {"model.n_kv_heads", {cat(a.kv_heads()), cat(b.kv_heads())}}, {"model.ffn_hidden", {cat(a.hidden()), cat(b.hidden())}},
-      {"model.context", {cat(a.context), cat(b.context)}}, {"model.rope_theta", {cat(a.rope_theta), cat(b.rope_theta)}},
-      {"model.norm_eps", {cat(a.norm_eps), cat(b.norm_eps)}}, {"model.ffn", {cat(int(a.ffn)), cat(int(b.ffn))}},
-      {"model.quant", {cat(int(a.quant)), cat(int(b.quant))}}, {"model.subln", {cat(a.subln), cat(b.subln)}},
-      {"model.tied_embeddings", {cat(a.tied_embeddings), cat(b.tied_embeddings)}},
-      {"data.tokenizer", {then.data.tokenizer, config_.data.tokenizer}}, {"data.format", {then.data.format, config_.data.format}},
-      {"data.val_fraction", {cat(then.data.val_fraction), cat(config_.data.val_fraction)}}, {"seed", {cat(then.seed), cat(config_.seed)}},
-      {"train.batch", {cat(then.train.batch), cat(config_.train.batch)}}};
+namespace {
+// Refuses (ErrorKind::invalid_argument) a resume whose config changes what the run is: the model,
+// the data and how it is split and drawn. `then` is the checkpoint's config, `now` the run's.
+void check_resumable(const TrainConfig& now, const TrainConfig& then, const std::string& path) {
+  const ModelConfig &a = then.model, &b = now.model;
+  std::vector<std::pair<std::string, std::pair<std::string, std::string>>> fields = {
+      {"model.dim", {cat(a.dim), cat(b.dim)}}, {"model.n_layers", {cat(a.n_layers), cat(b.n_layers)}},
+      {"model.n_heads", {cat(a.n_heads), cat(b.n_heads)}}, {"model.n_kv_heads", {cat(a.kv_heads()), cat(b.kv_heads())}},
+      {"model.ffn_hidden", {cat(a.hidden()), cat(b.hidden())}}, {"model.context", {cat(a.context), cat(b.context)}},
+      {"model.rope_theta", {cat(a.rope_theta), cat(b.rope_theta)}}, {"model.norm_eps", {cat(a.norm_eps), cat(b.norm_eps)}},
+      {"model.ffn", {cat(int(a.ffn)), cat(int(b.ffn))}}, {"model.quant", {cat(int(a.quant)), cat(int(b.quant))}},
+      {"model.subln", {cat(a.subln), cat(b.subln)}}, {"model.tied_embeddings", {cat(a.tied_embeddings), cat(b.tied_embeddings)}},
+      {"data.tokenizer", {then.data.tokenizer, now.data.tokenizer}}, {"data.format", {then.data.format, now.data.format}},
+      {"data.val_fraction", {cat(then.data.val_fraction), cat(now.data.val_fraction)}}, {"seed", {cat(then.seed), cat(now.seed)}},
+      {"train.batch", {cat(then.train.batch), cat(now.train.batch)}}};
+  // The byte tokenizer's vocabulary is fixed; a BPE one is the checkpoint's own model, so the ask counts.
+  if (then.data.tokenizer == "bpe") fields.push_back({"data.vocab_size", {cat(then.data.vocab_size), cat(now.data.vocab_size)}});
   for (const auto& [key, values] : fields)
     if (values.first != values.second)
-      fail(ErrorKind::invalid_argument, "resume from ", path, ": ", key, " is ", values.first, " in the checkpoint but ", values.second,
-           " in ", config_.source, "; it cannot change when a run resumes");
+      fail(ErrorKind::invalid_argument, "resume from ", path, ": ", key, " is ", values.first, " in the checkpoint but ", values.second, " in ",
+           now.source, "; it cannot change when a run resumes");
   std::string sources_then, sources_now;
   for (const auto& s : then.data.sources) sources_then += s + " ";
-  for (const auto& s : config_.data.sources) sources_now += s + " ";
+  for (const auto& s : now.data.sources) sources_now += s + " ";
   if (sources_then != sources_now)
     fail(ErrorKind::invalid_argument, "resume from ", path, ": data.sources differ from the checkpoint's (", sources_then, "); they cannot change when a run resumes");
+}
+}  // namespace
+
+void Trainer::restore(const std::string& path) {
+  const CheckpointMeta meta = inspect_checkpoint(path, nullptr);
+  check_resumable(config_, checkpoint_config(meta, path), path);
   load_checkpoint(path, model_.params());
   step_ = meta.step;
 }
@@ -270,14 +280,31 @@ void prune_checkpoints(const std::string& run_dir, int64_t keep) {
   for (size_t i = 0; i + size_t(keep) < found.size(); ++i) fs::remove(found[i]);
 }
 
-// metrics.jsonl without the lines past `step`, rewritten through a temporary file.
-void truncate_metrics(const fs::path& file, int64_t step) {
+// The lines of metrics.jsonl, each parsed. A line that is not JSON (the last one torn by a crash
+// mid-write, or a damaged one) is left out with a warning naming its line.
+std::vector<nlohmann::json> read_metrics(const fs::path& file) {
   std::ifstream in(file);
-  std::string kept, line;
-  while (std::getline(in, line))
-    if (!line.empty() && nlohmann::json::parse(line).value("step", int64_t(0)) <= step) kept += line + "\n";
-  std::ofstream(file.string() + ".tmp") << kept;
-  fs::rename(file.string() + ".tmp", file);
+  std::vector<nlohmann::json> lines;
+  std::string line;
+  for (int64_t number = 1; std::getline(in, line); ++number) {
+    if (line.empty()) continue;
+    try {
+      nlohmann::json j = nlohmann::json::parse(line);
+      if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) throw std::runtime_error("no integer step");
+      lines.push_back(std::move(j));
+    } catch (const std::exception&) {
+      log_warn(file.string(), ":", number, ": not a metrics line (torn by a crash mid-write?); dropped");
+    }
+  }
+  return lines;
+}
+
+// metrics.jsonl without the lines past `step` (or torn), rewritten atomically.
+void truncate_metrics(const fs::path& file, int64_t step) {
+  std::string kept;
+  for (const auto& j : read_metrics(file))
+    if (j["step"].get<int64_t>() <= step) kept += j.dump() + "\n";
+  write_file_atomically(file.string(), kept);
 }
 }  // namespace
 
@@ -321,38 +348,38 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     candidates = automatic ? checkpoints_newest_first(run_dir) : std::vector<std::string>{resume};
     if (candidates.empty()) fail(ErrorKind::io, run_dir, ": no checkpoint to resume from");
   }
-  std::string tokenizer_model;
-  for (const auto& candidate : candidates) {  // the tokens must be the checkpoint's
-    try {
-      const CheckpointMeta meta = inspect_checkpoint(candidate, nullptr);
-      if (!meta.tokenizer_model.empty()) {
-        tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
-        std::ofstream(tokenizer_model, std::ios::binary) << meta.tokenizer_model;
-      }
-      break;
-    } catch (const Error&) {
-      if (!automatic) throw;
-    }
-  }
-  Trainer trainer(config, run_dir, tokenizer_model);
+  // Every check that can refuse the resume runs before anything in the run folder is written:
+  // the checkpoint is read whole (metadata and dataset checksums, the layout its config needs) and
+  // its config compared with this one. A damaged file makes `auto` fall back to an older one; a
+  // config that does not match is an error either way.
   std::string checkpoint;
+  CheckpointMeta meta;
   for (const auto& candidate : candidates) {
     try {
-      trainer.restore(candidate);
-      checkpoint = candidate;
-      break;
+      meta = verify_checkpoint(candidate);
     } catch (const Error& e) {
-      if (!automatic || e.kind() == ErrorKind::invalid_argument) throw;
+      if (!automatic) throw;
       log_warn("not resuming from ", candidate, ": ", e.what(), "; trying an older checkpoint");
+      continue;
     }
+    check_resumable(config, checkpoint_config(meta, candidate), candidate);
+    checkpoint = candidate;
+    break;
   }
   if (!candidates.empty() && checkpoint.empty()) fail(ErrorKind::io, run_dir, ": no valid checkpoint to resume from");
+  std::string tokenizer_model;  // the tokens must be the checkpoint's
+  if (!meta.tokenizer_model.empty()) {
+    tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
+    write_file_atomically(tokenizer_model, meta.tokenizer_model);
+  }
+  Trainer trainer(config, run_dir, tokenizer_model);
   if (!checkpoint.empty()) {
+    trainer.restore(checkpoint);
     if (fs::exists(metrics_path)) truncate_metrics(metrics_path, trainer.steps_done());
     log_info("resumed from ", checkpoint, " at step ", trainer.steps_done());
   }
-  std::ofstream(fs::path(run_dir) / "config.yaml") << "# resolved from " << config.source << "\n" << trainer.config().to_yaml();
-  std::ofstream(fs::path(run_dir) / "tokenizer.json") << tokenizer_json(trainer.tokenizer()) << "\n";
+  write_file_atomically((fs::path(run_dir) / "config.yaml").string(), cat("# resolved from ", config.source, "\n", trainer.config().to_yaml()));
+  write_file_atomically((fs::path(run_dir) / "tokenizer.json").string(), tokenizer_json(trainer.tokenizer()) + "\n");
   const TrainLoopConfig& t = config.train;
   int64_t n_params = 0;
   for (const auto& s : trainer.model().params().slices()) n_params += s.numel;
@@ -361,17 +388,16 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
            " and ", trainer.split().val.size(), " tokens), ", t.steps, " steps of ", t.batch, " x ", config.model.context, " tokens");
 
   std::ofstream metrics(metrics_path, std::ios::app);
+  if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot open for writing (", std::strerror(errno), ")");
   int64_t last_saved = checkpoint.empty() ? -1 : trainer.steps_done();
   double best_val = INFINITY;
   if (t.keep_best && fs::exists(fs::path(run_dir) / "best.h5")) {  // a resumed run keeps beating its old best
     try {
       const CheckpointMeta best = inspect_checkpoint((fs::path(run_dir) / "best.h5").string(), nullptr);
-      std::ifstream in(metrics_path);
-      for (std::string line; std::getline(in, line);) {
-        const auto j = nlohmann::json::parse(line);
-        if (j.value("step", int64_t(-1)) == best.step && j.contains("val_loss")) best_val = j["val_loss"].get<double>();
-      }
-    } catch (const Error&) {
+      for (const auto& j : read_metrics(metrics_path))
+        if (j["step"].get<int64_t>() == best.step && j.contains("val_loss") && j["val_loss"].is_number()) best_val = j["val_loss"].get<double>();
+    } catch (const Error& e) {
+      log_warn("best.h5: ", e.what(), "; the next evaluation replaces it");
     }
   }
   auto save = [&] {
@@ -394,6 +420,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
       if (m.skipped) line["skipped"] = true;
       if (m.val_loss) line["val_loss"] = *m.val_loss;
       metrics << line.dump() << "\n" << std::flush;
+      if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot write step ", m.step, " (disk full?); the last checkpoint is intact");
       result.last_loss = m.loss;
       if (m.val_loss) result.val_loss = m.val_loss;
       if (m.val_loss && t.keep_best && *m.val_loss < best_val) {
@@ -424,11 +451,11 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   // Which backend ran what, and for how long (DESIGN: printed at the end of a run).
   log_info("dispatcher metrics (also in ", (fs::path(run_dir) / "dispatch_metrics.txt").string(), "):");
   std::string line_buffer;
-  std::ofstream(fs::path(run_dir) / "dispatch_metrics.txt") << trainer.dispatcher().metrics().table();
+  write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), trainer.dispatcher().metrics().table());
   for (std::istringstream lines(trainer.dispatcher().metrics().table()); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
   if (t.sample_tokens > 0) {
     result.sample = printable_utf8(trainer.sample(t.sample_tokens, t.sample_prompt, t.sample_temperature, config.seed));
-    std::ofstream(fs::path(run_dir) / "sample.txt") << result.sample << "\n";
+    write_file_atomically((fs::path(run_dir) / "sample.txt").string(), result.sample + "\n");
   }
   return result;
 }

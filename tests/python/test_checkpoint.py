@@ -58,7 +58,7 @@ def test_checkpoints_are_readable_with_h5py(cli, tmp_path):
     run = tmp_path / "run"
     train(cli, run, "--set", "train.steps=3", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=400")
     with h5py.File(run / "ckpt-00000003.h5", "r") as f:
-        assert f.attrs["format"] == "hybrit-checkpoint" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "hybrit-checkpoint" and f.attrs["format_version"] == 2
         assert f.attrs["step"] == 3 and f.attrs["tokens_seen"] == 3 * 4 * 64
         assert "dim: 64" in f.attrs["config"]
         assert json.loads(f.attrs["tokenizer"])["kind"] == "bpe"
@@ -68,6 +68,20 @@ def test_checkpoints_are_readable_with_h5py(cli, tmp_path):
         assert set(f["optim"].keys()) == {"adam_m", "adam_v", "muon_momentum"}
         assert f["tokenizer_model"].shape[0] > 1000
         assert int(w.attrs["fnv1a64"]) != 0
+        assert int(f.attrs["meta_fnv1a64"]) == metadata_checksum(f)
+
+
+def metadata_checksum(f):
+    """meta_fnv1a64 as training/checkpoint.cpp defines it: FNV-1a 64 over the root attributes, each
+    as its decimal or text form, prefixed by its length (u64, little-endian)."""
+    values = [f.attrs["format"], str(f.attrs["format_version"]), str(f.attrs["step"]), str(f.attrs["tokens_seen"]), str(f.attrs["seed"]),
+              f.attrs["config"], f.attrs["tokenizer"], f.attrs["muon_momentum_convention"]]
+    h = 1469598103934665603
+    for v in values:
+        data = v.encode() if isinstance(v, str) else bytes(v)
+        for byte in len(data).to_bytes(8, "little") + data:
+            h = ((h ^ byte) * 1099511628211) % 2**64
+    return h
 
 
 def damage(path, how):
@@ -86,6 +100,20 @@ def damage(path, how):
     elif how == "missing dataset":
         with h5py.File(path, "r+") as f:
             del f["optim/adam_v/blocks.1.w_up"]
+    elif how == "step attribute":
+        with h5py.File(path, "r+") as f:
+            f.attrs["step"] = np.int64(f.attrs["step"]) ^ (1 << 32)  # one flipped bit: "done after 4294967300 steps"
+    elif how == "config text":
+        with h5py.File(path, "r+") as f:
+            f.attrs["config"] = f.attrs["config"].replace("dim: 64", "dim: 65")
+    elif how == "config that does not parse":  # damaged, and its checksum made to match
+        with h5py.File(path, "r+") as f:
+            f.attrs["config"] = f.attrs["config"].replace("model:", "model: [")
+            f.attrs["meta_fnv1a64"] = np.uint64(metadata_checksum(f))
+    elif how == "lost datasets":  # what a damaged B-tree looks like to a reader: groups with no links
+        with h5py.File(path, "r+") as f:
+            del f["params"]
+            del f["optim"]
     elif how == "shape mismatch":
         with h5py.File(path, "r+") as f:
             data = f["params/final_norm"][...]
@@ -96,8 +124,12 @@ def damage(path, how):
 MESSAGES = {
     "truncated": "(truncated or damaged?)",
     "flipped byte": "dataset params/blocks.0.wq fails its checksum (the file is damaged)",
-    "wrong version": "checkpoint format version 99, this hybrit reads version 1",
+    "wrong version": "checkpoint format version 99, this hybrit reads versions 1 and 2",
     "missing dataset": "dataset optim/adam_v/blocks.1.w_up is missing",
+    "step attribute": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
+    "config text": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
+    "config that does not parse": "its config does not parse",
+    "lost datasets": "dataset params/tok_emb is missing",
     "shape mismatch": "dataset params/final_norm has shape (128,), the model needs (64,)",
 }
 
@@ -114,6 +146,31 @@ def test_damaged_checkpoints_are_refused_and_auto_falls_back(cli, tmp_path, how)
     # auto skips it, says so, and resumes from the older one
     r = train(cli, run, "--set", "train.steps=6", "--resume", "auto")
     assert f"not resuming from {newest}" in r.stderr and "resumed from" in r.stderr and "ckpt-00000002.h5" in r.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def folder_state(run):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_a_refused_resume_writes_nothing_in_the_run_folder(cli, tmp_path):
+    # A run made with data.format=text, resumed with the config's own format: refused, and the
+    # token cache, config, tokenizer and metrics are the ones the run wrote.
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=2", "--set", "data.format=text", "--set", "data.sources=/usr/share/common-licenses/GPL-3")
+    before = folder_state(run)
+    r = train(cli, run, "--set", "train.steps=4", "--set", "data.sources=/usr/share/common-licenses/GPL-3", "--resume", "auto", check=False)
+    assert r.returncode == 1 and "data.format is text in the checkpoint but fortune in" in r.stderr, r.stderr
+    assert folder_state(run) == before
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(cli, tmp_path):
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=4", "--set", "optim.schedule.total_steps=6")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # a crash mid-write
+    r = train(cli, run, "--set", "train.steps=6", "--resume", "auto")
+    assert "metrics.jsonl:5: not a metrics line (torn by a crash mid-write?); dropped" in r.stderr
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -135,8 +192,15 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoint_loadable(cli, tmp_p
             "--set", "train.sample_tokens=0", "--set", "train.eval_every=0"]
     rng = np.random.default_rng()
     for attempt in range(4):
+        saved_before = {c.name for c in run.glob("ckpt-*.h5")}
         p = subprocess.Popen(args + (["--resume", "auto"] if attempt else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(1.5 + rng.uniform(0, 1.0))
+        # Wait for this attempt's first checkpoint (an event, however busy the machine), then kill
+        # at a random moment of the saves that follow, one per step.
+        deadline = time.monotonic() + 300
+        while not {c.name for c in run.glob("ckpt-*.h5")} - saved_before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before it was killed"
+        time.sleep(rng.uniform(0, 0.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
         checkpoints = sorted(run.glob("ckpt-*.h5"))
@@ -158,7 +222,7 @@ def test_inspect_export_and_load_checkpoint(cli, tmp_path):
     train(cli, run, "--set", "train.steps=3", "--set", "train.keep_best=true", "--set", "train.eval_every=1")
     ckpt = run / "ckpt-00000003.h5"
     out = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True, check=True).stdout
-    assert "step        3 (768 tokens seen)" in out and "quant ternary" in out and "0 failing their checksum" in out
+    assert "step        3 (768 tokens seen)" in out and "quant ternary" in out and "; 0 problems" in out
     assert out.count(" ok\n") == 4 * len([line for line in out.splitlines() if line.strip().startswith("params/")])
 
     c = hybrit.load_checkpoint(ckpt)
@@ -192,6 +256,39 @@ def test_inspect_export_and_load_checkpoint(cli, tmp_path):
     # a damaged file: inspect names it and exits 1
     damage(ckpt, "flipped byte")
     r = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True)
-    assert r.returncode == 1 and "CHECKSUM MISMATCH" in r.stdout and "1 datasets fail their checksum" in r.stderr
+    assert r.returncode == 1 and "CHECKSUM MISMATCH" in r.stdout and "damaged: dataset params/blocks.0.wq fails its checksum" in r.stderr
     with pytest.raises(RuntimeError, match="fails its checksum"):
         hybrit.load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("how", ["lost datasets", "step attribute", "missing dataset"])
+def test_inspect_export_and_load_refuse_a_damaged_checkpoint(cli, tmp_path, how):
+    import hybrit
+
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=2")
+    ckpt = run / "ckpt-00000002.h5"
+    damage(ckpt, how)
+    message = MESSAGES[how]
+    r = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True)
+    assert r.returncode == 1 and message in r.stdout + r.stderr, r.stdout + r.stderr
+    out = tmp_path / "model.hyb"
+    r = subprocess.run([cli, "checkpoint", "export", str(ckpt), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and message in r.stderr and not out.exists(), r.stderr
+    with pytest.raises(RuntimeError, match=message.split(" (")[0].replace("(", r"\(")):
+        hybrit.load_checkpoint(ckpt)
+
+
+def test_a_damaged_export_is_refused(cli, tmp_path):
+    run = tmp_path / "run"
+    train(cli, run, "--set", "train.steps=2")
+    exported = tmp_path / "model.hyb"
+    subprocess.run([cli, "checkpoint", "export", str(run / "ckpt-00000002.h5"), "--out", str(exported)], check=True, capture_output=True)
+    with h5py.File(exported, "r+") as f:
+        f["blocks.0.wq.packed"].attrs["scale"] = np.float32(f["blocks.0.wq.packed"].attrs["scale"] * 2)
+    r = subprocess.run([cli, "generate", "--checkpoint", str(exported), "--prompt", "a", "--max-tokens", "2"], capture_output=True, text=True)
+    assert r.returncode == 1 and "blocks.0.wq.packed: its scale and column count fail their checksum" in r.stderr, r.stderr
+    with h5py.File(exported, "r+") as f:
+        f.attrs["step"] = np.int64(7)
+    r = subprocess.run([cli, "generate", "--checkpoint", str(exported), "--prompt", "a", "--max-tokens", "2"], capture_output=True, text=True)
+    assert r.returncode == 1 and "the metadata (step, seed, config, tokenizer) fails its checksum" in r.stderr, r.stderr
