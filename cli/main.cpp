@@ -139,10 +139,13 @@ int main(int argc, char** argv) {
   }
 
   try {
+    // The front end's dispatch sources; resolve_overrides puts them in order with the run
+    // config's section and the environment.
     DispatcherOptions options;
     options.config_path = config;
-    if (!backend.empty() && backend != "auto") {
-      options.overrides.backend = parse_backend(backend, "--backend");
+    if (!backend.empty()) {
+      if (backend == "auto") options.overrides.backend_auto = true;
+      else options.overrides.backend = parse_backend(backend, "--backend");
       options.overrides.source = "--backend";
     }
     if (*info) {
@@ -188,7 +191,7 @@ int main(int argc, char** argv) {
     }
     if (*train) {
       TrainConfig cfg = load_train_config(train_config, train_sets);
-      cfg.dispatch.merge(options.overrides);
+      cfg.dispatch_sources = options;
       if (train_out.empty() && !train_resume.empty()) {
         if (train_resume == "auto") fail(ErrorKind::invalid_argument, "--resume auto: name the run folder with --out");
         train_out = std::filesystem::path(train_resume).parent_path().string();
@@ -245,7 +248,7 @@ int main(int argc, char** argv) {
     }
     if (*reduce) {
       ReduceConfig cfg = load_reduce_config(reduce_config, reduce_sets);
-      cfg.dispatch.merge(options.overrides);
+      cfg.dispatch_sources = options;
       if (reduce_out.empty()) reduce_out = default_run_folder(std::filesystem::path(reduce_config).stem().string());
       const nlohmann::json r = run_reduce(cfg, reduce_out);
       std::cout << format_reduce_report(r);

@@ -14,7 +14,7 @@
 #include "core/rng.hpp"
 #include "dispatch/report.hpp"
 #include "training/data.hpp"
-#include "training/yaml_schema.hpp"
+#include "core/yaml_schema.hpp"
 
 namespace fs = std::filesystem;
 
@@ -338,12 +338,11 @@ ReduceConfig parse_reduce_config(const std::string& yaml_text, const std::string
        if (c.select.eps && c.select.strategy != ReduceStrategy::semdedup)
          bad(o.where(sec["eps"], p + ".eps"), p + ".eps", cat("only semdedup keeps by a threshold; ", to_string(c.select.strategy), " needs fraction or count"));
      }},
-    {"dispatch", [&](const YAML::Node&, const std::string&) {}},  // checked by overrides_from_yaml below
+    {"dispatch", [&](const YAML::Node& sec, const std::string& p) { c.dispatch = overrides_from_section(sec, p, o); }},
   });
   if (!root["reduce"] || !have_strategy) fail(ErrorKind::invalid_argument, file_name, ": reduce.strategy: missing (nearest, balanced, semdedup, hard or random)");
   if (c.embedding == ReduceConfig::Embedding::model && c.model.checkpoint.empty())
     fail(ErrorKind::invalid_argument, file_name, ": embedding.checkpoint: the model embedding needs a training checkpoint (.h5)");
-  c.dispatch = overrides_from_yaml(yaml_text, file_name);
   c.select.seed = c.kmeans.seed = c.seed;
   return c;
 }
@@ -391,6 +390,9 @@ void write_corpus(const std::string& path, CorpusFormat format, const std::vecto
 }  // namespace
 
 nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
+  DispatcherOptions dopt = c.dispatch_sources;
+  dopt.config_section = c.dispatch;
+  resolve_overrides(dopt);  // every dispatch source parsed before the output folder exists
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) fail(ErrorKind::io, out_dir, ": cannot create the output folder (", ec.message(), ")");
@@ -405,8 +407,6 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   stages["read"] = t.seconds();
   log_info("read ", n, " records (", to_string(corpus.format), ") from ", corpus.files.size(), " files");
 
-  DispatcherOptions dopt;
-  dopt.overrides = c.dispatch;
   Dispatcher dispatcher(dopt);
   KMeansResult clusters;
   Tensor embeddings;

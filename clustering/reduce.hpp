@@ -64,7 +64,10 @@ struct ReduceConfig {
   int64_t k = 0;  // 0: round(sqrt(records))
   KMeansOptions kmeans;  // k and seed are filled from the fields above
   SelectOptions select;
-  Overrides dispatch;
+  Overrides dispatch;  // the YAML's `dispatch:` section
+  // The front end's sources above that section (--config, the environment, --backend), resolved
+  // together with `dispatch` by resolve_overrides. Not part of the YAML.
+  DispatcherOptions dispatch_sources;
   std::string source = "defaults";  // the file it came from
 };
 

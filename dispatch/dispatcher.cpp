@@ -251,101 +251,123 @@ void save_profile(const Profile& profile, const std::string& path) {
 // ------------------------------------------------------------------ overrides
 
 void Overrides::merge(const Overrides& higher) {
-  if (higher.backend) backend = higher.backend;
-  for (const auto& [op, kind] : higher.per_op) per_op[op] = kind;
-  if (higher.simd) simd = higher.simd;
-  if (higher.threads > 0) threads = higher.threads;
-  if (!higher.profile_path.empty()) profile_path = higher.profile_path;
-  if (!higher.source.empty() && (higher.backend || !higher.per_op.empty() || higher.simd || higher.threads > 0 || !higher.profile_path.empty()))
-    source = higher.source;
+  if (higher.backend || higher.backend_auto) {
+    backend = higher.backend, backend_auto = higher.backend_auto;
+    per_op.clear(), per_op_auto.clear();
+  }
+  for (Op op : higher.per_op_auto) per_op.erase(op), per_op_auto.insert(op);
+  for (const auto& [op, kind] : higher.per_op) per_op[op] = kind, per_op_auto.erase(op);
+  if (higher.simd || higher.simd_auto) simd = higher.simd, simd_auto = higher.simd_auto;
+  if (higher.threads > 0 || higher.threads_auto) threads = higher.threads, threads_auto = higher.threads_auto;
+  if (!higher.profile_path.empty() || higher.profile_auto) profile_path = higher.profile_path, profile_auto = higher.profile_auto;
+  if (!higher.source.empty() && !higher.empty()) source = higher.source;
+}
+
+bool Overrides::empty() const {
+  return !backend && per_op.empty() && !simd && threads == 0 && profile_path.empty() && !backend_auto && !simd_auto && !threads_auto &&
+         !profile_auto && per_op_auto.empty();
 }
 
 namespace {
-std::optional<BackendKind> parse_backend_or_auto(const std::string& text, const std::string& what) {
-  if (text == "auto" || text.empty()) return std::nullopt;
-  if (text == "c" || text == "tbb" || text == "cuda") return parse_backend(text, what);
+// "auto" (or nothing) is a value: it undoes lower sources. Returns false for auto.
+bool parse_backend_or_auto(const std::string& text, const std::string& what, BackendKind& out) {
+  if (text == "auto" || text.empty()) return false;
+  if (text == "c" || text == "tbb" || text == "cuda") {
+    out = parse_backend(text, what);
+    return true;
+  }
   fail(ErrorKind::invalid_argument, what, ": expected c, tbb, cuda or auto, got '", text, "'");
 }
 
-int parse_threads(const std::string& text, const std::string& what) {
+void set_backend(Overrides& o, const std::string& text, const std::string& what) {
+  BackendKind kind{};
+  if (parse_backend_or_auto(text, what, kind)) o.backend = kind, o.backend_auto = false;
+  else o.backend.reset(), o.backend_auto = true;
+}
+void set_op_backend(Overrides& o, Op op, const std::string& text, const std::string& what) {
+  BackendKind kind{};
+  if (parse_backend_or_auto(text, what, kind)) o.per_op[op] = kind, o.per_op_auto.erase(op);
+  else o.per_op.erase(op), o.per_op_auto.insert(op);
+}
+void set_simd(Overrides& o, const std::string& text, const std::string& what) {
+  if (text == "auto" || text.empty()) o.simd.reset(), o.simd_auto = true;
+  else o.simd = parse_simd_level(text, what), o.simd_auto = false;
+}
+void set_threads(Overrides& o, const std::string& text, const std::string& what) {
   char* end = nullptr;
-  const long v = std::strtol(text.c_str(), &end, 10);
-  if (text.empty() || *end || v < 0 || v > 4096) fail(ErrorKind::invalid_argument, what, ": expected a thread count 0..4096, got '", text, "'");
-  return int(v);
+  const long v = text == "auto" ? 0 : std::strtol(text.c_str(), &end, 10);
+  if (text != "auto" && (text.empty() || *end || v < 0 || v > 4096))
+    fail(ErrorKind::invalid_argument, what, ": expected a thread count 0..4096 or auto, got '", text, "'");
+  o.threads = int(v), o.threads_auto = v == 0;
+}
+void set_profile(Overrides& o, const std::string& text) {
+  if (text == "auto" || text.empty()) o.profile_path.clear(), o.profile_auto = true;
+  else o.profile_path = text, o.profile_auto = false;
 }
 }  // namespace
+
+void Overrides::set(const std::string& setting, const std::string& text, const std::string& what) {
+  if (setting == "backend") return set_backend(*this, text, what);
+  if (setting == "simd") return set_simd(*this, text, what);
+  if (setting == "threads") return set_threads(*this, text, what);
+  if (setting == "profile") return set_profile(*this, text);
+  if (setting.rfind("ops.", 0) == 0) return set_op_backend(*this, parse_op(setting.substr(4), what), text, what);
+  fail(ErrorKind::invalid_argument, what, ": unknown dispatch setting '", setting, "' (expected backend, ops.<op>, simd, threads or profile)");
+}
 
 Overrides overrides_from_env() {
   Overrides o;
   o.source = "environment";
-  if (const char* v = std::getenv("HYBRIT_BACKEND")) o.backend = parse_backend_or_auto(v, "HYBRIT_BACKEND");
-  if (const char* v = std::getenv("HYBRIT_SIMD"); v && *v) o.simd = parse_simd_level(v, "HYBRIT_SIMD");
-  if (const char* v = std::getenv("HYBRIT_THREADS"); v && *v) o.threads = parse_threads(v, "HYBRIT_THREADS");
-  if (const char* v = std::getenv("HYBRIT_PROFILE"); v && *v) o.profile_path = v;
+  for (const char* setting : {"backend", "simd", "threads", "profile"}) {
+    std::string name = "HYBRIT_" + std::string(setting);
+    for (auto& ch : name) ch = char(std::toupper(ch));
+    if (const char* v = std::getenv(name.c_str()); v && *v) o.set(setting, v, name);
+  }
   return o;
 }
 
-namespace {
-const char* node_kind(const YAML::Node& n) {
-  switch (n.Type()) {
-    case YAML::NodeType::Map: return "a mapping";
-    case YAML::NodeType::Sequence: return "a list";
-    case YAML::NodeType::Null: return "nothing";
-    default: return "a scalar";
-  }
+Overrides overrides_from_section(const YAML::Node& section, const std::string& key, const schema::Origins& origins) {
+  using namespace schema;
+  Overrides o;
+  o.source = cat(origins.file, " (", key, " section)");
+  auto at = [&](const YAML::Node& n, const std::string& k) { return cat(origins.where(n, k), ": ", k); };
+  auto setting = [&](const char* name) {
+    return [&, name](const YAML::Node& n, const std::string& k) { o.set(name, as_string(n, k, origins), at(n, k)); };
+  };
+  walk(section, key, origins, {
+    {"backend", setting("backend")}, {"simd", setting("simd")}, {"threads", setting("threads")}, {"profile", setting("profile")},
+    {"ops", [&](const YAML::Node& ops, const std::string& k) {
+       if (!ops.IsMap()) bad(origins.where(ops, k), k, cat("expected a mapping of op: backend, got ", scalar_text(ops)));
+       std::map<std::string, Handler> handlers;
+       for (int i = 0; i < kOpCount; ++i)
+         handlers[to_string(Op(i))] = [&, name = std::string("ops.") + to_string(Op(i))](const YAML::Node& n, const std::string& ok) {
+           o.set(name, as_string(n, ok, origins), at(n, ok));
+         };
+       walk(ops, k, origins, handlers);
+     }},
+  });
+  return o;
 }
-}  // namespace
 
 Overrides overrides_from_yaml(const std::string& yaml_text, const std::string& file) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(yaml_text);
-  } catch (const YAML::ParserException& e) {
-    fail(ErrorKind::invalid_argument, file, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
-  }
-  Overrides o;
-  if (!root.IsMap() || !root["dispatch"]) return o;
-  const YAML::Node d = root["dispatch"];
-  auto where = [&](const YAML::Node& n) { return cat(file, ":", n.Mark().line + 1, ": "); };
-  if (!d.IsMap()) fail(ErrorKind::invalid_argument, where(d), "dispatch: expected a mapping, got ", node_kind(d));
-  o.source = cat(file, " (dispatch section)");
-  auto scalar = [&](const YAML::Node& n, const std::string& key) {
-    if (!n.IsScalar()) fail(ErrorKind::invalid_argument, where(n), key, ": expected a single value, got ", node_kind(n));
-    return n.as<std::string>();
-  };
-  for (const auto& kv : d) {
-    const std::string key = kv.first.as<std::string>();
-    const YAML::Node& value = kv.second;
-    const std::string at = where(value);
-    if (key == "backend") {
-      o.backend = parse_backend_or_auto(scalar(value, "dispatch.backend"), at + "dispatch.backend");
-    } else if (key == "simd") {
-      o.simd = parse_simd_level(scalar(value, "dispatch.simd"), at + "dispatch.simd");
-    } else if (key == "threads") {
-      o.threads = parse_threads(scalar(value, "dispatch.threads"), at + "dispatch.threads");
-    } else if (key == "profile") {
-      o.profile_path = scalar(value, "dispatch.profile");
-    } else if (key == "ops") {
-      if (!value.IsMap()) fail(ErrorKind::invalid_argument, at, "dispatch.ops: expected a mapping of op: backend, got ", node_kind(value));
-      for (const auto& op_kv : value) {
-        const std::string op_name = op_kv.first.as<std::string>();
-        const std::string op_at = where(op_kv.second) + "dispatch.ops." + op_name;
-        const Op op = parse_op(op_name, where(op_kv.first) + "dispatch.ops");
-        if (auto kind = parse_backend_or_auto(scalar(op_kv.second, "dispatch.ops." + op_name), op_at)) o.per_op[op] = *kind;
-      }
-    } else {
-      fail(ErrorKind::invalid_argument, where(kv.first), "dispatch.", key, ": unknown key (expected backend, ops, simd, threads or profile)");
-    }
-  }
-  return o;
+  schema::Origins origins;
+  const YAML::Node root = schema::load_yaml(yaml_text, file, {}, origins);
+  const YAML::Node section = root["dispatch"];
+  if (!section.IsDefined() || section.IsNull()) return {};
+  return overrides_from_section(section, "dispatch", origins);
 }
 
-Overrides overrides_from_yaml_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(ErrorKind::io, path, ": cannot open config file");
-  std::stringstream text;
-  text << in.rdbuf();
-  return overrides_from_yaml(text.str(), path);
+Overrides overrides_from_yaml_file(const std::string& path) { return overrides_from_yaml(schema::read_config_file(path), path); }
+
+Overrides resolve_overrides(const DispatcherOptions& sources) {
+  Overrides resolved;  // the built-in defaults: nothing forced
+  resolved.merge(sources.config_section);
+  if (!sources.config_path.empty()) resolved.merge(overrides_from_yaml_file(sources.config_path));
+  if (sources.use_environment) resolved.merge(overrides_from_env());
+  Overrides caller = sources.overrides;
+  if (caller.source.empty()) caller.source = "argument";
+  resolved.merge(caller);
+  return resolved;
 }
 
 // ------------------------------------------------------------------ policy
@@ -458,12 +480,7 @@ std::string Metrics::table() const {
 // ------------------------------------------------------------------ dispatcher
 
 Dispatcher::Dispatcher(const DispatcherOptions& options) {
-  Overrides ov;
-  if (!options.config_path.empty()) ov.merge(overrides_from_yaml_file(options.config_path));
-  if (options.use_environment) ov.merge(overrides_from_env());
-  Overrides api = options.overrides;
-  if (api.source.empty()) api.source = "argument";
-  ov.merge(api);
+  const Overrides ov = resolve_overrides(options);
 
   policy_.hardware = hardware();
   policy_.overrides = ov;

@@ -6,10 +6,12 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "core/yaml_schema.hpp"
 
 namespace hybrit {
 
@@ -78,23 +80,51 @@ std::string default_profile_path();
 Profile load_profile(const std::string& path, bool named_explicitly, const HardwareInfo& hw, const MeasurementConditions& now);
 void save_profile(const Profile& profile, const std::string& path);
 
+// What one source of settings says about the dispatch: the built-in defaults (nothing set), a
+// config's `dispatch:` section, the environment, or a front end's flags and arguments.
 struct Overrides {
   std::optional<BackendKind> backend;   // every op
-  std::map<Op, BackendKind> per_op;     // wins over `backend` for its op
+  std::map<Op, BackendKind> per_op;     // wins over `backend` for its op, within one source
   std::optional<SimdLevel> simd;        // C and tbb kernels; default: the best the CPU has
   int threads = 0;                      // tbb threads; 0: the CPUs granted to this process
   std::string profile_path;             // measured profile to load
   std::string source;                   // where the overrides came from, for messages
+  // Settings this source names as `auto`: merged over a lower source, they undo what it set.
+  bool backend_auto = false, simd_auto = false, threads_auto = false, profile_auto = false;
+  std::set<Op> per_op_auto;
 
-  // Fields set in `higher` replace those here.
+  // `higher` wins for every setting it names (a value or `auto`). Its `backend` (or `auto`) also
+  // drops the lower sources' per-op choices: a higher "every op" outranks a lower "this op".
   void merge(const Overrides& higher);
+  bool empty() const;  // names no setting at all
+  // One setting from its text, as every source writes it: `backend`, `ops.<op>` (c, tbb, cuda or
+  // auto), `simd` (scalar, avx2, avx512 or auto), `threads` (0..4096 or auto), `profile` (a path
+  // or auto). `what` names the source in errors ("HYBRIT_THREADS", "run.yaml:4: dispatch.simd").
+  void set(const std::string& setting, const std::string& text, const std::string& what);
 };
-// HYBRIT_BACKEND, HYBRIT_SIMD, HYBRIT_THREADS, HYBRIT_PROFILE.
+// HYBRIT_BACKEND, HYBRIT_SIMD, HYBRIT_THREADS, HYBRIT_PROFILE (each may be `auto`).
 Overrides overrides_from_env();
-// The `dispatch:` section of a YAML config (keys: backend, ops, simd, threads, profile); errors
-// name the file, line and key.
+// The `dispatch:` section of a loaded config (keys: backend, ops, simd, threads, profile; each may
+// be `auto`); `key` is its dotted name for messages ("dispatch"), errors name the file and line or
+// the --set that gave the value.
+Overrides overrides_from_section(const YAML::Node& section, const std::string& key, const schema::Origins& origins);
+// The `dispatch:` section of a YAML text or file (the rest of the file is not checked here).
 Overrides overrides_from_yaml(const std::string& yaml_text, const std::string& file_name);
 Overrides overrides_from_yaml_file(const std::string& path);
+
+// The one precedence rule for dispatch settings, lowest first:
+//   built-in defaults < a run config's `dispatch:` section < the file named by --config (Python:
+//   config=) < the environment (HYBRIT_*) < the front end's own flags or arguments (--backend,
+//   backend=).
+// `auto` at any level undoes the levels below it for that setting. Every front end (the CLI's
+// subcommands, training, reduction, the Python bindings) resolves through here.
+struct DispatcherOptions {
+  Overrides config_section;  // the run's YAML `dispatch:` section (train, reduce)
+  std::string config_path;   // a YAML file whose `dispatch:` section applies (--config, config=)
+  bool use_environment = true;
+  Overrides overrides;       // the front end's flags and arguments
+};
+Overrides resolve_overrides(const DispatcherOptions& sources);
 
 struct Decision {
   BackendKind backend = BackendKind::c;
@@ -138,12 +168,6 @@ class Metrics {
  private:
   mutable std::mutex mutex_;
   std::array<std::array<MetricsRow, kBackendCount>, kOpCount> rows_{};
-};
-
-struct DispatcherOptions {
-  Overrides overrides;            // the API argument: wins over the environment and the config
-  std::string config_path;        // YAML file whose `dispatch:` section applies (optional)
-  bool use_environment = true;
 };
 
 class Dispatcher {

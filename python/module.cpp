@@ -77,15 +77,14 @@ py::dict metrics_dict(const Metrics& metrics) { return json_to_python(metrics_js
 
 Overrides overrides_from(const std::optional<std::string>& backend, const std::optional<std::map<std::string, std::string>>& ops,
                          const std::optional<std::string>& simd, int threads, const std::optional<std::string>& profile) {
-  Overrides o;
+  Overrides o;  // through Overrides::set, the parser every source uses
   o.source = "argument";
-  if (backend && *backend != "auto") o.backend = parse_backend(*backend, "backend");
+  if (backend) o.set("backend", *backend, "backend");
   if (ops)
-    for (const auto& [op, kind] : *ops) o.per_op[parse_op(op, "ops")] = parse_backend(kind, cat("ops[", op, "]"));
-  if (simd) o.simd = parse_simd_level(*simd, "simd");
-  if (threads < 0) throw py::value_error(cat("threads must be >= 0, got ", threads));
-  o.threads = threads;
-  if (profile) o.profile_path = *profile;
+    for (const auto& [op, kind] : *ops) o.set("ops." + op, kind, cat("ops[", op, "]"));
+  if (simd) o.set("simd", *simd, "simd");
+  if (threads != 0) o.set("threads", cat(threads), "threads");
+  if (profile) o.set("profile", *profile, "profile");
   return o;
 }
 

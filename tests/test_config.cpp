@@ -1,3 +1,5 @@
+#include <sys/stat.h>
+
 #include "test_support.hpp"
 #include "training/config.hpp"
 
@@ -72,15 +74,15 @@ TEST(TrainConfig, BadInputNamesFileLineAndKey) {
             "run.yaml:3: model.layers: unknown key (expected one of: context, dim, ffn, ffn_hidden, n_heads, n_kv_heads, n_layers, norm_eps, quant, "
             "rope_theta, subln, tied_embeddings, vocab_size)");
   EXPECT_EQ(error_of("model:\n  dim: big\n"), "run.yaml:2: model.dim: expected an integer, got 'big'");
-  EXPECT_EQ(error_of("model:\n  dim: 0\n"), "run.yaml:2: model.dim: expected an integer >= 1, got 0");
+  EXPECT_EQ(error_of("model:\n  dim: 0\n"), "run.yaml:2: model.dim: expected an integer in [1, 65536], got 0");
   EXPECT_EQ(error_of("model:\n  n_heads: 4\n  dim: 50\n"), "run.yaml:3: model.dim (50) must be divisible by model.n_heads (4)");
   EXPECT_EQ(error_of("model:\n  n_heads: 6\n  n_kv_heads: 4\n  dim: 96\n"), "run.yaml:2: model.n_heads (6) must be divisible by model.n_kv_heads (4)");
-  EXPECT_EQ(error_of("model:\n  context: 100000\n"), "run.yaml:2: model.context: at most 65536 positions, got 100000");
+  EXPECT_EQ(error_of("model:\n  context: 100000\n"), "run.yaml:2: model.context: expected an integer in [1, 65536], got 100000");
   EXPECT_EQ(error_of("model:\n  quant: binary\n"), "run.yaml:2: model.quant: expected one of ternary, none, got 'binary'");
   EXPECT_EQ(error_of("train:\n  steps: [1]\n"), "run.yaml:2: train.steps: expected an integer, got 'a list'");
   EXPECT_EQ(error_of("data:\n  val_fraction: 1.5\n"), "run.yaml:2: data.val_fraction: expected a number in (0, 1), got 1.5");
   EXPECT_EQ(error_of("model:\n  vocab_size: 1000\n"), "run.yaml:2: model.vocab_size: the byte tokenizer has 257 tokens, got 1000 (leave model.vocab_size out)");
-  EXPECT_EQ(error_of("data:\n  tokenizer: bpe\n  vocab_size: 100\n"), "run.yaml:3: data.vocab_size: expected an integer >= 320, got 100");
+  EXPECT_EQ(error_of("data:\n  tokenizer: bpe\n  vocab_size: 100\n"), "run.yaml:3: data.vocab_size: expected an integer in [320, 65536], got 100");
   EXPECT_EQ(parse_train_config("data: {tokenizer: bpe, vocab_size: 2048}\n", "run.yaml").model.vocab_size, 2048);
   EXPECT_EQ(error_of("optim:\n  schedule:\n    kind: linear\n"),
             "run.yaml:3: optim.schedule.kind: expected constant, cosine, wsd or bitnet_two_stage, got 'linear'");
@@ -91,6 +93,72 @@ TEST(TrainConfig, BadInputNamesFileLineAndKey) {
             "run.yaml:3: train.grad_accum: train.batch (12) must split into 5 equal micro-batches; pick a divisor of it");
   EXPECT_EQ(error_of("train:\n  recompute: all\n"), "run.yaml:2: train.recompute: expected one of none, attention, block, got 'all'");
   EXPECT_EQ(parse_train_config("train: {batch: 12, grad_accum: 4, recompute: block}\n", "run.yaml").train.grad_accum, 4);
+}
+
+// Values the optimizer or the loop would take in silence before: each is refused at its key.
+TEST(TrainConfig, ValuesOutsideTheirRangeAreRefusedAtTheirKey) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"optim: {adamw: {lr: -0.1}}", "optim.adamw.lr: expected a number >= 0, got -0.1"},
+      {"optim: {muon: {lr: -1}}", "optim.muon.lr: expected a number >= 0, got -1"},
+      {"optim: {muon: {momentum: 1.5}}", "optim.muon.momentum: expected a number in [0, 1), got 1.5"},
+      {"optim: {adamw: {eps: -1e-8}}", "optim.adamw.eps: expected a number > 0, got -1e-08"},
+      {"optim: {adamw: {beta1: 1}}", "optim.adamw.beta1: expected a number in [0, 1), got 1"},
+      {"optim: {schedule: {min_lr_ratio: 1.5}}", "optim.schedule.min_lr_ratio: expected a number in [0, 1], got 1.5"},
+      {"optim: {schedule: {decay_fraction: 2}}", "optim.schedule.decay_fraction: expected a number in [0, 1], got 2"},
+      {"optim: {muon: {ns_steps: 4294967297}}", "optim.muon.ns_steps: expected an integer in [1, 100], got 4294967297"},
+      {"optim: {muon: {ns_steps: 2147483648}}", "optim.muon.ns_steps: expected an integer in [1, 100], got 2147483648"},
+      {"optim: {grad_clip: -1}", "optim.grad_clip: expected a number >= 0, got -1"},
+      {"model: {n_layers: 1000000000}", "model.n_layers: expected an integer in [1, 4096], got 1000000000"},
+      {"model: {n_layers: 1e9}", "model.n_layers: expected an integer, got '1e9' (write it out in digits)"},
+      {"model: {dim: 100000000000}", "model.dim: expected an integer in [1, 65536], got 100000000000"},
+      {"model: {norm_eps: 0}", "model.norm_eps: expected a number in (0, 1], got 0"},
+      {"train: {eval_batches: 1000000000}", "train.eval_batches: expected an integer in [1, 100000], got 1000000000"},
+      {"train: {sample_tokens: 100000000}", "train.sample_tokens: expected an integer in [0, 1000000], got 100000000"},
+      {"train: {batch: 100000000}", "train.batch: expected an integer in [1, 1048576], got 100000000"},
+      {"train: {sample_temperature: .nan}", "train.sample_temperature: expected a number in [0, 100], got '.nan'"},
+  };
+  for (const auto& [text, message] : cases) EXPECT_EQ(error_of(std::string(text) + "\n"), cat("run.yaml:1: ", message)) << text;
+}
+
+TEST(TrainConfig, RepeatedKeysExtraDocumentsAndOddRootsAreRefused) {
+  EXPECT_EQ(error_of("train:\n  steps: 1\ntrain:\n  batch: 2\n"), "run.yaml:3: train: given twice (first at line 1)");
+  EXPECT_EQ(error_of("train:\n  steps: 1\n  steps: 2\n"), "run.yaml:3: train.steps: given twice (first at line 2)");
+  EXPECT_EQ(error_of("train: {steps: 1}\n---\nmodel: {dim: 8}\n"), "run.yaml:3: a second YAML document (after ---); a config is one document");
+  EXPECT_EQ(error_of("5\n", {"train.steps=1"}), "run.yaml:1: expected a mapping of sections at the top (model:, data:, ...), got the value '5'");
+  EXPECT_EQ(error_of("- a\n- b\n"), "run.yaml:1: expected a mapping of sections at the top (model:, data:, ...), got a list");
+  EXPECT_EQ(error_of("dispatch:\n  [a]: 1\n"), "run.yaml:2: dispatch: a key must be a plain name, got a list");
+  EXPECT_EQ(error_of("", {"model.=5"}), "--set model.=5: the key has an empty part (expected section.key=value)");
+}
+
+TEST(TrainConfig, SetReachesTheDispatchSectionAndNamesItself) {
+  const TrainConfig c = parse_train_config("dispatch: {backend: tbb}\n", "run.yaml", {"dispatch.backend=c", "dispatch.ops.matmul=auto"});
+  EXPECT_EQ(c.dispatch.backend, BackendKind::c);
+  EXPECT_TRUE(c.dispatch.per_op_auto.count(Op::matmul));
+  EXPECT_EQ(error_of("", {"dispatch.backend=nonsense"}), "--set dispatch.backend=nonsense: dispatch.backend: expected c, tbb, cuda or auto, got 'nonsense'");
+  EXPECT_EQ(error_of("", {"model={dim: 50}"}), "--set model={dim: 50}: model.dim (50) must be divisible by model.n_heads (4)");
+  // The section travels in the resolved YAML, `auto` included.
+  const TrainConfig again = parse_train_config(c.to_yaml(), "config.yaml");
+  EXPECT_EQ(again.dispatch.backend, BackendKind::c);
+  EXPECT_TRUE(again.dispatch.per_op_auto.count(Op::matmul));
+}
+
+TEST(ConfigFile, MissingFoldersDevicesAndFifosAreOneLineErrors) {
+  TempDir dir;
+  auto error_reading = [](const std::string& path) {
+    try {
+      schema::read_config_file(path);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(error_reading(""), "the config path is empty");
+  EXPECT_EQ(error_reading(dir.file("none.yaml")), dir.file("none.yaml") + ": cannot open config file (No such file or directory)");
+  EXPECT_EQ(error_reading("/dev/null"), "/dev/null: not a regular file (a character device); a config is a YAML file");
+  EXPECT_EQ(error_reading(dir.path.string()), dir.path.string() + ": not a regular file (a folder); a config is a YAML file");
+  const std::string fifo = dir.file("fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(error_reading(fifo), fifo + ": not a regular file (a FIFO); a config is a YAML file");  // and no wait for a writer
 }
 
 }  // namespace

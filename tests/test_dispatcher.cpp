@@ -138,12 +138,6 @@ void capture(LogLevel level, const std::string& line) {
   if (level == LogLevel::warn) g_warnings.push_back(line);
 }
 
-struct TempDir {
-  std::filesystem::path path = std::filesystem::temp_directory_path() / cat("hybrit-test-", getpid(), "-", run_seed() % 100000);
-  TempDir() { std::filesystem::create_directories(path); }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 TEST(Profile, SavesLoadsAndRejectsStaleOrDamagedFiles) {
   TempDir dir;
@@ -217,10 +211,13 @@ TEST(Overrides, YamlSectionIsParsedAndCheckedWithLineNumbers) {
     return std::string("no error");
   };
   EXPECT_EQ(error_of("dispatch:\n  backend: gpu\n"), "run.yaml:2: dispatch.backend: expected c, tbb, cuda or auto, got 'gpu'");
-  EXPECT_EQ(error_of("dispatch:\n  backend: c\n  thread: 2\n"), "run.yaml:3: dispatch.thread: unknown key (expected backend, ops, simd, threads or profile)");
-  EXPECT_NE(error_of("dispatch:\n  ops:\n    matmull: c\n").find("run.yaml:3: dispatch.ops: unknown op 'matmull'"), std::string::npos);
+  EXPECT_EQ(error_of("dispatch:\n  backend: c\n  thread: 2\n"), "run.yaml:3: dispatch.thread: unknown key (expected one of: backend, ops, profile, simd, threads)");
+  EXPECT_NE(error_of("dispatch:\n  ops:\n    matmull: c\n").find("run.yaml:3: dispatch.ops.matmull: unknown key (expected one of: attention_backward"),
+            std::string::npos);
+  EXPECT_EQ(error_of("dispatch:\n  backend: c\n  backend: tbb\n"), "run.yaml:3: dispatch.backend: given twice (first at line 2)");
+  EXPECT_EQ(error_of("dispatch:\n  [a]: 1\n"), "run.yaml:2: dispatch: a key must be a plain name, got a list");
   EXPECT_EQ(error_of("dispatch:\n  threads: [1, 2]\n"), "run.yaml:2: dispatch.threads: expected a single value, got a list");
-  EXPECT_EQ(error_of("dispatch:\n  threads: -1\n"), "run.yaml:2: dispatch.threads: expected a thread count 0..4096, got '-1'");
+  EXPECT_EQ(error_of("dispatch:\n  threads: -1\n"), "run.yaml:2: dispatch.threads: expected a thread count 0..4096 or auto, got '-1'");
   EXPECT_NE(error_of("dispatch: [\n").find("run.yaml:2: YAML syntax error"), std::string::npos) << error_of("dispatch: [\n");
   EXPECT_FALSE(overrides_from_yaml("train: {steps: 3}\n", "x.yaml").backend.has_value());
 }
@@ -238,6 +235,59 @@ TEST(Overrides, EnvironmentIsCheckedAndHasItsPlaceInTheOrder) {
   EXPECT_THROW(overrides_from_env(), Error);
   unsetenv("HYBRIT_THREADS");
   unsetenv("HYBRIT_BACKEND");
+}
+
+// Every pair of sources, each saying `c`, `tbb` or `auto` for the backend: the higher one wins,
+// and `auto` undoes everything below it. Order: config section < --config file < environment <
+// caller (flag or argument).
+TEST(Overrides, EveryPairOfSourcesResolvesInTheOneOrder) {
+  TempDir dir;
+  const std::string file = dir.file("global.yaml");
+  enum Source { section, config_file, environment, caller };
+  const char* names[] = {"section", "--config", "environment", "caller"};
+  for (int low = 0; low < 4; ++low)
+    for (int high = low + 1; high < 4; ++high)
+      for (const char* low_value : {"c", "tbb"})
+        for (const char* high_value : {"c", "tbb", "auto"}) {
+          DispatcherOptions o;
+          o.use_environment = true;
+          unsetenv("HYBRIT_BACKEND");
+          auto say = [&](int source, const char* value) {
+            switch (source) {
+              case section: o.config_section.set("backend", value, "section"); break;
+              case config_file: std::ofstream(file) << "dispatch:\n  backend: " << value << "\n", o.config_path = file; break;
+              case environment: setenv("HYBRIT_BACKEND", value, 1); break;
+              default: o.overrides.set("backend", value, "caller");
+            }
+          };
+          say(low, low_value);
+          say(high, high_value);
+          const Overrides r = resolve_overrides(o);
+          const std::string label = cat(names[low], "=", low_value, " then ", names[high], "=", high_value);
+          if (std::string(high_value) == "auto") EXPECT_FALSE(r.backend.has_value()) << label;
+          else EXPECT_EQ(r.backend, parse_backend(high_value, "test")) << label;
+        }
+  unsetenv("HYBRIT_BACKEND");
+}
+
+TEST(Overrides, AHigherEveryOpBackendOutranksALowerPerOpChoice) {
+  DispatcherOptions o;
+  o.use_environment = false;
+  o.config_section.set("ops.matmul", "tbb", "section");
+  o.config_section.set("threads", "3", "section");
+  o.overrides.set("backend", "c", "--backend");
+  Overrides r = resolve_overrides(o);
+  EXPECT_EQ(r.backend, BackendKind::c);
+  EXPECT_TRUE(r.per_op.empty());
+  EXPECT_EQ(r.threads, 3);  // a setting the higher source does not name stays
+  o.overrides = {};
+  o.overrides.set("ops.matmul", "auto", "caller");
+  o.overrides.set("threads", "auto", "caller");
+  r = resolve_overrides(o);
+  EXPECT_TRUE(r.per_op.empty());
+  EXPECT_EQ(r.threads, 0);
+  EXPECT_THROW(o.overrides.set("threads", "5000", "threads"), Error);
+  EXPECT_THROW(o.overrides.set("colour", "red", "x"), Error);
 }
 
 TEST(Dispatcher, ForcingAnAbsentCudaBackendIsAnError) {

@@ -3,7 +3,12 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "backends/backend.hpp"
@@ -31,6 +36,24 @@ inline Tensor random_ternary(Shape shape, uint64_t stream) {
   for (int64_t i = 0; i < t.numel(); ++i) t.data<int8_t>()[i] = int8_t(int(rng.below(3)) - 1);
   return t;
 }
+
+// A fresh folder under the system's temporary folder, removed with everything in it at scope end.
+struct TempDir {
+  std::filesystem::path path = [] {
+    static std::atomic<int> count{0};
+    return std::filesystem::temp_directory_path() / cat("hybrit-test-", getpid(), "-", run_seed() % 100000, "-", count.fetch_add(1));
+  }();
+  TempDir() { std::filesystem::create_directories(path); }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  // Writes `content` to `name` (folders made as needed); returns its path.
+  std::string write(const std::string& name, const std::string& content) const {
+    const std::filesystem::path p = path / name;
+    std::filesystem::create_directories(p.parent_path());
+    std::ofstream(p, std::ios::binary) << content;
+    return p.string();
+  }
+};
 
 // Backends under test, by name: c_scalar, c_avx2, c_avx512, tbb, tbb_1thread, cuda.
 // Returns nullptr and sets *why when this machine cannot run it.

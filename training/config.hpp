@@ -41,7 +41,10 @@ struct TrainConfig {
   DataConfig data;
   OptimizerConfig optim;
   TrainLoopConfig train;
-  Overrides dispatch;
+  Overrides dispatch;  // the YAML's `dispatch:` section
+  // The front end's sources above that section (--config, the environment, --backend; Python's
+  // defaults), resolved together with `dispatch` by resolve_overrides. Not part of the YAML.
+  DispatcherOptions dispatch_sources;
   int64_t schedule_total_steps = 0;  // optim.schedule.total_steps; 0: train.steps
   std::string source = "defaults";  // the file it came from
 

@@ -16,16 +16,19 @@ int64_t ModelConfig::hidden() const {
 }
 
 void ModelConfig::validate() const {
-  auto positive = [](int64_t v, const char* key) {
+  auto positive = [](int64_t v, const char* key, int64_t most) {
     if (v <= 0) fail(ErrorKind::invalid_argument, "model.", key, " must be positive, got ", v);
+    if (v > most) fail(ErrorKind::invalid_argument, "model.", key, " must be at most ", most, ", got ", v);
   };
-  positive(vocab_size, "vocab_size");
-  positive(dim, "dim");
-  positive(n_layers, "n_layers");
-  positive(n_heads, "n_heads");
-  if (n_kv_heads < 0) fail(ErrorKind::invalid_argument, "model.n_kv_heads must be positive (or 0: as many as n_heads), got ", n_kv_heads);
-  positive(context, "context");
-  if (ffn_hidden < 0) fail(ErrorKind::invalid_argument, "model.ffn_hidden must be positive (or 0 for the default), got ", ffn_hidden);
+  positive(vocab_size, "vocab_size", kMaxVocab);
+  positive(dim, "dim", kMaxDim);
+  positive(n_layers, "n_layers", kMaxLayers);
+  positive(n_heads, "n_heads", kMaxHeads);
+  if (n_kv_heads < 0 || n_kv_heads > kMaxHeads)
+    fail(ErrorKind::invalid_argument, "model.n_kv_heads must be in [1, ", kMaxHeads, "] (or 0: as many as n_heads), got ", n_kv_heads);
+  positive(context, "context", kMaxContext);
+  if (ffn_hidden < 0 || ffn_hidden > kMaxFfnHidden)
+    fail(ErrorKind::invalid_argument, "model.ffn_hidden must be in [1, ", kMaxFfnHidden, "] (or 0 for the default), got ", ffn_hidden);
   if (dim % n_heads) fail(ErrorKind::invalid_argument, "model.dim (", dim, ") must be divisible by model.n_heads (", n_heads, ")");
   if (n_heads % kv_heads())
     fail(ErrorKind::invalid_argument, "model.n_heads (", n_heads, ") must be divisible by model.n_kv_heads (", kv_heads(), ")");

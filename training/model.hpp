@@ -32,6 +32,11 @@ struct ModelConfig {
   bool subln = false;            // RMSNorm before the attention output and FFN down projections
   bool tied_embeddings = false;  // the head reuses the token embedding
 
+  // The largest shapes accepted (the config schema's ranges read these): far beyond what a CPU
+  // trains, small enough that no size product overflows before the memory check refuses it.
+  static constexpr int64_t kMaxVocab = 65536, kMaxDim = 65536, kMaxLayers = 4096, kMaxHeads = 4096, kMaxFfnHidden = 1 << 20,
+                           kMaxContext = 65536;
+
   int64_t head_dim() const { return dim / n_heads; }
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hidden() const;

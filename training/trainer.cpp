@@ -25,9 +25,9 @@ namespace {
 constexpr uint64_t kEvalStream = 0x4556414c;    // "EVAL": validation batches, fixed for the run
 constexpr uint64_t kSampleStream = 0x53414d50;  // "SAMP"
 
-Overrides dispatch_overrides(const TrainConfig& c) {
-  Overrides o = c.dispatch;
-  o.merge(overrides_from_env());  // the environment still wins over the file
+DispatcherOptions dispatcher_options(const TrainConfig& c) {
+  DispatcherOptions o = c.dispatch_sources;
+  o.config_section = c.dispatch;
   return o;
 }
 
@@ -66,12 +66,7 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
 
 Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model)
     : config_(config),
-      dispatcher_([&] {
-        DispatcherOptions o;
-        o.overrides = dispatch_overrides(config);
-        o.use_environment = false;
-        return o;
-      }()),
+      dispatcher_(dispatcher_options(config)),
       data_(prepare(config, cache_dir, tokenizer_model)),
       model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
   config_.model.vocab_size = data_.tokenizer->vocab_size();
@@ -332,7 +327,10 @@ void check_step_memory(const TrainConfig& config) {
 }
 
 RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume) {
-  check_step_memory(config);  // before the run folder is touched
+  // Before the run folder is touched: the memory a step needs, and every dispatch source parsed
+  // (a bad HYBRIT_THREADS is an error here, not after the folder exists).
+  check_step_memory(config);
+  resolve_overrides(dispatcher_options(config));
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   if (ec) fail(ErrorKind::io, run_dir, ": cannot create the run folder (", ec.message(), ")");

@@ -164,7 +164,7 @@ def test_nan_and_inf_are_refused_with_their_position():
 
 
 def test_backend_arguments_are_checked():
-    with pytest.raises(ValueError, match="backend: expected c, tbb or cuda, got 'gpu'"):
+    with pytest.raises(ValueError, match="backend: expected c, tbb, cuda or auto, got 'gpu'"):
         hybrit.Dispatcher(backend="gpu")
     if hybrit.Dispatcher().backends["cuda"] is None:
         with pytest.raises(RuntimeError, match="not available"):

@@ -53,7 +53,7 @@ def test_bad_config_names_file_line_and_key(cli, tmp_path):
     cfg.write_text("dispatch:\n  backend: tbb\n  thread: 2\n")
     r = run(cli, "--config", str(cfg), "dispatch-report", "--quick")
     assert r.returncode == 1
-    assert r.stderr.strip() == f"hybrit: error: {cfg}:3: dispatch.thread: unknown key (expected backend, ops, simd, threads or profile)"
+    assert r.stderr.strip() == f"hybrit: error: {cfg}:3: dispatch.thread: unknown key (expected one of: backend, ops, profile, simd, threads)"
 
 
 def test_forcing_a_missing_cuda_backend_fails(cli):

@@ -361,3 +361,14 @@ def test_reduce_config_errors_name_file_line_and_key(cli, tmp_path, yaml_text, m
     import re
     assert re.search(message, r.stderr), r.stderr
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_reduce_puts_the_environment_over_its_yaml_and_the_flag_over_both(cli, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    small = ["--set", "clustering.k=8", "--set", "data.sources=/usr/share/common-licenses/GPL-3", "--set", "data.format=text"]
+    for name, env, flags, expect in [("env", {"HYBRIT_BACKEND": "tbb"}, [], "tbb"), ("flag", {"HYBRIT_BACKEND": "tbb"}, ["--backend", "c"], "c")]:
+        out = tmp_path / name
+        subprocess.run([cli, *flags, "reduce", REDUCE, "--out", str(out), "--set", "dispatch.backend=c" if name == "env" else "dispatch.backend=tbb",
+                        *small], capture_output=True, text=True, env={**base, **env}, check=True, timeout=600)
+        ran = json.loads((out / "report.json").read_text())["dispatch_metrics"]
+        assert "kmeans_assign" in ran and all(set(backends) == {expect} for backends in ran.values()), ran

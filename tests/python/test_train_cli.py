@@ -116,3 +116,52 @@ def test_context_8192_trains_and_evaluates(cli, tmp_path):
     assert "done after 2 steps" in r.stdout
     lines = metrics(run)
     assert len(lines) == 2 and 0 < lines[-1]["val_loss"] < 6.0
+
+
+def backends_that_ran(run):
+    """The backends in a run's dispatch_metrics.txt, per op."""
+    lines = (run / "dispatch_metrics.txt").read_text().splitlines()[1:]
+    out = {}
+    for line in lines:
+        op, backend = line.split()[:2]
+        out.setdefault(op, set()).add(backend)
+    return out
+
+
+# The one precedence rule, from the front end: run config < --config < environment < --backend,
+# and `auto` at a level undoes the levels below it.
+@pytest.mark.parametrize("env, args, sets, expect", [
+    ({"HYBRIT_BACKEND": "c"}, ["--backend", "tbb"], [], "tbb"),       # the flag beats the environment
+    ({"HYBRIT_BACKEND": "tbb"}, [], ["dispatch.backend=c"], "tbb"),   # the environment beats the run's YAML
+    ({}, [], ["dispatch.backend=c"], "c"),                             # --set reaches the dispatch section
+    ({"HYBRIT_BACKEND": "c"}, ["--backend", "auto"], [], None),      # auto undoes the environment
+    ({}, ["--config", "GLOBAL"], [], "c"),                             # the global --config reaches train
+    ({"HYBRIT_BACKEND": "tbb"}, ["--config", "GLOBAL"], [], "tbb"),   # ... below the environment
+])
+def test_dispatch_settings_resolve_in_the_documented_order(cli, tmp_path, env, args, sets, expect):
+    global_config = tmp_path / "global.yaml"
+    global_config.write_text("dispatch:\n  backend: c\n")
+    args = [str(global_config) if a == "GLOBAL" else a for a in args]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    run = tmp_path / "run"
+    cmd = [cli, *args, "train", TINY, "--out", str(run), *SMALL_RUN, "--set", "train.steps=2", "--set", "train.sample_tokens=0"]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, capture_output=True, text=True, env={**base, **env}, check=True, timeout=600)
+    ran = backends_that_ran(run)
+    if expect is None:  # the dispatcher decides: the large matmuls go to tbb on 2 cores, the small ones may stay on c
+        assert "tbb" in set().union(*ran.values()), ran
+    else:
+        assert "matmul" in ran and all(b == {expect} for b in ran.values()), ran
+
+
+def test_a_bad_dispatch_value_from_any_source_is_one_line(cli, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    r = subprocess.run([cli, "train", TINY, "--out", str(tmp_path / "a"), "--set", "dispatch.backend=nonsense"], capture_output=True, text=True,
+                       env=base, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "hybrit: error: --set dispatch.backend=nonsense: dispatch.backend: expected c, tbb, cuda or auto, got 'nonsense'"
+    r = subprocess.run([cli, "train", TINY, "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                       env={**base, "HYBRIT_THREADS": "5000"}, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == "hybrit: error: HYBRIT_THREADS: expected a thread count 0..4096 or auto, got '5000'"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
