@@ -44,6 +44,7 @@ void draw_prefix(std::vector<int64_t>& items, int64_t count, Rng& rng) {
 
 // The number of records a target asks for, checked.
 int64_t target_count(const SelectOptions& o, int64_t n) {
+  if (!(o.report_eps >= 0 && o.report_eps <= 2)) fail(ErrorKind::invalid_argument, "reduce.report_eps: expected a number in [0, 2], got ", o.report_eps);
   const int given = int(o.fraction.has_value()) + int(o.count.has_value()) + int(o.eps.has_value());
   if (given != 1)
     fail(ErrorKind::invalid_argument, "reduce: give exactly one of fraction, count", o.strategy == ReduceStrategy::semdedup ? " or eps" : "",

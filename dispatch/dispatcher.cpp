@@ -42,6 +42,7 @@ bool is_compute_bound(Op op) {
 }
 
 OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
+  if (a < 0 || b < 0 || c < 0) fail(ErrorKind::invalid_argument, to_string(op), ": sizes must be >= 0, got ", a, " x ", b, " x ", c);
   OpSize s;
   s.op = op;
   s.dims[0] = a, s.dims[1] = b, s.dims[2] = c;

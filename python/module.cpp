@@ -172,6 +172,15 @@ class PyDispatcher {
   py::array matmul_ternary(const py::object& x_obj, const py::object& s_obj, const py::object& w_obj, float w_scale, const py::object& out) {
     Tensor xq = view<int8_t>(x_obj, "xq", 2, 2, "int8"), scales = view<float>(s_obj, "x_scales", 1, 1, "float32");
     Tensor w = view<uint8_t>(w_obj, "w_packed", 2, 2, "uint8");
+    // The kernels trust their inputs (the engine packs its own weights); numpy arrays are checked here.
+    for (int64_t r = 0; r < scales.numel(); ++r)
+      if (const float v = scales.data<float>()[r]; !(std::isfinite(v) && v > 0))
+        throw py::value_error(cat("x_scales: row ", r, " has scale ", v, "; expected a positive finite number (127 / absmax)"));
+    const int64_t k = xq.dim(1), packed_cols = w.dim(1);
+    for (int64_t r = 0; r < w.dim(0); ++r)
+      for (int64_t c = 0; c < std::min(k, packed_cols * 4); ++c)
+        if (((w.data<uint8_t>()[r * packed_cols + c / 4] >> (2 * (c % 4))) & 3) == 3)
+          throw py::value_error(cat("w_packed: row ", r, ", column ", c, " holds the code 0b11; codes are weight + 1 in {0, 1, 2}"));
     auto [result, y] = output_array<float>(out, {xq.dim(0), w.dim(0)}, "float32");
     {
       py::gil_scoped_release release;
@@ -243,36 +252,17 @@ class PyDispatcher {
   std::unique_ptr<Dispatcher> d_;
 };
 
-ModelConfig model_config_from(const py::dict& d) {
-  ModelConfig c;
-  for (const auto& [key_obj, value] : d) {
-    const std::string key = py::str(key_obj);
-    if (key == "vocab_size") c.vocab_size = value.cast<int64_t>();
-    else if (key == "dim") c.dim = value.cast<int64_t>();
-    else if (key == "n_layers") c.n_layers = value.cast<int64_t>();
-    else if (key == "n_heads") c.n_heads = value.cast<int64_t>();
-    else if (key == "n_kv_heads") c.n_kv_heads = value.cast<int64_t>();
-    else if (key == "ffn_hidden") c.ffn_hidden = value.cast<int64_t>();
-    else if (key == "context") c.context = value.cast<int64_t>();
-    else if (key == "rope_theta") c.rope_theta = value.cast<double>();
-    else if (key == "norm_eps") c.norm_eps = value.cast<double>();
-    else if (key == "subln") c.subln = value.cast<bool>();
-    else if (key == "tied_embeddings") c.tied_embeddings = value.cast<bool>();
-    else if (key == "ffn") {
-      const std::string v = value.cast<std::string>();
-      if (v != "swiglu" && v != "relu2") throw py::value_error(cat("model.ffn: expected swiglu or relu2, got '", v, "'"));
-      c.ffn = v == "swiglu" ? ModelConfig::Ffn::swiglu : ModelConfig::Ffn::relu2;
-    } else if (key == "quant") {
-      const std::string v = value.cast<std::string>();
-      if (v != "ternary" && v != "none") throw py::value_error(cat("model.quant: expected ternary or none, got '", v, "'"));
-      c.quant = v == "ternary" ? ModelConfig::Quant::ternary : ModelConfig::Quant::none;
-    } else {
-      throw py::value_error(cat("model: unknown key '", key, "'"));
-    }
-  }
-  c.validate();
-  return c;
+// A config dict as JSON text, which the YAML config parsers read as they read a file (types kept:
+// "big" stays a string, so errors name the key and the value). numpy scalars become numbers.
+std::string config_json(const py::dict& config) {
+  const py::cpp_function plain([](const py::object& o) -> py::object {
+    if (py::hasattr(o, "item")) return o.attr("item")();
+    throw py::type_error(cat("config: a ", std::string(py::str(o.get_type().attr("__name__"))), " cannot be a config value"));
+  });
+  return py::module_::import("json").attr("dumps")(config, py::arg("default") = plain).cast<std::string>();
 }
+
+ModelConfig model_config_from(const py::dict& d) { return parse_model_config(YAML::Load(config_json(d)), "Model(config)"); }
 
 // A model with its own dispatcher; parameters and gradients are numpy views into its buffers.
 py::dict table_views(const py::object& owner, ParamTable& t, bool grads);
@@ -297,7 +287,12 @@ class PyGenerator {
     model_->tokenizer().encode(text, ids);
     return ids;
   }
-  py::bytes decode(const std::vector<int32_t>& ids) const { return py::bytes(model_->tokenizer().decode(ids.data(), ids.size())); }
+  py::bytes decode(const std::vector<int32_t>& ids) const {
+    const int64_t vocab = model_->tokenizer().vocab_size();
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (ids[i] < 0 || ids[i] >= vocab) throw py::value_error(cat("decode: token ", ids[i], " at position ", i, " is outside [0, ", vocab, ")"));
+    return py::bytes(model_->tokenizer().decode(ids.data(), ids.size()));
+  }
   int64_t submit(const std::vector<int32_t>& prompt, int64_t max_tokens, double temperature, int64_t top_k, double top_p, double min_p,
                  double repetition_penalty, uint64_t seed, const std::vector<std::string>& stop) {
     GenerationRequest r;
@@ -397,12 +392,12 @@ py::dict PyModel::views(const py::object& self_obj, bool grads) {
   return table_views(self_obj, self_obj.cast<PyModel&>().model_.params(), grads);  // the model stays alive with the views
 }
 
-// A config given as a path or as a dict (sent as JSON, which YAML reads as it is).
+// A config given as a path or as a dict (as JSON, see config_json).
 TrainConfig train_config_from(const py::object& config, const std::vector<std::string>& sets) {
   if (py::isinstance<py::str>(config) || py::hasattr(config, "__fspath__"))
     return load_train_config(py::str(config).cast<std::string>(), sets);
   if (py::isinstance<py::dict>(config))
-    return parse_train_config(py::module_::import("json").attr("dumps")(config).cast<std::string>(), "<config dict>", sets);
+    return parse_train_config(config_json(config.cast<py::dict>()), "<config dict>", sets);
   throw py::type_error("config must be a path to a YAML file or a dict");
 }
 

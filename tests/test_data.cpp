@@ -1,3 +1,4 @@
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -83,6 +84,11 @@ TEST(Corpus, BadInputNamesFileLineAndProblem) {
   EXPECT_NE(error_of([&] { read_corpus({broken}); }).find(broken + ":3: not valid JSON"), std::string::npos);
   EXPECT_EQ(error_of([&] { read_corpus({(dir.path / "missing.txt").string()}); }), (dir.path / "missing.txt").string() + ": no such file or folder");
   EXPECT_EQ(error_of([&] { read_corpus({(dir.path / "*.none").string()}); }), (dir.path / "*.none").string() + ": the pattern matches no files");
+  EXPECT_EQ(error_of([&] { read_corpus({"/dev/null"}); }), "/dev/null: a character device, not a file or folder of text");
+  const std::string fifo = dir.file("fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(error_of([&] { read_corpus({fifo}); }), fifo + ": a FIFO, not a file or folder of text");  // refused, not waited on
+  EXPECT_EQ(error_of([&] { read_corpus({""}); }), "an empty path among the data sources");
   const std::string empty = dir.write("empty.txt", "\n \n");
   EXPECT_NE(error_of([&] { read_corpus({empty}); }).find("holds no records"), std::string::npos);
   EXPECT_EQ(error_of([&] { read_corpus({empty}, "yaml"); }), "corpus format: expected auto, text, fortune or jsonl, got 'yaml'");
@@ -178,6 +184,17 @@ TEST(TokenCache, ReusedWhenValidRebuiltWhenStaleOrDamaged) {
   const TokenizedCorpus third = tokenize_cached(c, cache, &cached);
   EXPECT_FALSE(cached);
   EXPECT_EQ(third.tokens, first.tokens);
+
+  // A header whose counts claim more than the file holds: refused before anything is allocated.
+  {
+    std::fstream f(cache, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(16);  // magic (8) and key (8), then the record count
+    const uint64_t huge = uint64_t(1) << 39;
+    f.write(reinterpret_cast<const char*>(&huge), sizeof huge);
+  }
+  const TokenizedCorpus fifth = tokenize_cached(c, cache, &cached);
+  EXPECT_FALSE(cached);
+  EXPECT_EQ(fifth.tokens, first.tokens);
 
   // The source file changes: the cache key changes and the cache is rebuilt.
   dir.write("c.txt", "alpha\n\nbeta gamma\n\ndelta epsilon\n");

@@ -20,6 +20,41 @@ constexpr int64_t kMaxSteps = int64_t(1) << 40, kMaxBatch = 1 << 20, kMaxEvalBat
 constexpr int64_t kMaxNsSteps = 100;  // Muon uses 5; past a few dozen Newton-Schulz steps nothing changes
 }  // namespace
 
+namespace {
+// The `model:` section's keys, shared by training configs and Python's Model({...}). `remember`
+// notes each shape key's origin, for errors that involve several keys.
+std::map<std::string, Handler> model_keys(ModelConfig& m, const Origins& o, const std::function<void(const YAML::Node&, const std::string&)>& remember) {
+  return {
+      {"vocab_size", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.vocab_size = as_int(n, k, o, 1, M::kMaxVocab); }},
+      {"dim", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.dim = as_int(n, k, o, 1, M::kMaxDim); }},
+      {"n_layers", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_layers = as_int(n, k, o, 1, M::kMaxLayers); }},
+      {"n_heads", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_heads = as_int(n, k, o, 1, M::kMaxHeads); }},
+      {"n_kv_heads", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_kv_heads = as_int(n, k, o, 0, M::kMaxHeads); }},
+      {"ffn_hidden", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.ffn_hidden = as_int(n, k, o, 0, M::kMaxFfnHidden); }},
+      {"context", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.context = as_int(n, k, o, 1, M::kMaxContext); }},
+      {"rope_theta", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.rope_theta = as_double(n, k, o, above(0)); }},
+      {"norm_eps", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.norm_eps = as_double(n, k, o, open_closed(0, 1)); }},
+      {"ffn", [&](const YAML::Node& n, const std::string& k) { m.ffn = as_choice(n, k, o, {"swiglu", "relu2"}) == "swiglu" ? ModelConfig::Ffn::swiglu : ModelConfig::Ffn::relu2; }},
+      {"quant", [&](const YAML::Node& n, const std::string& k) { m.quant = as_choice(n, k, o, {"ternary", "none"}) == "ternary" ? ModelConfig::Quant::ternary : ModelConfig::Quant::none; }},
+      {"subln", [&](const YAML::Node& n, const std::string& k) { m.subln = as_bool(n, k, o); }},
+      {"tied_embeddings", [&](const YAML::Node& n, const std::string& k) { m.tied_embeddings = as_bool(n, k, o); }},
+  };
+}
+}  // namespace
+
+ModelConfig parse_model_config(const YAML::Node& section, const std::string& source) {
+  Origins o;
+  o.file = source;
+  ModelConfig m;
+  walk(section, "model", o, model_keys(m, o, [](const YAML::Node&, const std::string&) {}));
+  try {
+    m.validate();
+  } catch (const Error& e) {
+    fail(ErrorKind::invalid_argument, source, ": ", e.what());
+  }
+  return m;
+}
+
 TrainConfig parse_train_config(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets) {
   Origins o;
   const YAML::Node root = load_yaml(yaml_text, file_name, sets, o);
@@ -37,21 +72,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
   walk(root, "", o, {
     {"seed", [&](const YAML::Node& n, const std::string& k) { c.seed = uint64_t(as_int(n, k, o, 0)); }},
     {"model", [&](const YAML::Node& sec, const std::string& p) {
-       walk(sec, p, o, {
-         {"vocab_size", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.vocab_size = as_int(n, k, o, 1, M::kMaxVocab); }},
-         {"dim", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.dim = as_int(n, k, o, 1, M::kMaxDim); }},
-         {"n_layers", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_layers = as_int(n, k, o, 1, M::kMaxLayers); }},
-         {"n_heads", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_heads = as_int(n, k, o, 1, M::kMaxHeads); }},
-         {"n_kv_heads", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.n_kv_heads = as_int(n, k, o, 0, M::kMaxHeads); }},
-         {"ffn_hidden", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.ffn_hidden = as_int(n, k, o, 0, M::kMaxFfnHidden); }},
-         {"context", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.context = as_int(n, k, o, 1, M::kMaxContext); }},
-         {"rope_theta", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.rope_theta = as_double(n, k, o, above(0)); }},
-         {"norm_eps", [&](const YAML::Node& n, const std::string& k) { remember(n, k); m.norm_eps = as_double(n, k, o, open_closed(0, 1)); }},
-         {"ffn", [&](const YAML::Node& n, const std::string& k) { m.ffn = as_choice(n, k, o, {"swiglu", "relu2"}) == "swiglu" ? ModelConfig::Ffn::swiglu : ModelConfig::Ffn::relu2; }},
-         {"quant", [&](const YAML::Node& n, const std::string& k) { m.quant = as_choice(n, k, o, {"ternary", "none"}) == "ternary" ? ModelConfig::Quant::ternary : ModelConfig::Quant::none; }},
-         {"subln", [&](const YAML::Node& n, const std::string& k) { m.subln = as_bool(n, k, o); }},
-         {"tied_embeddings", [&](const YAML::Node& n, const std::string& k) { m.tied_embeddings = as_bool(n, k, o); }},
-       });
+       walk(sec, p, o, model_keys(m, o, remember));
      }},
     {"data", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "core/yaml_schema.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "training/model.hpp"
 
@@ -51,6 +52,10 @@ struct TrainConfig {
   // The resolved configuration as YAML (every key, defaults filled in).
   std::string to_yaml() const;
 };
+
+// A `model:` section alone (Python's Model({...})), checked as a training config checks it; errors
+// name `source`.
+ModelConfig parse_model_config(const YAML::Node& section, const std::string& source);
 
 // Loads and checks a config; `sets` are `dotted.key=value` overrides applied first.
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& sets = {});

@@ -162,6 +162,13 @@ std::vector<std::string> expand(const std::string& source) {
     if (files.empty()) fail(ErrorKind::invalid_argument, source, ": the pattern matches no files");
     return files;
   }
+  if (source.empty()) fail(ErrorKind::invalid_argument, "an empty path among the data sources");
+  const fs::file_status st = fs::status(source, ec);
+  if (fs::exists(st)) {  // there, but neither a file nor a folder: reading a FIFO or device would block or never end
+    const char* kind = st.type() == fs::file_type::fifo ? "a FIFO" : st.type() == fs::file_type::character ? "a character device"
+                       : st.type() == fs::file_type::block ? "a block device" : st.type() == fs::file_type::socket ? "a socket" : "not a regular file";
+    fail(ErrorKind::invalid_argument, source, ": ", kind, ", not a file or folder of text");
+  }
   fail(ErrorKind::io, source, ": no such file or folder");
 }
 

@@ -64,8 +64,17 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
   return data;
 }
 
+namespace {
+// The memory check runs before any member allocates (a huge batch or model would otherwise end in
+// bad_alloc, or in the OOM killer, before the one-line error).
+const TrainConfig& memory_checked(const TrainConfig& config) {
+  check_step_memory(config);
+  return config;
+}
+}  // namespace
+
 Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model)
-    : config_(config),
+    : config_(memory_checked(config)),
       dispatcher_(dispatcher_options(config)),
       data_(prepare(config, cache_dir, tokenizer_model)),
       model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
@@ -75,7 +84,6 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const 
   inputs_.resize(size_t(config_.train.batch * config_.model.context));
   targets_.resize(inputs_.size());
   model_.set_recompute(recompute_of(config_.train));
-  check_step_memory(config_);
 }
 
 namespace {
@@ -200,6 +208,8 @@ double Trainer::evaluate() {
 }
 
 std::string Trainer::sample(int64_t n, const std::string& prompt, double temperature, uint64_t seed) {
+  if (n < 0) fail(ErrorKind::invalid_argument, "sample: tokens: expected an integer >= 0, got ", n);
+  if (!(temperature >= 0) || !std::isfinite(temperature)) fail(ErrorKind::invalid_argument, "sample: temperature: expected a number >= 0, got ", temperature);
   const Tokenizer& tok = *data_.tokenizer;
   std::vector<int32_t> tokens;
   tok.encode(prompt, tokens);

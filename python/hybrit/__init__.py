@@ -12,6 +12,10 @@ without copying. Anything else raises TypeError (wrong type or dtype) or ValueEr
 shape). Errors from the library map to ValueError (bad input), OSError (files), RuntimeError
 (corrupt data, unsupported) and MemoryError.
 """
+import collections
+import operator
+import threading
+
 from ._hybrit import _Generator, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
 
 __all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
@@ -48,6 +52,14 @@ def op_size(op, *dims):
     return list(dims)
 
 
+def _token_id(t):
+    """A token id as an int: ints and numpy integers pass, 65.7 or "65" is a TypeError (not truncated)."""
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise TypeError(f"token ids must be integers, got {t!r}") from None
+
+
 class Generator:
     """Text generation from a training checkpoint or its export (`hybrit checkpoint export`):
     packed ternary weights, a paged KV cache and continuous batching (inference/engine.hpp).
@@ -64,26 +76,61 @@ class Generator:
     def __init__(self, checkpoint, packed=True, kv_blocks=0, max_running=16, prefill_chunk=256, backend=None):
         self._g = _Generator(str(checkpoint), packed, kv_blocks, max_running, prefill_chunk, backend)
         self.info = self._g.info()
+        # One engine serves every caller: each request's events wait in its own queue, so two
+        # generate() or stream() calls (interleaved iterators, or threads) never see each other's.
+        self._lock = threading.RLock()
+        self._queues = {}
 
     def _submit(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
-        tokens = self._g.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        tokens = self._g.encode(prompt) if isinstance(prompt, str) else [_token_id(t) for t in prompt]
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        return self._g.submit(tokens, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        with self._lock:
+            request = self._g.submit(tokens, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+            self._queues[request] = collections.deque()
+        return request
+
+    def _next_events(self, request):
+        """The events of `request` that have arrived, stepping the engine (for everyone) until one has."""
+        with self._lock:
+            queue = self._queues[request]
+            while not queue:
+                for event in self._g.step():
+                    if event[0] in self._queues:
+                        self._queues[event[0]].append(event)
+            events = list(queue)
+            queue.clear()
+            if events[-1][3] is not None:  # finished: its queue goes
+                del self._queues[request]
+            return events
+
+    def _cancel(self, request):
+        with self._lock:
+            if request in self._queues:
+                self._g.cancel(request)
+                while request in self._queues:  # until its final (cancelled) event, others' events kept
+                    self._next_events(request)
 
     def generate(self, prompts, max_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, stop=None):
         """All prompts batched together; returns one dict per prompt (text, tokens, finish_reason),
         or one dict for a single string prompt."""
         single = isinstance(prompts, str)
-        ids = [self._submit(p, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop) for p in ([prompts] if single else prompts)]
-        out = {i: {"text": b"", "tokens": [], "finish_reason": None} for i in ids}
-        while any(o["finish_reason"] is None for o in out.values()):
-            for request, token, text, finished in self._g.step():
-                o = out[request]
-                o["text"] += text
-                if token >= 0:
-                    o["tokens"].append(token)
-                if finished:
-                    o["finish_reason"] = finished
+        ids = []
+        try:
+            for p in ([prompts] if single else prompts):
+                ids.append(self._submit(p, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop))
+            out = {i: {"text": b"", "tokens": [], "finish_reason": None} for i in ids}
+            for i in ids:
+                while out[i]["finish_reason"] is None:
+                    for _, token, text, finished in self._next_events(i):
+                        out[i]["text"] += text
+                        if token >= 0:
+                            out[i]["tokens"].append(token)
+                        if finished:
+                            out[i]["finish_reason"] = finished
+        except BaseException:
+            for i in ids:
+                self._cancel(i)
+            raise
         results = [dict(out[i], text=out[i]["text"].decode("utf-8", errors="replace")) for i in ids]
         return results[0] if single else results
 
@@ -91,20 +138,20 @@ class Generator:
         """Yields the text as it is made (whole UTF-8 characters); closing the iterator cancels the request."""
         request = self._submit(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         self.last_finish_reason = None
+        finished = None
         try:
-            while self.last_finish_reason is None:
-                for r, token, text, finished in self._g.step():
-                    if r != request:
-                        continue
+            while finished is None:
+                for _, token, text, finished in self._next_events(request):
                     if text:
                         yield text.decode("utf-8", errors="replace")
-                    if finished:
-                        self.last_finish_reason = finished
+            self.last_finish_reason = finished
         finally:
-            if self.last_finish_reason is None:
-                self._g.cancel(request)
-                while not self._g.idle():
-                    self._g.step()
+            if finished is None:
+                self._cancel(request)
+
+    def decode(self, tokens):
+        """Token ids back to text (invalid UTF-8 replaced); ids outside the vocabulary are an error."""
+        return self._g.decode([_token_id(t) for t in tokens]).decode("utf-8", errors="replace")
 
     def last_logits(self, tokens):
         """The next-token logits after `tokens` (a list of ids), computed as the engine does."""

@@ -294,3 +294,36 @@ def test_dispatch_report_returns_a_dict_and_saves_a_profile(tmp_path):
         picked = d.choose("quantize_int8_rows", [rows, cols])["backend"]
         t = row["seconds"]
         assert picked == row["winner"] or (picked == "c" and t["c"] <= 1.05 * t[row["winner"]]), (row, picked)
+
+
+def test_hostile_arguments_are_one_clear_error():
+    d = hybrit.Dispatcher()
+    with pytest.raises(ValueError, match="threads: expected a thread count 0..4096 or auto, got '1000000'"):
+        hybrit.Dispatcher(threads=10**6)
+    with pytest.raises(ValueError, match="matmul: sizes must be >= 0, got -5 x 3 x 3"):
+        d.choose("matmul", [-5, 3, 3])
+    xq, scales = np.ones((2, 8), np.int8), np.ones(2, np.float32)
+    with pytest.raises(ValueError, match="w_packed: row 0, column 0 holds the code 0b11"):
+        d.matmul_ternary(xq, scales, np.full((3, 2), 0xFF, np.uint8), 1.0)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="x_scales: row 1 has scale"):
+            d.matmul_ternary(xq, np.array([1.0, bad], np.float32), np.full((3, 2), 0x55, np.uint8), 1.0)
+    with pytest.raises(ValueError, match="model.dim: expected an integer, got 'big'"):
+        hybrit.Model({"dim": "big"})
+    with pytest.raises(ValueError, match=r"model.n_layers: expected an integer in \[1, 4096\], got 100000"):
+        hybrit.Model({"n_layers": 100000})
+    with pytest.raises(TypeError, match="a object cannot be a config value"):
+        hybrit.Model({"dim": object()})
+    assert hybrit.Model({"dim": np.int64(64), "n_layers": 1}).parameters()["tok_emb"].shape == (257, 64)
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"report_eps: expected a number in \[0, 2\], got nan"):
+        hybrit.select(x, strategy="nearest", fraction=0.5, k=3, report_eps=float("nan"))
+
+
+def test_trainer_sample_refuses_bad_arguments():
+    t = hybrit.Trainer({"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "context": 32}, "train": {"batch": 2, "sample_tokens": 0}})
+    with pytest.raises(ValueError, match="tokens: expected an integer >= 0, got -5"):
+        t.sample(-5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature: expected a number >= 0"):
+            t.sample(5, temperature=bad)

@@ -2,6 +2,7 @@
 the paged KV cache (prefix sharing, preemption), stop conditions and `hybrit generate`."""
 import os
 import subprocess
+import threading
 
 import h5py
 import numpy as np
@@ -176,6 +177,47 @@ def test_bad_prompts_are_refused(generator):
         generator.generate("y" * 49)
     with pytest.raises(ValueError, match="last_logits: no tokens"):
         generator.last_logits([])
+
+
+def test_bad_token_ids_are_refused_not_truncated_or_wrapped(generator):
+    with pytest.raises(TypeError, match="token ids must be integers, got 65.7"):
+        generator.generate([[65.7, 66]], max_tokens=2)
+    with pytest.raises(ValueError, match=r"decode: token 300 at position 1 is outside \[0, 257\)"):
+        generator.decode([72, 300])
+    assert generator.decode(np.array([72, 105])) == "Hi"
+    assert generator.generate([np.array([72, 105], dtype=np.int64)], max_tokens=2)[0]["finish_reason"] in ("length", "eos")
+
+
+def test_two_interleaved_streams_and_threads_each_get_their_own_events(generator):
+    prompts = ["The ", "A man walks", "Never", "Q: "]
+    alone = [generator.generate(p, max_tokens=25, temperature=0)["text"] for p in prompts]
+    # Round-robin over four live streams: before, one stream's step swallowed the others' events.
+    live = {i: generator.stream(p, max_tokens=25, temperature=0) for i, p in enumerate(prompts)}
+    got = {i: "" for i in live}
+    while live:
+        for i in list(live):
+            try:
+                got[i] += next(live[i])
+            except StopIteration:
+                del live[i]
+    assert [got[i] for i in range(4)] == alone
+    # Closing one stream cancels it alone: the other still gets all of its text.
+    a, b = generator.stream(prompts[0], max_tokens=25, temperature=0), generator.stream(prompts[1], max_tokens=25, temperature=0)
+    first = next(a)
+    next(b)
+    b.close()
+    assert first + "".join(a) == alone[0]
+    # generate() from several threads at once.
+    results = [None] * 4
+    def work(i):
+        results[i] = generator.generate(prompts[i], max_tokens=25, temperature=0)["text"]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    assert generator.stats()["running"] == 0 and generator.stats()["waiting"] == 0
 
 
 def test_hybrit_generate_streams_text(cli, ternary, generator):
