@@ -247,7 +247,8 @@ TEST_P(BackendTest, MatmulMatchesDoublePrecisionReference) {
 // (the SIMD kernels' zero-padded last block) and batches that are not a multiple of 4.
 TEST_P(BackendTest, MatmulTernaryMatchesTheIntegerReferenceExactly) {
   SCOPED_TRACE(cat("seed ", run_seed()));
-  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {3, 5, 255}, {4, 9, 256}, {5, 17, 257}, {8, 33, 704}, {13, 64, 1000}, {2, 3, 4099}};
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {3, 5, 255}, {4, 9, 256}, {5, 17, 257}, {8, 33, 704}, {13, 64, 1000}, {2, 3, 4099},
+                               {70000, 3, 9}};  // more rows than a CUDA grid dimension holds (65,535)
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     SCOPED_TRACE(cat("m, n, k = ", m, ", ", n, ", ", k));

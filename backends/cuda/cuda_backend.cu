@@ -208,27 +208,32 @@ __global__ void update_kernel(const float* x, int64_t n, int64_t d, const int32_
 
 // One block per (output column r, activation row i): threads stride over the packed bytes of
 // weight row r, the int dot product is summed in the block (exact), then scaled as the CPU does.
-__global__ void matmul_ternary_kernel(const int8_t* xq, const float* x_scales, int64_t k, const uint8_t* w, float w_scale, int64_t n,
+// Block (r, y) computes output column r for rows y, y + gridDim.y, ...: gridDim.y is at most
+// 65,535 (CUDA's limit), so any number of activation rows runs.
+__global__ void matmul_ternary_kernel(const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w, float w_scale, int64_t n,
                                       float* y) {
-  const int64_t r = blockIdx.x, i = blockIdx.y, nbytes = (k + 3) / 4;
+  const int64_t r = blockIdx.x, nbytes = (k + 3) / 4;
   const uint8_t* wr = w + r * nbytes;
-  const int8_t* xi = xq + i * k;
-  long long acc = 0;
-  for (int64_t b = threadIdx.x; b < nbytes; b += blockDim.x) {
-    const unsigned c = wr[b];
-    for (int t = 0; t < 4; ++t) {
-      const int64_t j = 4 * b + t;
-      if (j < k) acc += (long long)(int((c >> (2 * t)) & 3u) - 1) * xi[j];
-    }
-  }
   __shared__ long long partial[kThreads];
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+  for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
+    const int8_t* xi = xq + i * k;
+    long long acc = 0;
+    for (int64_t b = threadIdx.x; b < nbytes; b += blockDim.x) {
+      const unsigned c = wr[b];
+      for (int t = 0; t < 4; ++t) {
+        const int64_t j = 4 * b + t;
+        if (j < k) acc += (long long)(int((c >> (2 * t)) & 3u) - 1) * xi[j];
+      }
+    }
+    partial[threadIdx.x] = acc;
     __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s /= 2) {
+      if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) y[i * n + r] = float(double(partial[0]) * (double(w_scale) / double(x_scales[i])));  // as the C kernels round
+    __syncthreads();  // partial[0] is read before the next row overwrites it
   }
-  if (threadIdx.x == 0) y[i * n + r] = float(double(partial[0]) * (double(w_scale) / double(x_scales[i])));  // as the C kernels round
 }
 
 __global__ void finite_kernel(const double* v, int64_t n, unsigned long long* bad) {
@@ -391,9 +396,12 @@ class CudaBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mutex_);
     Tensor xq = input(x_in), scales = input(s_in), w = input(w_in);
     Tensor y = output(y_out, false);
-    if (m > 0 && n > 0)
-      matmul_ternary_kernel<<<dim3(unsigned(n), unsigned(m)), kThreads>>>(xq.data<int8_t>(), scales.data<float>(), k, w.data<uint8_t>(), w_scale, n,
-                                                                          y.data<float>());
+    if (m > 0 && n > 0) {
+      if (n > int64_t(INT32_MAX)) fail(ErrorKind::invalid_argument, "matmul_ternary: ", n, " output columns are more than one CUDA grid holds (2^31 - 1)");
+      const unsigned row_blocks = unsigned(std::min<int64_t>(m, 65535));  // gridDim.y's limit; the kernel strides over the rest
+      matmul_ternary_kernel<<<dim3(unsigned(n), row_blocks), kThreads>>>(xq.data<int8_t>(), scales.data<float>(), m, k, w.data<uint8_t>(), w_scale, n,
+                                                                        y.data<float>());
+    }
     CUDA_CHECK(cudaGetLastError());
     finish(y, y_out);
   }
