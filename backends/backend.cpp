@@ -78,10 +78,12 @@ void expect(bool ok, const char* op, const Parts&... message) {
   if (!ok) fail(ErrorKind::invalid_argument, op, ": ", message...);
 }
 struct desc {  // "f32 (3, 4)", written only into a failure's message
+  explicit desc(const Tensor& tensor) : t(tensor) {}  // (clang 14 has no parenthesized aggregate init)
   const Tensor& t;
 };
 std::ostream& operator<<(std::ostream& out, const desc& d) { return out << dtype_name(d.t.dtype()) << " " << shape_str(d.t.shape()); }
 struct shape_of {
+  explicit shape_of(const Shape& s) : shape(s) {}
   const Shape& shape;
 };
 std::ostream& operator<<(std::ostream& out, const shape_of& s) { return out << shape_str(s.shape); }

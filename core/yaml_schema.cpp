@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <cctype>
 #include <cerrno>
+#include <string_view>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -162,15 +164,34 @@ std::string read_config_file(const std::string& path) {
 }
 
 YAML::Node load_yaml(const std::string& yaml_text, const std::string& file_name, const std::vector<std::string>& sets, Origins& o) {
-  std::vector<YAML::Node> docs;
+  // A second document would be ignored in silence by YAML::Load. (YAML::LoadAll is no way to
+  // count them: yaml-cpp 0.7's never returns on input such as ", a".) A document marker at the
+  // start of a line after some content starts a second one.
+  bool content = false, ended = false;  // content seen; a "..." end marker seen after it
+  int line_number = 0;
+  for (size_t at = 0; at < yaml_text.size(); ++line_number) {
+    const size_t end = std::min(yaml_text.find('\n', at), yaml_text.size());
+    const std::string_view line(yaml_text.data() + at, end - at);
+    at = end + 1;
+    auto is_marker = [&](const char* m) { return line.rfind(m, 0) == 0 && (line.size() == 3 || std::isspace((unsigned char)line[3])); };
+    const size_t first = line.find_first_not_of(" \t\r");
+    const bool blank = first == std::string_view::npos || line[first] == '#';
+    if ((is_marker("---") && content) || (ended && !blank && !is_marker("...")))
+      fail(ErrorKind::invalid_argument, file_name, ":", line_number + 1, ": a second YAML document (after ", ended ? "..." : "---", "); a config is one document");
+    if (is_marker("...")) ended = content;
+    else if (!is_marker("---") && !blank && line[first] != '%') content = true;
+  }
+  YAML::Node root;
   try {
-    docs = YAML::LoadAll(yaml_text);
+    root = YAML::Load(yaml_text);
   } catch (const YAML::ParserException& e) {
     fail(ErrorKind::invalid_argument, file_name, ":", e.mark.line + 1, ": YAML syntax error: ", e.msg);
   }
-  if (docs.size() > 1)
-    fail(ErrorKind::invalid_argument, file_name, ":", docs[1].Mark().line + 1, ": a second YAML document (after ---); a config is one document");
-  YAML::Node root = docs.empty() || docs[0].IsNull() ? YAML::Node(YAML::NodeType::Map) : docs[0];
+  if (!root.IsDefined() || root.IsNull()) {
+    // yaml-cpp 0.7 reads some malformed text (", a") as nothing at all rather than an error.
+    if (content) fail(ErrorKind::invalid_argument, file_name, ": not a YAML mapping of sections (model:, data:, ...); nothing could be read from it");
+    root = YAML::Node(YAML::NodeType::Map);
+  }
   if (!root.IsMap())
     fail(ErrorKind::invalid_argument, file_name, ":", root.Mark().line + 1, ": expected a mapping of sections at the top (model:, data:, ...), got ",
          root.IsSequence() ? "a list" : cat("the value '", root.Scalar().substr(0, 40), "'"));

@@ -101,7 +101,9 @@ json parse_request_body(const std::string& text) {
   try {
     return json::parse(text);
   } catch (const json::exception& e) {  // parse_error, and out_of_range for numbers such as 1e400
-    bad("", cat("malformed JSON: ", e.what()));
+    std::string what = e.what();  // quotes the last token read, which may be the whole body
+    if (what.size() > 200) what = what.substr(0, 197) + "...";
+    bad("", cat("malformed JSON: ", what));
   }
 }
 

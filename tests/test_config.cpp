@@ -123,7 +123,11 @@ TEST(TrainConfig, ValuesOutsideTheirRangeAreRefusedAtTheirKey) {
 TEST(TrainConfig, RepeatedKeysExtraDocumentsAndOddRootsAreRefused) {
   EXPECT_EQ(error_of("train:\n  steps: 1\ntrain:\n  batch: 2\n"), "run.yaml:3: train: given twice (first at line 1)");
   EXPECT_EQ(error_of("train:\n  steps: 1\n  steps: 2\n"), "run.yaml:3: train.steps: given twice (first at line 2)");
-  EXPECT_EQ(error_of("train: {steps: 1}\n---\nmodel: {dim: 8}\n"), "run.yaml:3: a second YAML document (after ---); a config is one document");
+  EXPECT_EQ(error_of("train: {steps: 1}\n---\nmodel: {dim: 8}\n"), "run.yaml:2: a second YAML document (after ---); a config is one document");
+  EXPECT_EQ(parse_train_config("---\n# one document, explicitly started\ntrain: {steps: 2}\n...\n", "run.yaml").train.steps, 2);
+  // yaml-cpp's LoadAll never returns on this one (found by fuzz/fuzz_config).
+  EXPECT_EQ(error_of(", cosine k-means, a\n"), "run.yaml: not a YAML mapping of sections (model:, data:, ...); nothing could be read from it");
+  EXPECT_EQ(parse_train_config("# only a comment\n", "run.yaml").train.steps, 1000);  // an empty config is the defaults
   EXPECT_EQ(error_of("5\n", {"train.steps=1"}), "run.yaml:1: expected a mapping of sections at the top (model:, data:, ...), got the value '5'");
   EXPECT_EQ(error_of("- a\n- b\n"), "run.yaml:1: expected a mapping of sections at the top (model:, data:, ...), got a list");
   EXPECT_EQ(error_of("dispatch:\n  [a]: 1\n"), "run.yaml:2: dispatch: a key must be a plain name, got a list");

@@ -148,7 +148,7 @@ void Model::quantize_activations(const Tensor& x, Tensor& out) {
     out = x;
     return;
   }
-  const auto [rows, cols] = as_matrix(x);
+  const int64_t rows = as_matrix(x).first, cols = as_matrix(x).second;  // (clang 14 cannot capture structured bindings)
   Tensor q = scratch_view(scratch_.q8, {rows, cols}, DType::i8);
   Tensor s = scratch_view(scratch_.q8_scales, {rows}, DType::f32);
   d_.quantize_int8_rows(x, q, s);
@@ -172,7 +172,7 @@ void Model::linear_backward(const Tensor& dy, const Tensor& x_used, const Linear
 }
 
 void Model::rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& rinv) {
-  const auto [n, d] = as_matrix(x);
+  const int64_t n = as_matrix(x).first, d = as_matrix(x).second;
   ensure_matrix(y, n, d);
   ensure(rinv, {n});
   const float* xp = x.data<float>();
@@ -183,7 +183,7 @@ void Model::rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& 
 }
 
 void Model::rmsnorm_backward(const Tensor& dy, const Tensor& x, const ParamSlice& gain, const Tensor& rinv, const Tensor* residual, Tensor& dx) {
-  const auto [n, d] = as_matrix(x);
+  const int64_t n = as_matrix(x).first, d = as_matrix(x).second;
   ensure_matrix(dx, n, d);
   const float *dyp = dy.data<float>(), *xp = x.data<float>(), *rp = rinv.data<float>(), *g = table_.param(gain).data<float>();
   const float* res = residual ? residual->data<float>() : nullptr;
