@@ -42,7 +42,11 @@ std::string Range::text() const {
   fail(ErrorKind::invalid_argument, where, ": ", key, ": ", what);
 }
 
-std::string scalar_text(const YAML::Node& n) { return n.IsScalar() ? n.Scalar() : std::string(n.IsSequence() ? "a list" : n.IsMap() ? "a mapping" : "nothing"); }
+// A value as messages quote it: at most 60 characters (a scalar may be megabytes long).
+std::string scalar_text(const YAML::Node& n) {
+  if (!n.IsScalar()) return n.IsSequence() ? "a list" : n.IsMap() ? "a mapping" : "nothing";
+  return n.Scalar().size() > 60 ? n.Scalar().substr(0, 57) + "..." : n.Scalar();
+}
 
 int64_t as_int(const YAML::Node& n, const std::string& key, const Origins& o, int64_t min_value, int64_t max_value) {
   int64_t v = 0;
@@ -84,7 +88,7 @@ std::string as_choice(const YAML::Node& n, const std::string& key, const Origins
     if (v == c) return v;
     all += (all.empty() ? "" : ", ") + c;
   }
-  bad(o.where(n, key), key, cat("expected one of ", all, ", got '", v, "'"));
+  bad(o.where(n, key), key, cat("expected one of ", all, ", got '", scalar_text(n), "'"));
 }
 
 void walk(const YAML::Node& map, const std::string& prefix, const Origins& o, const std::map<std::string, Handler>& keys) {
@@ -93,7 +97,7 @@ void walk(const YAML::Node& map, const std::string& prefix, const Origins& o, co
   for (const auto& kv : map) {
     if (!kv.first.IsScalar())
       bad(o.where(kv.first, prefix), prefix.empty() ? "(top)" : prefix, cat("a key must be a plain name, got ", scalar_text(kv.first)));
-    const std::string key = kv.first.Scalar(), full = prefix.empty() ? key : prefix + "." + key;
+    const std::string key = kv.first.Scalar(), full = prefix.empty() ? scalar_text(kv.first) : prefix + "." + scalar_text(kv.first);
     auto it = keys.find(key);
     if (it == keys.end()) {
       std::string all;

@@ -110,6 +110,10 @@ def damage(path, how):
         with h5py.File(path, "r+") as f:
             f.attrs["config"] = f.attrs["config"].replace("model:", "model: [")
             f.attrs["meta_fnv1a64"] = np.uint64(metadata_checksum(f))
+    elif how == "tokenizer that does not parse":  # damaged, and its checksum made to match
+        with h5py.File(path, "r+") as f:
+            f.attrs["tokenizer"] = f.attrs["tokenizer"][:-3]
+            f.attrs["meta_fnv1a64"] = np.uint64(metadata_checksum(f))
     elif how == "lost datasets":  # what a damaged B-tree looks like to a reader: groups with no links
         with h5py.File(path, "r+") as f:
             del f["params"]
@@ -129,6 +133,7 @@ MESSAGES = {
     "step attribute": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
     "config text": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
     "config that does not parse": "its config does not parse",
+    "tokenizer that does not parse": "its tokenizer attribute is not JSON",
     "lost datasets": "dataset params/tok_emb is missing",
     "shape mismatch": "dataset params/final_norm has shape (128,), the model needs (64,)",
 }
@@ -261,7 +266,7 @@ def test_inspect_export_and_load_checkpoint(cli, tmp_path):
         hybrit.load_checkpoint(ckpt)
 
 
-@pytest.mark.parametrize("how", ["lost datasets", "step attribute", "missing dataset"])
+@pytest.mark.parametrize("how", ["lost datasets", "step attribute", "missing dataset", "tokenizer that does not parse"])
 def test_inspect_export_and_load_refuse_a_damaged_checkpoint(cli, tmp_path, how):
     import hybrit
 
