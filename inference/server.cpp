@@ -1,8 +1,5 @@
 #include "inference/server.hpp"
 
-// The kernel caps this at net.core.somaxconn; httplib's default of 5 turned bursts of clients
-// into TCP resets before the server could answer them 429.
-#define CPPHTTPLIB_LISTEN_BACKLOG 1024
 #include <httplib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -491,11 +488,13 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
   // few for /health and /metrics.
   const size_t threads = size_t(options.engine.max_running + options.engine.max_waiting + 8);
   server.new_task_queue = [threads] { return new AdmissionQueue(threads, 4); };
-  server.set_socket_options([](int sock) {
+  int listening_socket = -1;
+  server.set_socket_options([&listening_socket](int sock) {
     // httplib's default is SO_REUSEPORT, which lets a second server share a taken port in silence.
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
     setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof(yes));  // tokens go out as they are made
+    listening_socket = sock;
   });
   server.set_payload_max_length(8 << 20);
   server.set_keep_alive_max_count(1000);
@@ -554,6 +553,11 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
     fail(ErrorKind::io, "cannot listen on ", options.host, ":", options.port, " (is the port taken, or the host not an address of this machine?)");
   }
+  // httplib listens with a backlog of 5 (compiled into Debian's libcpp-httplib, so its macro cannot
+  // change it): a burst of clients then overflowed the accept queue into TCP resets before anyone
+  // could answer them 429. listen() again on the bound socket sets a deeper queue (the kernel caps
+  // it at net.core.somaxconn).
+  if (listening_socket >= 0) ::listen(listening_socket, 1024);
 
   std::atomic<bool> serving{true};
   std::thread watcher([&] {
