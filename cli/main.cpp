@@ -8,9 +8,7 @@
 
 #include "clustering/reduce.hpp"
 #include "inference/engine.hpp"
-#ifdef HYBRIT_HAVE_SERVER
-#include "inference/server.hpp"
-#endif
+#include "inference/server.hpp"  // ServerOptions (the server itself links only with cpp-httplib)
 #include "core/log.hpp"
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
@@ -91,7 +89,6 @@ int main(int argc, char** argv) {
   std::vector<std::string> gen_stop;
   GenerationRequest gen;
   bool gen_f32 = false;
-  gen.sampling.temperature = 0.8;
   CLI::App* generate = app.add_subcommand("generate", "write text with a trained model (packed ternary weights, KV cache), streamed as it is made");
   generate->add_option("--checkpoint", gen_checkpoint, "training checkpoint (.h5) or its export (hybrit checkpoint export)")->required()->check(CLI::ExistingFile);
   generate->add_option("--prompt", gen_prompt, "text the output continues")->required();
@@ -108,14 +105,12 @@ int main(int argc, char** argv) {
 
   std::string serve_checkpoint;
   bool serve_f32 = false;
-  int serve_port = 8000;
-  std::string serve_host = "127.0.0.1";
-  EngineOptions serve_engine;
-  serve_engine.max_waiting = 64;
+  ServerOptions serve_options;  // its defaults are the server's
+  EngineOptions& serve_engine = serve_options.engine;
   CLI::App* serve = app.add_subcommand("serve", "an OpenAI-style HTTP endpoint: POST /v1/completions (streaming with SSE), GET /health, GET /metrics");
   serve->add_option("--checkpoint", serve_checkpoint, "training checkpoint (.h5) or its export (hybrit checkpoint export)")->required()->check(CLI::ExistingFile);
-  serve->add_option("--host", serve_host, "address to listen on")->capture_default_str();
-  serve->add_option("--port", serve_port, "port to listen on (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
+  serve->add_option("--host", serve_options.host, "address to listen on")->capture_default_str();
+  serve->add_option("--port", serve_options.port, "port to listen on (0: any free port)")->capture_default_str()->check(CLI::Range(0, 65535));
   serve->add_option("--max-running", serve_engine.max_running, "sequences batched per step")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(4096)));
   serve->add_option("--max-waiting", serve_engine.max_waiting, "sequences queued for the batch; beyond this, requests get 429")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(4096)));
   serve->add_option("--kv-blocks", serve_engine.kv_blocks, "KV cache blocks of 16 positions (0: the full context for every running sequence)")
@@ -232,12 +227,11 @@ int main(int argc, char** argv) {
 #ifdef HYBRIT_HAVE_SERVER
       Dispatcher dispatcher(options);
       InferenceModel model(dispatcher, serve_checkpoint, !serve_f32);
-      ServerOptions so;
-      so.host = serve_host, so.port = serve_port, so.engine = serve_engine;
+      ServerOptions& so = serve_options;
       so.model_name = std::filesystem::path(serve_checkpoint).stem().string();
       hybrit::serve(model, so, [&](int port) {
         std::printf("hybrit: serving %s (%s weights) on http://%s:%d (POST /v1/completions, GET /health, GET /metrics); Ctrl-C stops\n",
-                    so.model_name.c_str(), model.packed() ? "packed 2-bit" : "f32", serve_host.c_str(), port);
+                    so.model_name.c_str(), model.packed() ? "packed 2-bit" : "f32", so.host.c_str(), port);
         std::fflush(stdout);
       });
       std::printf("hybrit: server stopped\n");

@@ -20,16 +20,23 @@ namespace fs = std::filesystem;
 
 namespace hybrit {
 
-const char* to_string(ReduceStrategy s) {
-  switch (s) {
-    case ReduceStrategy::nearest: return "nearest";
-    case ReduceStrategy::balanced: return "balanced";
-    case ReduceStrategy::semdedup: return "semdedup";
-    case ReduceStrategy::hard: return "hard";
-    case ReduceStrategy::random: return "random";
+namespace {
+const char* const kStrategyNames[] = {"nearest", "balanced", "semdedup", "hard", "random"};  // in enum order
+static_assert(sizeof(kStrategyNames) / sizeof(kStrategyNames[0]) == kReduceStrategyCount, "one name per strategy");
+}  // namespace
+
+const char* to_string(ReduceStrategy s) { return kStrategyNames[int(s)]; }
+
+ReduceStrategy parse_reduce_strategy(const std::string& name, const std::string& what) {
+  std::string all;
+  for (int i = 0; i < kReduceStrategyCount; ++i) {
+    if (name == kStrategyNames[i]) return ReduceStrategy(i);
+    all += std::string(i ? ", " : "") + kStrategyNames[i];
   }
-  return "?";
+  fail(ErrorKind::invalid_argument, what, ": expected one of ", all, ", got '", name, "'");
 }
+
+int64_t default_cluster_count(int64_t records) { return std::max<int64_t>(1, std::llround(std::sqrt(double(records)))); }
 
 namespace {
 
@@ -314,9 +321,7 @@ ReduceConfig parse_reduce_config(const std::string& yaml_text, const std::string
     {"reduce", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
          {"strategy", [&](const YAML::Node& n, const std::string& k) {
-            const std::string v = as_choice(n, k, o, {"nearest", "balanced", "semdedup", "hard", "random"});
-            c.select.strategy = v == "nearest" ? ReduceStrategy::nearest : v == "balanced" ? ReduceStrategy::balanced
-                              : v == "semdedup" ? ReduceStrategy::semdedup : v == "hard" ? ReduceStrategy::hard : ReduceStrategy::random;
+            c.select.strategy = parse_reduce_strategy(as_string(n, k, o), cat(o.where(n, k), ": ", k));
             have_strategy = true;
           }},
          {"fraction", [&](const YAML::Node& n, const std::string& k) {
@@ -420,7 +425,7 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
              format_seconds(stages["embed"].get<double>()));
     t.reset();
     KMeansOptions ko = c.kmeans;
-    ko.k = c.k > 0 ? c.k : std::max<int64_t>(1, std::llround(std::sqrt(double(n))));
+    ko.k = c.k > 0 ? c.k : default_cluster_count(n);
     if (ko.k > n) fail(ErrorKind::invalid_argument, c.source, ": clustering.k: ", ko.k, " clusters for ", n, " records");
     clusters = kmeans(dispatcher, embeddings, ko);
     stages["kmeans"] = t.seconds();

@@ -20,7 +20,12 @@ enum class ReduceStrategy {
   hard,      // per cluster, the records farthest from the centroid (prototype-based pruning's hard examples)
   random,    // a uniform random subset, no embedding or clustering: the baseline to beat
 };
+inline constexpr int kReduceStrategyCount = 5;
 const char* to_string(ReduceStrategy s);
+// A strategy by name (the names of to_string); an Error naming `what` and every name otherwise.
+ReduceStrategy parse_reduce_strategy(const std::string& name, const std::string& what);
+// The number of clusters when none is given: round(sqrt(records)), at least 1.
+int64_t default_cluster_count(int64_t records);
 
 // How many records to keep: exactly one of fraction, count, or (semdedup only) eps.
 //   nearest and hard: each cluster keeps its share of the target in proportion to its size

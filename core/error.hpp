@@ -13,11 +13,15 @@ const char* to_string(ErrorKind kind);
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
+  Error(ErrorKind kind, const std::string& message, std::string field = "") : std::runtime_error(message), kind_(kind), field_(std::move(field)) {}
   ErrorKind kind() const noexcept { return kind_; }
+  // The request field or option the error is about ("top_p"), when one is; front ends that answer
+  // per field (the server's 400 `param`) read it here rather than from the message.
+  const std::string& field() const noexcept { return field_; }
 
  private:
   ErrorKind kind_;
+  std::string field_;
 };
 
 // Concatenates anything that has operator<< into one string; used to build error messages.
@@ -31,6 +35,12 @@ std::string cat(const Parts&... parts) {
 template <class... Parts>
 [[noreturn]] void fail(ErrorKind kind, const Parts&... parts) {
   throw Error(kind, cat(parts...));
+}
+
+// An invalid value of one field: the message is "field: ...", and Error::field() names it.
+template <class... Parts>
+[[noreturn]] void fail_field(const std::string& field, const Parts&... parts) {
+  throw Error(ErrorKind::invalid_argument, cat(field, ": ", parts...), field);
 }
 
 }  // namespace hybrit

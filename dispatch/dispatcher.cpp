@@ -422,9 +422,7 @@ Decision Policy::choose(const OpSize& size, Device data, bool explain) const {
   for (int b = 0; b < kBackendCount; ++b)
     if (std::isfinite(d.predicted_seconds[b]) && (best < 0 || d.predicted_seconds[b] < d.predicted_seconds[best])) best = b;
   if (best < 0) fail(ErrorKind::unsupported, to_string(size.op), ": no backend available");
-  // Near-ties go to c, which starts no threads and moves no data: measured profiles carry a few
-  // percent of noise, and a flip between nearly equal backends should not cost a thread start-up.
-  constexpr double kTieMargin = 1.05;
+  // Near-ties go to c (kTieMargin): a flip between nearly equal backends should not cost a thread start-up.
   const double c_time = d.predicted_seconds[int(BackendKind::c)];
   if (std::isfinite(c_time) && c_time <= kTieMargin * d.predicted_seconds[best]) best = int(BackendKind::c);
   d.backend = BackendKind(best);

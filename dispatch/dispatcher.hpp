@@ -133,6 +133,11 @@ struct Decision {
   std::string reason;  // filled only when asked for: formatting it costs more than a small op
 };
 
+// Near-ties go to c: when c's predicted time is within this factor of the best backend's, c runs
+// (it starts no threads and moves no data; measured profiles carry a few percent of noise). The
+// dispatch report judges auto's picks with the same margin.
+inline constexpr double kTieMargin = 1.05;
+
 struct Policy {
   HardwareInfo hardware;
   Profile profile;

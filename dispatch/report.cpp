@@ -20,8 +20,6 @@ namespace {
 
 using json = nlohmann::json;
 
-// The policy gives near-ties to c (see Policy::choose); the report judges auto with the same margin.
-constexpr double kReportTieMargin = 1.05;
 
 // Median of repeated timings after one warm-up call: at least 3 runs, until `budget` seconds.
 double time_median(const std::function<void()>& fn, double budget) {
@@ -339,7 +337,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   for (const auto& o : ops_json)
     for (const auto& r : o["rows"]) {
       const double loss = r["auto_loss"].get<double>();
-      if (loss <= kReportTieMargin) continue;
+      if (loss <= kTieMargin) continue;
       ++mismatches;
       if (loss > worst_loss) worst_loss = loss, worst_case = cat(o["op"].get<std::string>(), " ", r["size"].get<std::string>());
     }
@@ -436,7 +434,7 @@ std::string format_report(const json& r) {
       }
       const double loss = row["auto_loss"].get<double>();
       std::snprintf(line, sizeof line, "  %-6s  %-5s%s\n", row["winner"].get<std::string>().c_str(), row["auto"].get<std::string>().c_str(),
-                    loss > kReportTieMargin ? fmt("  <- %.2fx slower", loss).c_str() : "");
+                    loss > kTieMargin ? fmt("  <- %.2fx slower", loss).c_str() : "");
       out += line;
     }
   }

@@ -9,12 +9,12 @@
 namespace hybrit {
 
 void SamplingParams::validate() const {
-  if (!(temperature >= 0) || !std::isfinite(temperature)) fail(ErrorKind::invalid_argument, "temperature: expected a number >= 0, got ", temperature);
-  if (top_k < 0) fail(ErrorKind::invalid_argument, "top_k: expected an integer >= 0 (0: off), got ", top_k);
-  if (!(top_p > 0 && top_p <= 1)) fail(ErrorKind::invalid_argument, "top_p: expected a number in (0, 1], got ", top_p);
-  if (!(min_p >= 0 && min_p <= 1)) fail(ErrorKind::invalid_argument, "min_p: expected a number in [0, 1], got ", min_p);
+  if (!(temperature >= 0) || !std::isfinite(temperature)) fail_field("temperature", "expected a number >= 0, got ", temperature);
+  if (top_k < 0) fail_field("top_k", "expected an integer >= 0 (0: off), got ", top_k);
+  if (!(top_p > 0 && top_p <= 1)) fail_field("top_p", "expected a number in (0, 1], got ", top_p);
+  if (!(min_p >= 0 && min_p <= 1)) fail_field("min_p", "expected a number in [0, 1], got ", min_p);
   if (!(repetition_penalty > 0) || !std::isfinite(repetition_penalty))
-    fail(ErrorKind::invalid_argument, "repetition_penalty: expected a number > 0 (1: off), got ", repetition_penalty);
+    fail_field("repetition_penalty", "expected a number > 0 (1: off), got ", repetition_penalty);
 }
 
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p, const std::vector<int32_t>& history, int64_t index) {
@@ -102,15 +102,15 @@ Engine::Engine(InferenceModel& model, const EngineOptions& o)
 
 int64_t Engine::submit(GenerationRequest r) {
   const int64_t context = model_.config().context, vocab = model_.config().vocab_size;
-  if (r.prompt.empty()) fail(ErrorKind::invalid_argument, "prompt: empty (give at least one token)");
+  if (r.prompt.empty()) fail_field("prompt", "empty (give at least one token)");
   if (int64_t(r.prompt.size()) > context)
-    fail(ErrorKind::invalid_argument, "prompt: ", r.prompt.size(), " tokens exceed the model's context of ", context);
+    fail_field("prompt", r.prompt.size(), " tokens exceed the model's context of ", context);
   for (int32_t t : r.prompt)
-    if (t < 0 || t >= vocab) fail(ErrorKind::invalid_argument, "prompt: token ", t, " is outside [0, ", vocab, ")");
-  if (r.max_tokens < 1) fail(ErrorKind::invalid_argument, "max_tokens: expected >= 1, got ", r.max_tokens);
+    if (t < 0 || t >= vocab) fail_field("prompt", "token ", t, " is outside [0, ", vocab, ")");
+  if (r.max_tokens < 1) fail_field("max_tokens", "expected >= 1, got ", r.max_tokens);
   r.sampling.validate();
   for (const auto& s : r.stop)
-    if (s.empty()) fail(ErrorKind::invalid_argument, "stop: an empty stop string would end every output at once");
+    if (s.empty()) fail_field("stop", "an empty stop string would end every output at once");
   if (int64_t(waiting_.size()) >= options_.max_waiting)
     fail(ErrorKind::unsupported, "queue full: ", waiting_.size(), " requests are waiting (max_waiting ", options_.max_waiting, ")");
   auto s = std::make_unique<Sequence>();

@@ -26,8 +26,6 @@ namespace {
 
 [[noreturn]] void bad(const std::string& param, const std::string& message) { throw RequestError{param, param.empty() ? message : param + ": " + message}; }
 
-// hybrit's checks name the field first ("top_p: expected ..."): the field an Error is about.
-std::string field_of(const std::string& message) { return message.substr(0, message.find(':')); }
 
 // A value as an error message quotes it: its JSON, cut to a short prefix (a field may hold
 // megabytes, and the message goes back to the client and into the log).
@@ -148,18 +146,18 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
     if (r.prompts[i].empty()) bad("prompt", r.prompts.size() == 1 ? "empty (give at least one token)" : cat("prompt[", i, "] is empty"));
 
   GenerationRequest& g = r.generation;
+  const SamplingParams defaults;  // the one set every front end shares
   g.max_tokens = integer_field(body, "max_tokens", default_max_tokens);
-  g.sampling.temperature = number_field(body, "temperature", 1.0);
-  g.sampling.top_p = number_field(body, "top_p", 1.0);
-  g.sampling.top_k = integer_field(body, "top_k", 0);
-  g.sampling.min_p = number_field(body, "min_p", 0.0);
-  g.sampling.repetition_penalty = number_field(body, "repetition_penalty", 1.0);
+  g.sampling.temperature = number_field(body, "temperature", defaults.temperature);
+  g.sampling.top_p = number_field(body, "top_p", defaults.top_p);
+  g.sampling.top_k = integer_field(body, "top_k", defaults.top_k);
+  g.sampling.min_p = number_field(body, "min_p", defaults.min_p);
+  g.sampling.repetition_penalty = number_field(body, "repetition_penalty", defaults.repetition_penalty);
   if (g.max_tokens < 1) bad("max_tokens", cat("expected an integer >= 1, got ", g.max_tokens));
   try {
     g.sampling.validate();
   } catch (const Error& e) {
-    const std::string m = e.what(), field = field_of(m);
-    bad(field, m.substr(std::min(m.size(), field.size() + 2)));
+    throw RequestError{e.field(), e.what()};  // the message names the field first, as the others do
   }
   if (body.contains("seed") && !body["seed"].is_null()) {
     if (!body["seed"].is_number_integer()) bad("seed", cat("expected an integer, got ", quote(body["seed"])));
@@ -346,7 +344,7 @@ class CompletionHandler {
         for (int64_t id : completion->ids) engine_.cancel(id);
         const std::string m = e.what();
         if (e.kind() == ErrorKind::invalid_argument)  // the engine's checks: prompt length and token range
-          return reply(res, 400, error_body(m, "invalid_request_error", field_of(m)));
+          return reply(res, 400, error_body(m, "invalid_request_error", e.field()));
         if (engine_.stopping()) return reply(res, 503, error_body(m, "server_shutting_down"));
         return reply(res, 429, error_body(m, "server_busy"));
       }

@@ -23,7 +23,13 @@ namespace hybrit {
 struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8000;                  // 0: any free port (the one taken is passed to on_listening)
-  EngineOptions engine;             // engine.max_waiting bounds the queue: beyond it, 429
+  // engine.max_waiting bounds the queue (beyond it, 429). The server keeps a connection thread
+  // for every request it holds, so its queue is shorter than a bare engine's.
+  EngineOptions engine = [] {
+    EngineOptions e;
+    e.max_waiting = 64;
+    return e;
+  }();
   std::string model_name = "hybrit";  // "model" in every response
   int64_t default_max_tokens = 16;  // OpenAI's default when a request has no max_tokens
 };

@@ -507,9 +507,25 @@ Arguments win over the environment, which wins over the config file.)doc")
       py::arg("quick") = true, py::arg("ops") = py::none(), py::arg("backend") = py::none(), py::arg("save") = py::none(),
       "Time every op on every backend (see `hybrit dispatch-report`) and return the report as a dict; save= writes the profile.");
 
+  // The defaults the Python signatures show, read from the C++ structs (one set for every front end).
+  m.def("_sampling_defaults", [] {
+    const SamplingParams p;
+    py::dict d;
+    d["temperature"] = p.temperature, d["top_k"] = p.top_k, d["top_p"] = p.top_p, d["min_p"] = p.min_p;
+    d["repetition_penalty"] = p.repetition_penalty, d["seed"] = p.seed;
+    return d;
+  });
+  m.def("_engine_defaults", [] {
+    const EngineOptions e;
+    py::dict d;
+    d["kv_blocks"] = e.kv_blocks, d["max_running"] = e.max_running, d["prefill_chunk"] = e.prefill_chunk;
+    return d;
+  });
+
   py::class_<PyGenerator>(m, "_Generator")
       .def(py::init<const std::string&, bool, int64_t, int64_t, int64_t, std::optional<std::string>>(), py::arg("checkpoint"), py::arg("packed") = true,
-           py::arg("kv_blocks") = 0, py::arg("max_running") = 16, py::arg("prefill_chunk") = 256, py::arg("backend") = py::none())
+           py::arg("kv_blocks") = EngineOptions{}.kv_blocks, py::arg("max_running") = EngineOptions{}.max_running,
+           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk, py::arg("backend") = py::none())
       .def("encode", &PyGenerator::encode)
       .def("decode", &PyGenerator::decode)
       .def("submit", &PyGenerator::submit)
@@ -733,15 +749,11 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
          std::optional<int64_t> k, uint64_t seed, int max_iter, bool spherical, double report_eps, std::optional<std::string> backend) {
         Tensor x = view<float>(x_obj, "embeddings", 2, 2, "float32");
         SelectOptions so;
-        const std::map<std::string, ReduceStrategy> strategies = {{"nearest", ReduceStrategy::nearest}, {"balanced", ReduceStrategy::balanced},
-                                                                  {"semdedup", ReduceStrategy::semdedup}, {"hard", ReduceStrategy::hard},
-                                                                  {"random", ReduceStrategy::random}};
-        auto it = strategies.find(strategy);
-        if (it == strategies.end()) throw py::value_error(cat("strategy: expected nearest, balanced, semdedup, hard or random, got '", strategy, "'"));
-        so.strategy = it->second, so.fraction = fraction, so.count = count, so.eps = eps, so.seed = seed, so.report_eps = report_eps;
+        so.strategy = parse_reduce_strategy(strategy, "strategy");
+        so.fraction = fraction, so.count = count, so.eps = eps, so.seed = seed, so.report_eps = report_eps;
         KMeansOptions ko;
         const int64_t n = x.dim(0);
-        ko.k = k ? *k : std::max<int64_t>(1, std::llround(std::sqrt(double(n))));
+        ko.k = k ? *k : default_cluster_count(n);
         ko.seed = seed, ko.max_iter = max_iter, ko.spherical = spherical;
         DispatcherOptions dopts;
         dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);

@@ -16,7 +16,7 @@ import collections
 import operator
 import threading
 
-from ._hybrit import _Generator, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
+from ._hybrit import _Generator, _engine_defaults, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
 
 __all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
            "default_profile_path", "op_size"]
@@ -52,6 +52,10 @@ def op_size(op, *dims):
     return list(dims)
 
 
+_SAMPLING = _sampling_defaults()  # SamplingParams' defaults: the same in the CLI, the server and here
+_ENGINE = _engine_defaults()
+
+
 def _token_id(t):
     """A token id as an int: ints and numpy integers pass, 65.7 or "65" is a TypeError (not truncated)."""
     try:
@@ -73,7 +77,8 @@ class Generator:
     max_tokens ("length"), a stop string ("stop") or the model's context ("context").
     """
 
-    def __init__(self, checkpoint, packed=True, kv_blocks=0, max_running=16, prefill_chunk=256, backend=None):
+    def __init__(self, checkpoint, packed=True, kv_blocks=_ENGINE["kv_blocks"], max_running=_ENGINE["max_running"],
+                 prefill_chunk=_ENGINE["prefill_chunk"], backend=None):
         self._g = _Generator(str(checkpoint), packed, kv_blocks, max_running, prefill_chunk, backend)
         self.info = self._g.info()
         # One engine serves every caller: each request's events wait in its own queue, so two
@@ -110,7 +115,8 @@ class Generator:
                 while request in self._queues:  # until its final (cancelled) event, others' events kept
                     self._next_events(request)
 
-    def generate(self, prompts, max_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, stop=None):
+    def generate(self, prompts, max_tokens=128, temperature=_SAMPLING["temperature"], top_k=_SAMPLING["top_k"], top_p=_SAMPLING["top_p"],
+                 min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=_SAMPLING["seed"], stop=None):
         """All prompts batched together; returns one dict per prompt (text, tokens, finish_reason),
         or one dict for a single string prompt."""
         single = isinstance(prompts, str)
@@ -134,7 +140,8 @@ class Generator:
         results = [dict(out[i], text=out[i]["text"].decode("utf-8", errors="replace")) for i in ids]
         return results[0] if single else results
 
-    def stream(self, prompt, max_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0, stop=None):
+    def stream(self, prompt, max_tokens=128, temperature=_SAMPLING["temperature"], top_k=_SAMPLING["top_k"], top_p=_SAMPLING["top_p"],
+               min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=_SAMPLING["seed"], stop=None):
         """Yields the text as it is made (whole UTF-8 characters); closing the iterator cancels the request."""
         request = self._submit(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         self.last_finish_reason = None

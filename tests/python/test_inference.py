@@ -229,3 +229,15 @@ def test_hybrit_generate_streams_text(cli, ternary, generator):
     assert "tokens/s" in r.stderr and "finished: length" in r.stderr
     bad = subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "x", "--top-p", "0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "top_p" in bad.stderr
+
+
+def test_the_cli_and_python_share_their_sampling_defaults(cli, ternary, generator):
+    # No sampling option anywhere: the same defaults (SamplingParams') must give the same text.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+    r = subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "The ", "--max-tokens", "20"],
+                       capture_output=True, text=True, env=env, check=True, timeout=120)
+    # The CLI prints control characters and broken UTF-8 as U+FFFD: compare what both print alike.
+    plain = lambda text: "".join(ch for ch in text if ch.isprintable() and ch != "\ufffd")
+    assert plain(r.stdout) == plain("The " + generator.generate("The ", max_tokens=20)["text"])
+    help_text = subprocess.run([cli, "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert f"--temperature FLOAT={hybrit._hybrit._sampling_defaults()['temperature']:g} " in help_text
