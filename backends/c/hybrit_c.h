@@ -61,6 +61,10 @@ typedef struct {
 /* Kernel table of a given ISA. Calling an ISA the CPU lacks is the caller's mistake: the C++
  * side only selects what the hardware probe reports. */
 const hybrit_c_kernels* hybrit_c_kernels_for(hybrit_isa isa);
+/* The AVX-512 table with (vnni = 1) or without (vnni = 0) the VNNI ternary dot; NULL for VNNI on a
+ * CPU without it. hybrit_c_kernels_for picks VNNI whenever the CPU has it, so tests ask here to
+ * run the AVX-512BW kernel too. Call only where AVX-512 runs. */
+const hybrit_c_kernels* hybrit_c_kernels_avx512_variant(int vnni);
 
 /* In-place fold of m chunk sums: for (s = 1; s < m; s *= 2) a[i] += a[i + s] for i = 0, 2s, ...
  * Returns a[0] (0 when m == 0). */

@@ -216,3 +216,9 @@ const hybrit_c_kernels* hybrit_c_kernels_avx512(void) {
   pthread_once(&vnni_once, pick_vnni);
   return with_vnni ? &avx512_vnni_kernels : &avx512_kernels;
 }
+
+const hybrit_c_kernels* hybrit_c_kernels_avx512_variant(int vnni) {
+  pthread_once(&vnni_once, pick_vnni);
+  if (!vnni) return &avx512_kernels;
+  return with_vnni ? &avx512_vnni_kernels : 0;
+}

@@ -103,8 +103,13 @@ class TbbBackend final : public Backend {
     float* c = ct.data<float>();
     const int64_t lda = at.dim(1), ldb = bt.dim(1);
     if (k >= kSplitKMin && k >= 8 * std::max(m, n)) return run_matmul_split_k(a, b, c, m, n, k, lda, ldb, args);
-    // Blocks of C: enough for every thread (x2 for balance), none thinner than 32 rows/columns.
-    const int64_t want = 2 * threads_;
+    // Blocks of C, none thinner than 32 rows or 64 columns. Their number depends on the sizes
+    // alone, never on the thread count: Eigen's cache blocking (and so each element's summation
+    // order) follows the block's shape, so a count taken from the threads would change the bits
+    // with HYBRIT_THREADS. 8 keeps up to 4 threads busy (x2 for balance) at the speed of the old
+    // thread-count rule on 2 cores (measured: within 3% at the training shapes); more cores get at
+    // most 8 blocks of one GEMM (a size-based count for large products is the next step).
+    constexpr int64_t want = 8;
     int64_t mb = std::clamp<int64_t>(m / 32, 1, want), nb = std::clamp<int64_t>(want / mb, 1, std::max<int64_t>(1, n / 64));
     if (2.0 * double(m) * n * k < 2e6) mb = nb = 1;  // too small to repay a task
     const int64_t bm = (m + mb - 1) / mb, bn = (n + nb - 1) / nb;
