@@ -226,11 +226,12 @@ TEST(Overrides, EnvironmentIsCheckedAndHasItsPlaceInTheOrder) {
   setenv("HYBRIT_BACKEND", "gpu", 1);
   EXPECT_THROW(overrides_from_env(), Error);
   setenv("HYBRIT_BACKEND", "c", 1);
-  Overrides env = overrides_from_env();
-  Overrides yaml = overrides_from_yaml("dispatch: {backend: tbb, threads: 2}\n", "x.yaml");
-  yaml.merge(env);  // environment over config
-  EXPECT_EQ(yaml.backend, BackendKind::c);
-  EXPECT_EQ(yaml.threads, 2);
+  DispatcherOptions o;  // the real resolver: the environment over the config's section
+  o.config_section = overrides_from_yaml("dispatch: {backend: tbb, threads: 2}\n", "x.yaml");
+  const Overrides resolved = resolve_overrides(o);
+  EXPECT_EQ(resolved.backend, BackendKind::c);
+  EXPECT_EQ(resolved.threads, 2);
+  EXPECT_EQ(resolved.source, "environment");
   setenv("HYBRIT_THREADS", "lots", 1);
   EXPECT_THROW(overrides_from_env(), Error);
   unsetenv("HYBRIT_THREADS");

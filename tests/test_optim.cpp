@@ -262,6 +262,12 @@ TEST(Schedule, DefiningPoints) {
   EXPECT_GT(before_drop, 0.5);
   EXPECT_NEAR(after_drop, 0.25, 1e-12);     // the abrupt drop at mid-run
   EXPECT_EQ(s.at(500).weight_decay, 0.0);   // and no weight decay in the second stage
+  // Between, the decay ramps down on a cosine over the first stage (not "on" throughout): half at
+  // a quarter of the run, and strictly decreasing.
+  EXPECT_NEAR(s.at(250).weight_decay, 0.5, 1e-12);
+  EXPECT_NEAR(s.at(125).weight_decay, 0.5 * (1.0 + std::cos(std::numbers::pi * 0.25)), 1e-12);
+  EXPECT_GT(s.at(100).weight_decay, s.at(300).weight_decay);
+  EXPECT_EQ(s.at(999).weight_decay, 0.0);
   EXPECT_NEAR(s.at(1000).lr, 0.025, 1e-12);
   EXPECT_THROW(parse_schedule_kind("linear", "optim.schedule"), Error);
 }

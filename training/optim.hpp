@@ -93,9 +93,10 @@ struct Schedule {
   struct Multipliers {
     double lr, weight_decay;
   };
-  // Step 0 is the first step. Warmup is linear from lr/warmup to lr. bitnet_two_stage: cosine from
-  // the peak in the first half, then a drop to stage2_lr_ratio and cosine to min_lr_ratio of that
-  // in the second half, with weight decay on in the first half and 0 in the second (BitNet b1.58).
+  // Step 0 is the first step. Warmup is linear from lr/warmup to lr. bitnet_two_stage (the BitNet
+  // b1.58 2B4T recipe): the lr follows a cosine over the whole run in the first half, then drops to
+  // stage2_lr_ratio and follows a cosine to min_lr_ratio of that in the second half; the weight
+  // decay multiplier ramps down on a cosine from 1 at step 0 to 0 at mid-run, and stays 0 after.
   Multipliers at(int64_t step) const;
 };
 Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what);
