@@ -41,6 +41,28 @@ bool is_compute_bound(Op op) {
   return op == Op::matmul || op == Op::kmeans_assign || op == Op::matmul_ternary || op == Op::attention_forward || op == Op::attention_backward;
 }
 
+const char* op_size_dim_names(Op op) {
+  switch (op) {  // every op listed: -Wswitch names a new one that is missing
+    case Op::quantize_ternary: return "n";
+    case Op::quantize_int8_rows:
+    case Op::pack_ternary:
+    case Op::unpack_ternary: return "rows, cols";
+    case Op::matmul:
+    case Op::matmul_ternary: return "m, n, k";
+    case Op::kmeans_assign:
+    case Op::kmeans_update: return "n, k, d";
+    case Op::attention_forward:
+    case Op::attention_backward: return "batch * heads, seq, head_dim";
+  }
+  return "";
+}
+
+int op_size_dims(Op op) {
+  int dims = 1;
+  for (const char* p = op_size_dim_names(op); *p; ++p) dims += *p == ',';
+  return dims;
+}
+
 OpSize op_size(Op op, int64_t a, int64_t b, int64_t c) {
   if (a < 0 || b < 0 || c < 0) fail(ErrorKind::invalid_argument, to_string(op), ": sizes must be >= 0, got ", a, " x ", b, " x ", c);
   OpSize s;

@@ -31,6 +31,9 @@ struct OpSize {
 // matmul and matmul_ternary (m, n, k); kmeans_assign (n, k, d); kmeans_update (n, k, d);
 // attention_forward and attention_backward (batch * heads, seq, head_dim).
 OpSize op_size(Op op, int64_t a, int64_t b = 1, int64_t c = 1);
+// How many of op_size's dimensions an op uses (the list above), and their names ("m, n, k").
+int op_size_dims(Op op);
+const char* op_size_dim_names(Op op);
 bool is_compute_bound(Op op);  // rated in GFLOP/s (matmul, matmul_ternary, kmeans_assign), else GB/s
 
 struct ProfilePoint {

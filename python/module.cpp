@@ -507,6 +507,11 @@ Arguments win over the environment, which wins over the config file.)doc")
       py::arg("quick") = true, py::arg("ops") = py::none(), py::arg("backend") = py::none(), py::arg("save") = py::none(),
       "Time every op on every backend (see `hybrit dispatch-report`) and return the report as a dict; save= writes the profile.");
 
+  m.def("_op_dims", [] {  // op -> (dims, their names), from the op table: Python's op_size reads it
+    py::dict d;
+    for (int i = 0; i < kOpCount; ++i) d[py::str(to_string(Op(i)))] = py::make_tuple(op_size_dims(Op(i)), op_size_dim_names(Op(i)));
+    return d;
+  });
   // The defaults the Python signatures show, read from the C++ structs (one set for every front end).
   m.def("_sampling_defaults", [] {
     const SamplingParams p;

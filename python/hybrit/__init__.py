@@ -16,7 +16,7 @@ import collections
 import operator
 import threading
 
-from ._hybrit import _Generator, _engine_defaults, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
+from ._hybrit import _Generator, _engine_defaults, _op_dims, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
 
 __all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
            "default_profile_path", "op_size"]
@@ -38,17 +38,17 @@ def load_checkpoint(path):
 
 
 def op_size(op, *dims):
-    """The dims Dispatcher.choose takes for each op, spelled out (returns them as a list):
-
-    quantize_ternary: (n,); quantize_int8_rows, pack_ternary, unpack_ternary: (rows, cols);
-    matmul: (m, n, k); kmeans_assign and kmeans_update: (n, k, d).
+    """The dims Dispatcher.choose takes for an op, checked against the op table (returns them as a
+    list): quantize_ternary (n); quantize_int8_rows, pack_ternary, unpack_ternary (rows, cols);
+    matmul and matmul_ternary (m, n, k); kmeans_assign and kmeans_update (n, k, d);
+    attention_forward and attention_backward (batch * heads, seq, head_dim).
     """
-    expected = {"quantize_ternary": 1, "quantize_int8_rows": 2, "pack_ternary": 2, "unpack_ternary": 2,
-                "matmul": 3, "kmeans_assign": 3, "kmeans_update": 3}
-    if op not in expected:
-        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(expected)}")
-    if len(dims) != expected[op]:
-        raise ValueError(f"{op} takes {expected[op]} dims, got {len(dims)}")
+    table = _op_dims()
+    if op not in table:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(table)}")
+    count, names = table[op]
+    if len(dims) != count:
+        raise ValueError(f"{op} takes {count} dims ({names}), got {len(dims)}")
     return list(dims)
 
 

@@ -327,3 +327,16 @@ def test_trainer_sample_refuses_bad_arguments():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature: expected a number >= 0"):
             t.sample(5, temperature=bad)
+
+
+def test_op_size_knows_every_op_of_the_table():
+    # From the op table itself: an op added in C++ cannot be missing here.
+    d = hybrit.Dispatcher(use_environment=False)
+    table = hybrit._hybrit._op_dims()
+    assert {"matmul_ternary", "attention_forward", "attention_backward"} <= set(table)
+    for op, (count, names) in table.items():
+        dims = hybrit.op_size(op, *([8] * count))
+        assert d.choose(op, dims)["backend"] in ("c", "tbb", "cuda"), op
+        assert len(names.split(",")) == count
+        with pytest.raises(ValueError, match=f"{op} takes {count} dims"):
+            hybrit.op_size(op, *([8] * (count + 1)))
