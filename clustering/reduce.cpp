@@ -14,6 +14,7 @@
 #include "core/rng.hpp"
 #include "dispatch/report.hpp"
 #include "training/data.hpp"
+#include "core/file.hpp"
 #include "core/yaml_schema.hpp"
 
 namespace fs = std::filesystem;
@@ -371,26 +372,18 @@ const char* corpus_file_name(CorpusFormat f) {
   return "corpus.txt";
 }
 
-// The records in `format`, so read_corpus gives them back unchanged.
+// The records in `format`, so read_corpus gives them back unchanged (written atomically, checked).
 void write_corpus(const std::string& path, CorpusFormat format, const std::vector<std::string>& records, const std::vector<int64_t>& kept) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) fail(ErrorKind::io, tmp, ": cannot create");
-    for (int64_t i : kept) {
-      const std::string& r = records[size_t(i)];
-      switch (format) {
-        case CorpusFormat::fortune: out << r << "\n%\n"; break;
-        case CorpusFormat::text: out << r << "\n\n"; break;
-        case CorpusFormat::jsonl: out << nlohmann::json{{"text", r}}.dump() << "\n"; break;
-      }
+  std::string text;
+  for (int64_t i : kept) {
+    const std::string& r = records[size_t(i)];
+    switch (format) {
+      case CorpusFormat::fortune: text += r + "\n%\n"; break;
+      case CorpusFormat::text: text += r + "\n\n"; break;
+      case CorpusFormat::jsonl: text += nlohmann::json{{"text", r}}.dump() + "\n"; break;
     }
-    out.flush();
-    if (!out) fail(ErrorKind::io, tmp, ": write failed (disk full?)");
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) fail(ErrorKind::io, path, ": cannot move into place (", ec.message(), ")");
+  write_file_atomically(path, text);
 }
 
 }  // namespace
@@ -442,14 +435,14 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   const std::string corpus_path = (fs::path(out_dir) / corpus_file_name(corpus.format)).string();
   write_corpus(corpus_path, corpus.format, corpus.records, s.kept);
   {
-    std::ofstream tsv(fs::path(out_dir) / "selection.tsv");
+    std::ostringstream tsv;
     tsv << "record\tcluster\tdistance\tdup_score\tkept\n";
     std::vector<char> kept(size_t(n), 0);
     for (int64_t i : s.kept) kept[size_t(i)] = 1;
     for (int64_t i = 0; i < n; ++i)
       tsv << i << '\t' << (clusters.labels.numel() == n ? clusters.labels.data<int32_t>()[i] : 0) << '\t' << s.distance[size_t(i)] << '\t'
           << s.dup_score[size_t(i)] << '\t' << int(kept[size_t(i)]) << '\n';
-    if (!tsv) fail(ErrorKind::io, out_dir, "/selection.tsv: write failed");
+    write_file_atomically((fs::path(out_dir) / "selection.tsv").string(), tsv.str());
   }
   stages["write"] = t.seconds();
   stages["total"] = total.seconds();
@@ -472,7 +465,7 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
     cl.push_back({{"cluster", i}, {"size", s.cluster_size[i]}, {"kept", s.cluster_kept[i]}, {"near_duplicates", s.cluster_near_duplicates[i]}});
   report["clusters"] = cl;
   report["dispatch_metrics"] = metrics_json(dispatcher.metrics());
-  std::ofstream(fs::path(out_dir) / "report.json") << report.dump(1) << "\n";
+  write_file_atomically((fs::path(out_dir) / "report.json").string(), report.dump(1) + "\n");  // last: its presence marks a finished reduction
   return report;
 }
 
