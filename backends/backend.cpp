@@ -1,4 +1,5 @@
 #include "backends/backend.hpp"
+#include "core/names.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -7,21 +8,12 @@
 
 namespace hybrit {
 
-const char* to_string(BackendKind kind) {
-  switch (kind) {
-    case BackendKind::c: return "c";
-    case BackendKind::tbb: return "tbb";
-    case BackendKind::cuda: return "cuda";
-  }
-  return "?";
-}
+static const char* const kBackendNames[] = {"c", "tbb", "cuda"};  // in enum order
+static_assert(sizeof(kBackendNames) / sizeof(kBackendNames[0]) == kBackendCount, "one name per backend");
 
-BackendKind parse_backend(const std::string& text, const std::string& what) {
-  if (text == "c") return BackendKind::c;
-  if (text == "tbb") return BackendKind::tbb;
-  if (text == "cuda") return BackendKind::cuda;
-  fail(ErrorKind::invalid_argument, what, ": expected c, tbb or cuda, got '", text, "'");
-}
+const char* to_string(BackendKind kind) { return kBackendNames[int(kind)]; }
+
+BackendKind parse_backend(const std::string& text, const std::string& what) { return parse_name<BackendKind>(kBackendNames, text, what); }
 
 static const char* kOpNames[] = {"quantize_ternary", "quantize_int8_rows", "pack_ternary", "unpack_ternary",      "matmul",
                                  "kmeans_assign",    "kmeans_update",      "matmul_ternary", "attention_forward", "attention_backward"};

@@ -15,6 +15,7 @@
 #include "dispatch/report.hpp"
 #include "training/data.hpp"
 #include "core/file.hpp"
+#include "core/names.hpp"
 #include "core/yaml_schema.hpp"
 
 namespace fs = std::filesystem;
@@ -28,14 +29,7 @@ static_assert(sizeof(kStrategyNames) / sizeof(kStrategyNames[0]) == kReduceStrat
 
 const char* to_string(ReduceStrategy s) { return kStrategyNames[int(s)]; }
 
-ReduceStrategy parse_reduce_strategy(const std::string& name, const std::string& what) {
-  std::string all;
-  for (int i = 0; i < kReduceStrategyCount; ++i) {
-    if (name == kStrategyNames[i]) return ReduceStrategy(i);
-    all += std::string(i ? ", " : "") + kStrategyNames[i];
-  }
-  fail(ErrorKind::invalid_argument, what, ": expected one of ", all, ", got '", name, "'");
-}
+ReduceStrategy parse_reduce_strategy(const std::string& name, const std::string& what) { return parse_name<ReduceStrategy>(kStrategyNames, name, what); }
 
 int64_t default_cluster_count(int64_t records) { return std::max<int64_t>(1, std::llround(std::sqrt(double(records)))); }
 

@@ -1,4 +1,5 @@
 #include "core/hardware.hpp"
+#include "core/names.hpp"
 
 #include <cpuid.h>
 #include <cpuinfo.h>
@@ -17,21 +18,12 @@
 
 namespace hybrit {
 
-const char* to_string(SimdLevel level) {
-  switch (level) {
-    case SimdLevel::scalar: return "scalar";
-    case SimdLevel::avx2: return "avx2";
-    case SimdLevel::avx512: return "avx512";
-  }
-  return "?";
-}
+static const char* const kSimdNames[] = {"scalar", "avx2", "avx512"};  // in enum order
+static_assert(sizeof(kSimdNames) / sizeof(kSimdNames[0]) == kSimdLevelCount, "one name per SIMD level");
 
-SimdLevel parse_simd_level(const std::string& text, const std::string& what) {
-  if (text == "scalar") return SimdLevel::scalar;
-  if (text == "avx2") return SimdLevel::avx2;
-  if (text == "avx512") return SimdLevel::avx512;
-  fail(ErrorKind::invalid_argument, what, ": expected scalar, avx2 or avx512, got '", text, "'");
-}
+const char* to_string(SimdLevel level) { return kSimdNames[int(level)]; }
+
+SimdLevel parse_simd_level(const std::string& text, const std::string& what) { return parse_name<SimdLevel>(kSimdNames, text, what); }
 
 SimdLevel HardwareInfo::best_simd() const {
   if (avx512f && avx512bw && avx512vl && avx512dq && fma) return SimdLevel::avx512;

@@ -8,6 +8,7 @@
 namespace hybrit {
 
 enum class SimdLevel { scalar = 0, avx2 = 1, avx512 = 2 };
+inline constexpr int kSimdLevelCount = 3;
 const char* to_string(SimdLevel level);
 // "scalar" | "avx2" | "avx512"; throws Error(invalid_argument) naming `what` otherwise.
 SimdLevel parse_simd_level(const std::string& text, const std::string& what);

@@ -213,10 +213,9 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "checkpoint_every" << YAML::Value << train.checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << train.keep_checkpoints;
   y << YAML::Key << "keep_best" << YAML::Value << train.keep_best;
   y << YAML::EndMap;
-  const char* kinds[] = {"constant", "cosine", "wsd", "bitnet_two_stage"};
   y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << optim.grad_clip;
   y << YAML::Key << "matrices" << YAML::Value << (optim.matrices == OptimizerConfig::Matrices::muon ? "muon" : "adamw");
-  y << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value << kinds[int(optim.schedule.kind)];
+  y << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value << to_string(optim.schedule.kind);
   y << YAML::Key << "warmup_steps" << YAML::Value << optim.schedule.warmup_steps << YAML::Key << "min_lr_ratio" << YAML::Value << optim.schedule.min_lr_ratio;
   y << YAML::Key << "decay_fraction" << YAML::Value << optim.schedule.decay_fraction;
   y << YAML::Key << "stage2_lr_ratio" << YAML::Value << optim.schedule.stage2_lr_ratio;

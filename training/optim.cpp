@@ -1,4 +1,5 @@
 #include "training/optim.hpp"
+#include "core/names.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -106,13 +107,14 @@ double muon_scale(int64_t rows, int64_t cols) { return std::sqrt(std::max(1.0, d
 
 // ------------------------------------------------------------------ schedules
 
-Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what) {
-  if (text == "constant") return Schedule::Kind::constant;
-  if (text == "cosine") return Schedule::Kind::cosine;
-  if (text == "wsd") return Schedule::Kind::wsd;
-  if (text == "bitnet_two_stage") return Schedule::Kind::bitnet_two_stage;
-  fail(ErrorKind::invalid_argument, what, ": expected constant, cosine, wsd or bitnet_two_stage, got '", text, "'");
-}
+namespace {
+const char* const kScheduleNames[] = {"constant", "cosine", "wsd", "bitnet_two_stage"};  // in enum order
+static_assert(sizeof(kScheduleNames) / sizeof(kScheduleNames[0]) == Schedule::kKindCount, "one name per schedule kind");
+}  // namespace
+
+const char* to_string(Schedule::Kind kind) { return kScheduleNames[int(kind)]; }
+
+Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what) { return parse_name<Schedule::Kind>(kScheduleNames, text, what); }
 
 Schedule::Multipliers Schedule::at(int64_t step) const {
   auto cosine = [&](double p) { return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + std::cos(std::numbers::pi * std::clamp(p, 0.0, 1.0))); };

@@ -84,6 +84,7 @@ double muon_scale(int64_t rows, int64_t cols);
 // Learning-rate and weight-decay multipliers over training.
 struct Schedule {
   enum class Kind { constant, cosine, wsd, bitnet_two_stage };
+  static constexpr int kKindCount = 4;
   Kind kind = Kind::cosine;
   int64_t warmup_steps = 0;
   int64_t total_steps = 1;
@@ -100,6 +101,7 @@ struct Schedule {
   Multipliers at(int64_t step) const;
 };
 Schedule::Kind parse_schedule_kind(const std::string& text, const std::string& what);
+const char* to_string(Schedule::Kind kind);
 
 struct OptimizerConfig {
   // The block matrices (attention and FFN weights) take Muon, or AdamW like every other parameter

@@ -231,7 +231,7 @@ def test_random_is_a_seeded_uniform_subset(embedded):
     ({"strategy": "hard", "eps": 0.1}, "only the semdedup strategy"),
     ({"strategy": "nearest", "fraction": 0.0}, r"reduce.fraction: expected a number in \(0, 1\]"),
     ({"strategy": "nearest", "count": 10**6}, "reduce.count: expected 1 to"),
-    ({"strategy": "closest", "fraction": 0.5}, "strategy: expected one of nearest, balanced, semdedup, hard, random, got .closest."),
+    ({"strategy": "closest", "fraction": 0.5}, "strategy: expected nearest, balanced, semdedup, hard or random, got .closest."),
     ({"strategy": "nearest", "fraction": 0.5, "k": 10**6}, "k"),
 ])
 def test_bad_selection_requests_are_refused(embedded, kwargs, message):
