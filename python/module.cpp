@@ -262,6 +262,32 @@ std::string config_json(const py::dict& config) {
   return py::module_::import("json").attr("dumps")(config, py::arg("default") = plain).cast<std::string>();
 }
 
+// The dispatcher a module function runs on: the caller's `dispatcher=` (reused: no new TBB arena,
+// CUDA context or profile read per call), or a fresh one with `backend=` forced. Both at once is
+// an error: which one wins would be a guess.
+class CallDispatcher {
+ public:
+  CallDispatcher(const py::object& given, const std::optional<std::string>& backend) {
+    if (!given.is_none()) {
+      if (backend) throw py::value_error("give dispatcher= or backend=, not both (force the backend when making the Dispatcher)");
+      if (!py::isinstance<PyDispatcher>(given))
+        throw py::type_error(cat("dispatcher: expected a hybrit.Dispatcher, got ", std::string(py::str(given.get_type().attr("__name__")))));
+      d_ = &given.cast<PyDispatcher&>().get();
+    } else {
+      options_.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+    }
+  }
+  Dispatcher& get() {  // made on first use, so it can be made with the GIL released
+    if (!d_) owned_ = std::make_unique<Dispatcher>(options_), d_ = owned_.get();
+    return *d_;
+  }
+
+ private:
+  DispatcherOptions options_;
+  std::unique_ptr<Dispatcher> owned_;
+  Dispatcher* d_ = nullptr;
+};
+
 ModelConfig model_config_from(const py::dict& d) { return parse_model_config(YAML::Load(config_json(d)), "Model(config)"); }
 
 // A model with its own dispatcher; parameters and gradients are numpy views into its buffers.
@@ -671,7 +697,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
   m.def(
       "kmeans",
       [](const py::object& x_obj, int64_t k, uint64_t seed, int n_init, int max_iter, double tol, const py::object& init,
-         int64_t max_points_per_centroid, bool spherical, std::optional<std::string> backend) {
+         int64_t max_points_per_centroid, bool spherical, std::optional<std::string> backend, const py::object& dispatcher) {
+        CallDispatcher cd(dispatcher, backend);
         Tensor x = view<float>(x_obj, "x", 2, 2, "float32");
         KMeansOptions o;
         o.k = k, o.seed = seed, o.n_init = n_init, o.max_iter = max_iter, o.tol = tol;
@@ -685,14 +712,12 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
           o.init = KMeansOptions::Init::given;
           o.initial_centroids = view<float>(init, "init", 2, 2, "float32").clone();
         }
-        DispatcherOptions dopts;
-        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
         py::gil_scoped_release release;
-        Dispatcher d(dopts);
-        return kmeans(d, x, o);
+        return kmeans(cd.get(), x, o);
       },
       py::arg("x"), py::arg("k"), py::arg("seed") = 0, py::arg("n_init") = 1, py::arg("max_iter") = 300, py::arg("tol") = 1e-4,
-      py::arg("init") = "k-means++", py::arg("max_points_per_centroid") = 256, py::arg("spherical") = false, py::arg("backend") = py::none(),
+      py::arg("init") = "k-means++", py::arg("max_points_per_centroid") = KMeansOptions{}.max_points_per_centroid, py::arg("spherical") = false,
+      py::arg("backend") = py::none(), py::arg("dispatcher") = py::none(),
       "k-means on float32 points (n, d): k-means++ (greedy) or random or given init, Lloyd iterations through the dispatcher, "
       "empty clusters moved to the farthest points, sub-sampling to k * max_points_per_centroid points (0: all) for training; "
       "labels and inertia always cover every point.");
@@ -712,7 +737,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
 
   m.def(
       "embed_text",
-      [](const std::vector<std::string>& records, int64_t dim, std::pair<int, int> char_ngrams, std::pair<int, int> word_ngrams) {
+      [](const std::vector<std::string>& records, int64_t dim, std::pair<int, int> char_ngrams, std::pair<int, int> word_ngrams, const py::object& dispatcher) {
+        CallDispatcher cd(dispatcher, std::nullopt);  // without one, the environment's HYBRIT_THREADS / HYBRIT_BACKEND apply
         NgramEmbeddingOptions o;
         o.dim = dim;
         std::tie(o.char_min, o.char_max) = char_ngrams;
@@ -720,38 +746,40 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         Tensor t;
         {
           py::gil_scoped_release release;
-          Dispatcher dispatcher;  // the environment's HYBRIT_THREADS / HYBRIT_BACKEND apply
-          t = embed_ngrams(dispatcher, records, o);
+          t = embed_ngrams(cd.get(), records, o);
         }
         return copy_to_numpy<float>(t);
       },
       py::arg("records"), py::arg("dim") = 1024, py::arg("char_ngrams") = std::pair<int, int>{3, 5}, py::arg("word_ngrams") = std::pair<int, int>{1, 2},
+      py::arg("dispatcher") = py::none(),
       "Model-free embeddings of text records: hashed character and word n-grams (inclusive length ranges, (0, 0) for none), "
       "TF-IDF weighted, L2-normalised. Returns (len(records), dim) float32.");
 
   m.def(
       "embed_with_checkpoint",
-      [](const std::vector<std::string>& records, const std::string& checkpoint, int64_t max_tokens, int64_t batch, std::optional<std::string> backend) {
+      [](const std::vector<std::string>& records, const std::string& checkpoint, int64_t max_tokens, int64_t batch, std::optional<std::string> backend,
+         const py::object& dispatcher) {
+        CallDispatcher cd(dispatcher, backend);
         ModelEmbeddingOptions o;
         o.checkpoint = checkpoint, o.max_tokens = max_tokens, o.batch = batch;
-        DispatcherOptions dopts;
-        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
         Tensor t;
         {
           py::gil_scoped_release release;
-          Dispatcher d(dopts);
-          t = embed_with_model(d, records, o);
+          t = embed_with_model(cd.get(), records, o);
         }
         return copy_to_numpy<float>(t);
       },
       py::arg("records"), py::arg("checkpoint"), py::arg("max_tokens") = 512, py::arg("batch") = 16, py::arg("backend") = py::none(),
+      py::arg("dispatcher") = py::none(),
       "Model-based embeddings: each record's tokens (the first max_tokens) through a training checkpoint's model, final hidden "
       "states averaged, L2-normalised. Returns (len(records), model dim) float32.");
 
   m.def(
       "select",
       [](const py::object& x_obj, const std::string& strategy, std::optional<double> fraction, std::optional<int64_t> count, std::optional<double> eps,
-         std::optional<int64_t> k, uint64_t seed, int max_iter, bool spherical, double report_eps, std::optional<std::string> backend) {
+         std::optional<int64_t> k, uint64_t seed, int max_iter, bool spherical, double report_eps, std::optional<std::string> backend,
+         const py::object& dispatcher) {
+        CallDispatcher cd(dispatcher, backend);
         Tensor x = view<float>(x_obj, "embeddings", 2, 2, "float32");
         SelectOptions so;
         so.strategy = parse_reduce_strategy(strategy, "strategy");
@@ -760,13 +788,11 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         const int64_t n = x.dim(0);
         ko.k = k ? *k : default_cluster_count(n);
         ko.seed = seed, ko.max_iter = max_iter, ko.spherical = spherical;
-        DispatcherOptions dopts;
-        dopts.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
         KMeansResult clusters;
         Selection sel;
         {
           py::gil_scoped_release release;
-          Dispatcher d(dopts);
+          Dispatcher& d = cd.get();
           if (so.strategy != ReduceStrategy::random) clusters = kmeans(d, x, ko);
           sel = select_records(d, x, clusters, so);
         }
@@ -783,8 +809,8 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         return out;
       },
       py::arg("embeddings"), py::arg("strategy"), py::kw_only(), py::arg("fraction") = py::none(), py::arg("count") = py::none(), py::arg("eps") = py::none(),
-      py::arg("k") = py::none(), py::arg("seed") = 1, py::arg("max_iter") = 100, py::arg("spherical") = true, py::arg("report_eps") = 0.05,
-      py::arg("backend") = py::none(),
+      py::arg("k") = py::none(), py::arg("seed") = 1, py::arg("max_iter") = 100, py::arg("spherical") = true, py::arg("report_eps") = SelectOptions{}.report_eps,
+      py::arg("backend") = py::none(), py::arg("dispatcher") = py::none(),
       "Which records to keep: clusters the (n, d) float32 embeddings with k-means (k defaults to round(sqrt(n))) and applies "
       "the strategy (nearest, balanced, semdedup, hard, random) for a target given as exactly one of fraction, count or "
       "(semdedup) eps. Returns a dict: kept (indices, ascending), distance, dup_score, cluster_size, cluster_kept, "

@@ -340,3 +340,18 @@ def test_op_size_knows_every_op_of_the_table():
         assert len(names.split(",")) == count
         with pytest.raises(ValueError, match=f"{op} takes {count} dims"):
             hybrit.op_size(op, *([8] * (count + 1)))
+
+
+def test_module_functions_run_on_a_dispatcher_they_are_given(rng):
+    # dispatcher= reuses one Dispatcher (its arena, profile and metrics) instead of a new one per call.
+    d = hybrit.Dispatcher(backend="c", use_environment=False)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    hybrit.kmeans(x, 5, dispatcher=d)
+    hybrit.select(x, "nearest", fraction=0.5, k=4, dispatcher=d)
+    hybrit.embed_text(["a b c", "d e f"], dim=64, dispatcher=d)
+    ran = d.metrics()
+    assert ran["kmeans_assign"]["c"]["calls"] >= 2 and set(ran["kmeans_assign"]) == {"c"}
+    with pytest.raises(ValueError, match="give dispatcher= or backend=, not both"):
+        hybrit.kmeans(x, 5, dispatcher=d, backend="tbb")
+    with pytest.raises(TypeError, match="dispatcher: expected a hybrit.Dispatcher, got str"):
+        hybrit.kmeans(x, 5, dispatcher="c")
