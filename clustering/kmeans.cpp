@@ -33,9 +33,10 @@ std::vector<int64_t> sample_indices(int64_t n, int64_t count, Rng& rng) {
 std::vector<double> row_norms(const Tensor& x) {
   const int64_t n = x.dim(0), d = x.dim(1);
   std::vector<double> out(static_cast<size_t>(n));
+  const float* xp = x.data<float>();  // checked once: data<T>() checks the dtype on every call
   for (int64_t i = 0; i < n; ++i) {
     double s = 0;
-    for (int64_t j = 0; j < d; ++j) s += double(x.data<float>()[i * d + j]) * x.data<float>()[i * d + j];
+    for (int64_t j = 0; j < d; ++j) s += double(xp[i * d + j]) * xp[i * d + j];
     out[size_t(i)] = s;
   }
   return out;
@@ -49,8 +50,9 @@ std::vector<double> distances_to(Dispatcher& disp, const Tensor& x, const std::v
   disp.matmul(x, cand, dots, {false, true, 1.0f, 0.0f});
   const std::vector<double> cn = row_norms(cand);
   std::vector<double> out(static_cast<size_t>(n * c));
+  const float* dp = dots.data<float>();
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < c; ++j) out[size_t(i * c + j)] = std::max(0.0, xn[size_t(i)] + cn[size_t(j)] - 2.0 * dots.data<float>()[i * c + j]);
+    for (int64_t j = 0; j < c; ++j) out[size_t(i * c + j)] = std::max(0.0, xn[size_t(i)] + cn[size_t(j)] - 2.0 * dp[i * c + j]);
   return out;
 }
 
@@ -88,11 +90,12 @@ Tensor kmeanspp(Dispatcher& disp, const Tensor& x, int64_t k, Rng& rng) {
 
 void normalise_rows(Tensor& c) {
   const int64_t k = c.dim(0), d = c.dim(1);
+  float* cp = c.data<float>();
   for (int64_t j = 0; j < k; ++j) {
     double s = 0;
-    for (int64_t t = 0; t < d; ++t) s += double(c.data<float>()[j * d + t]) * c.data<float>()[j * d + t];
+    for (int64_t t = 0; t < d; ++t) s += double(cp[j * d + t]) * cp[j * d + t];
     const float inv = s > 0 ? float(1.0 / std::sqrt(s)) : 0.0f;
-    for (int64_t t = 0; t < d; ++t) c.data<float>()[j * d + t] *= inv;
+    for (int64_t t = 0; t < d; ++t) cp[j * d + t] *= inv;
   }
 }
 
@@ -107,8 +110,9 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
   if (k > n) fail(ErrorKind::invalid_argument, "kmeans: k = ", k, " is more than the number of points (", n, ")");
   if (o.max_iter < 1 || o.n_init < 1 || !(o.tol >= 0) || o.max_points_per_centroid < 0)
     fail(ErrorKind::invalid_argument, "kmeans: max_iter and n_init must be at least 1, tol and max_points_per_centroid at least 0");
+  const float* xp = x.data<float>();
   for (int64_t i = 0; i < n * d; ++i)
-    if (!std::isfinite(x.data<float>()[i])) fail(ErrorKind::invalid_argument, "kmeans: point ", i / d, " contains NaN or Inf");
+    if (!std::isfinite(xp[i])) fail(ErrorKind::invalid_argument, "kmeans: point ", i / d, " contains NaN or Inf");
   if (o.init == KMeansOptions::Init::given &&
       (o.initial_centroids.dtype() != DType::f32 || o.initial_centroids.shape() != Shape{k, d}))
     fail(ErrorKind::invalid_argument, "kmeans: given centroids must be f32 ", shape_str({k, d}), ", got ", dtype_name(o.initial_centroids.dtype()), " ",
@@ -124,10 +128,11 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
   const int64_t m = train.dim(0);
   // scikit-learn's tolerance: tol times the mean variance of the features.
   double mean_var = 0;
+  const float* tp = train.data<float>();
   for (int64_t t = 0; t < d; ++t) {
     double s = 0, s2 = 0;
     for (int64_t i = 0; i < m; ++i) {
-      const double v = train.data<float>()[i * d + t];
+      const double v = tp[i * d + t];
       s += v, s2 += v * v;
     }
     mean_var += s2 / double(m) - (s / double(m)) * (s / double(m));
@@ -156,20 +161,23 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
         std::vector<int64_t> order(static_cast<size_t>(m));
         std::iota(order.begin(), order.end(), 0);
         std::partial_sort(order.begin(), order.begin() + int64_t(empty.size()), order.end(),
-                          [&](int64_t a, int64_t b) { return dist.data<float>()[a] > dist.data<float>()[b]; });
+                          [dp = dist.data<float>()](int64_t a, int64_t b) { return dp[a] > dp[b]; });
         far.assign(order.begin(), order.begin() + int64_t(empty.size()));
       }
       Tensor next = Tensor::empty({k, d}, DType::f32);
+      float* np_ = next.data<float>();
+      const double* sp = sums.data<double>();
+      const int64_t* cntp = counts.data<int64_t>();
       for (int64_t j = 0, e = 0; j < k; ++j) {
-        const int64_t c = counts.data<int64_t>()[j];
-        for (int64_t t = 0; t < d; ++t)
-          next.data<float>()[j * d + t] = c > 0 ? float(sums.data<double>()[j * d + t] / double(c)) : train.data<float>()[far[size_t(e)] * d + t];
+        const int64_t c = cntp[j];
+        for (int64_t t = 0; t < d; ++t) np_[j * d + t] = c > 0 ? float(sp[j * d + t] / double(c)) : tp[far[size_t(e)] * d + t];
         if (c == 0) ++e;
       }
       if (o.spherical) normalise_rows(next);
       double shift = 0;
+      const float* cp = centroids.data<float>();
       for (int64_t i = 0; i < k * d; ++i) {
-        const double delta = double(next.data<float>()[i]) - centroids.data<float>()[i];
+        const double delta = double(np_[i]) - cp[i];
         shift += delta * delta;
       }
       centroids = next;
@@ -183,7 +191,8 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
     Tensor all_labels = Tensor::empty({n}, DType::i32), all_dist = Tensor::empty({n}, DType::f32);
     disp.kmeans_assign(x, centroids, all_labels, all_dist);
     double inertia = 0;
-    for (int64_t i = 0; i < n; ++i) inertia += all_dist.data<float>()[i];
+    const float* adp = all_dist.data<float>();
+    for (int64_t i = 0; i < n; ++i) inertia += adp[i];
     if (inertia < best.inertia) {
       best = r;
       best.inertia = inertia;

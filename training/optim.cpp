@@ -88,7 +88,8 @@ void newton_schulz5(Dispatcher& d, Tensor& g, int steps) {
   Tensor x = tall ? transposed(g) : g.clone();  // m x n with m <= n: the Gram matrix is m x m
   const int64_t m = x.dim(0), n = x.dim(1);
   double sq = 0;
-  for (int64_t i = 0; i < x.numel(); ++i) sq += double(x.data<float>()[i]) * x.data<float>()[i];
+  const float* xp = x.data<float>();  // once: data<T>() checks the dtype on every call
+  for (int64_t i = 0; i < x.numel(); ++i) sq += double(xp[i]) * xp[i];
   scale_into(x, float(1.0 / (std::sqrt(sq) + 1e-7)), x);
   Tensor gram = Tensor::empty({m, m}, DType::f32), poly = Tensor::empty({m, m}, DType::f32), next = Tensor::empty({m, n}, DType::f32);
   for (int s = 0; s < steps; ++s) {
