@@ -24,6 +24,10 @@ class Error : public std::runtime_error {
   std::string field_;
 };
 
+// At most `max` characters of `text`, for a message that quotes a value (a value may be megabytes
+// long, and the message goes to a terminal, a log or an HTTP client): its start and "...".
+inline std::string shortened(const std::string& text, size_t max = 60) { return text.size() <= max ? text : text.substr(0, max - 3) + "..."; }
+
 // Concatenates anything that has operator<< into one string; used to build error messages.
 template <class... Parts>
 std::string cat(const Parts&... parts) {

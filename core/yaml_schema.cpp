@@ -7,7 +7,6 @@
 #include <string_view>
 #include <cstring>
 #include <fstream>
-#include <set>
 #include <sstream>
 
 namespace hybrit::schema {
@@ -45,7 +44,7 @@ std::string Range::text() const {
 // A value as messages quote it: at most 60 characters (a scalar may be megabytes long).
 std::string scalar_text(const YAML::Node& n) {
   if (!n.IsScalar()) return n.IsSequence() ? "a list" : n.IsMap() ? "a mapping" : "nothing";
-  return n.Scalar().size() > 60 ? n.Scalar().substr(0, 57) + "..." : n.Scalar();
+  return shortened(n.Scalar());
 }
 
 int64_t as_int(const YAML::Node& n, const std::string& key, const Origins& o, int64_t min_value, int64_t max_value) {
@@ -198,7 +197,7 @@ YAML::Node load_yaml(const std::string& yaml_text, const std::string& file_name,
   }
   if (!root.IsMap())
     fail(ErrorKind::invalid_argument, file_name, ":", root.Mark().line + 1, ": expected a mapping of sections at the top (model:, data:, ...), got ",
-         root.IsSequence() ? "a list" : cat("the value '", root.Scalar().substr(0, 40), "'"));
+         root.IsSequence() ? "a list" : cat("the value '", scalar_text(root), "'"));
   o.file = file_name;
   for (const auto& s : sets) apply_set(root, s, o);
   return root;

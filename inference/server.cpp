@@ -26,15 +26,12 @@ namespace {
 
 [[noreturn]] void bad(const std::string& param, const std::string& message) { throw RequestError{param, param.empty() ? message : param + ": " + message}; }
 
-
 // A value as an error message quotes it: its JSON, cut to a short prefix (a field may hold
 // megabytes, and the message goes back to the client and into the log).
 std::string quote(const json& v) {
   if (v.is_array()) return cat("a list of ", v.size());
   if (v.is_object()) return cat("an object of ", v.size(), " fields");
-  std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return text;
+  return shortened(v.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 double number_field(const json& body, const char* key, double fallback) {
@@ -96,9 +93,7 @@ json parse_request_body(const std::string& text) {
   try {
     return json::parse(text);
   } catch (const json::exception& e) {  // parse_error, and out_of_range for numbers such as 1e400
-    std::string what = e.what();  // quotes the last token read, which may be the whole body
-    if (what.size() > 200) what = what.substr(0, 197) + "...";
-    bad("", cat("malformed JSON: ", what));
+    bad("", cat("malformed JSON: ", shortened(e.what(), 200)));  // e.what() quotes the last token read: maybe the whole body
   }
 }
 
@@ -113,7 +108,7 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
       if (!has_default_value(key, value)) bad(key, cat("not supported by hybrit (got ", quote(value), ")"));
       continue;
     }
-    bad(key.size() > 60 ? key.substr(0, 57) + "..." : key, "unknown field");
+    bad(shortened(key), "unknown field");
   }
   for (const char* key : {"model", "user"})
     if (body.contains(key) && !body[key].is_null() && !body[key].is_string()) bad(key, cat("expected a string, got ", quote(body[key])));

@@ -173,13 +173,15 @@ class PyDispatcher {
     Tensor xq = view<int8_t>(x_obj, "xq", 2, 2, "int8"), scales = view<float>(s_obj, "x_scales", 1, 1, "float32");
     Tensor w = view<uint8_t>(w_obj, "w_packed", 2, 2, "uint8");
     // The kernels trust their inputs (the engine packs its own weights); numpy arrays are checked here.
+    const float* sp = scales.data<float>();
     for (int64_t r = 0; r < scales.numel(); ++r)
-      if (const float v = scales.data<float>()[r]; !(std::isfinite(v) && v > 0))
-        throw py::value_error(cat("x_scales: row ", r, " has scale ", v, "; expected a positive finite number (127 / absmax)"));
+      if (!(std::isfinite(sp[r]) && sp[r] > 0))
+        throw py::value_error(cat("x_scales: row ", r, " has scale ", sp[r], "; expected a positive finite number (127 / absmax)"));
     const int64_t k = xq.dim(1), packed_cols = w.dim(1);
+    const uint8_t* wp = w.data<uint8_t>();
     for (int64_t r = 0; r < w.dim(0); ++r)
       for (int64_t c = 0; c < std::min(k, packed_cols * 4); ++c)
-        if (((w.data<uint8_t>()[r * packed_cols + c / 4] >> (2 * (c % 4))) & 3) == 3)
+        if (((wp[r * packed_cols + c / 4] >> (2 * (c % 4))) & 3) == 3)
           throw py::value_error(cat("w_packed: row ", r, ", column ", c, " holds the code 0b11; codes are weight + 1 in {0, 1, 2}"));
     auto [result, y] = output_array<float>(out, {xq.dim(0), w.dim(0)}, "float32");
     {

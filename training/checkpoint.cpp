@@ -345,8 +345,8 @@ TrainConfig checkpoint_config(const CheckpointMeta& meta, const std::string& pat
     fail(ErrorKind::corrupt_data, path, ": its tokenizer attribute is not JSON (", e.what(), ")");
   }
   const auto vocab = tokenizer.is_object() ? tokenizer.find("vocab_size") : tokenizer.end();
-  if (vocab == tokenizer.end() || !vocab->is_number_integer() || vocab->get<int64_t>() < 1 || vocab->get<int64_t>() > 65536)
-    fail(ErrorKind::corrupt_data, path, ": its tokenizer attribute has no vocab_size in [1, 65536]: ", meta.tokenizer_json.substr(0, 80));
+  if (vocab == tokenizer.end() || !vocab->is_number_integer() || vocab->get<int64_t>() < 1 || vocab->get<int64_t>() > ModelConfig::kMaxVocab)
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer attribute has no vocab_size in [1, ", ModelConfig::kMaxVocab, "]: ", shortened(meta.tokenizer_json, 80));
   config.model.vocab_size = vocab->get<int64_t>();  // BPE may have settled on fewer tokens than data.vocab_size
   return config;
 }
@@ -372,11 +372,26 @@ std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, c
   return problems;
 }
 
+namespace {
+// The layout check as an Error naming the first problem and how many more there are.
+void check_layout(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets, const std::string& path) {
+  const std::vector<std::string> problems = checkpoint_layout_problems(config, datasets);
+  if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
+}
+
+// The tokenizer a file carries, which must have as many tokens as its tokenizer attribute says.
+std::unique_ptr<Tokenizer> checked_tokenizer(const CheckpointMeta& meta, const TrainConfig& config, const std::string& path) {
+  std::unique_ptr<Tokenizer> tokenizer = tokenizer_of(meta, path);
+  if (tokenizer->vocab_size() != config.model.vocab_size)
+    fail(ErrorKind::corrupt_data, path, ": its tokenizer has ", tokenizer->vocab_size(), " tokens but its tokenizer attribute says ", config.model.vocab_size);
+  return tokenizer;
+}
+}  // namespace
+
 CheckpointMeta verify_checkpoint(const std::string& path) {
   std::vector<CheckpointDataset> datasets;
   const CheckpointMeta meta = inspect_checkpoint(path, &datasets);
-  const std::vector<std::string> problems = checkpoint_layout_problems(checkpoint_config(meta, path), datasets);
-  if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
+  check_layout(checkpoint_config(meta, path), datasets, path);
   return meta;
 }
 
@@ -443,8 +458,7 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
     found.push_back(std::move(d));
   });
   // A file whose index lost its datasets reads as "no datasets", not as an error: compare with the config.
-  const std::vector<std::string> problems = checkpoint_layout_problems(checkpoint_config(m, path), found);
-  if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
+  check_layout(checkpoint_config(m, path), found, path);
   return out;
 }
 
@@ -499,9 +513,7 @@ InferenceExport read_inference_export(const std::string& path) {
     }
   }
   out.config = checkpoint_config(out.meta, path);
-  out.tokenizer = tokenizer_of(out.meta, path);
-  if (out.tokenizer->vocab_size() != out.config.model.vocab_size)
-    fail(ErrorKind::corrupt_data, path, ": its tokenizer has ", out.tokenizer->vocab_size(), " tokens but its tokenizer attribute says ", out.config.model.vocab_size);
+  out.tokenizer = checked_tokenizer(out.meta, out.config, path);
   return out;
 }
 
@@ -509,9 +521,7 @@ CheckpointModel load_checkpoint_model(Dispatcher& dispatcher, const std::string&
   CheckpointModel out;
   const std::vector<NamedArray> arrays = read_checkpoint_arrays(path, &out.meta);
   out.config = checkpoint_config(out.meta, path);
-  out.tokenizer = tokenizer_of(out.meta, path);
-  if (out.tokenizer->vocab_size() != out.config.model.vocab_size)
-    fail(ErrorKind::corrupt_data, path, ": its tokenizer has ", out.tokenizer->vocab_size(), " tokens but its tokenizer attribute says ", out.config.model.vocab_size);
+  out.tokenizer = checked_tokenizer(out.meta, out.config, path);
   out.model = std::make_unique<Model>(out.config.model, dispatcher, out.config.seed);
   ParamTable& table = out.model->params();
   std::map<std::string, const NamedArray*> by_name;

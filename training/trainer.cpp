@@ -458,9 +458,10 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     log_info("interrupted after step ", result.steps_done, "; saved ", checkpoint_name(run_dir, result.steps_done), " (continue with --resume auto)");
   // Which backend ran what, and for how long (DESIGN: printed at the end of a run).
   log_info("dispatcher metrics (also in ", (fs::path(run_dir) / "dispatch_metrics.txt").string(), "):");
+  const std::string table = trainer.dispatcher().metrics().table();
+  write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), table);
   std::string line_buffer;
-  write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), trainer.dispatcher().metrics().table());
-  for (std::istringstream lines(trainer.dispatcher().metrics().table()); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
+  for (std::istringstream lines(table); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
   if (t.sample_tokens > 0) {
     result.sample = printable_utf8(trainer.sample(t.sample_tokens, t.sample_prompt, t.sample_temperature, config.seed));
     write_file_atomically((fs::path(run_dir) / "sample.txt").string(), result.sample + "\n");
