@@ -269,7 +269,7 @@ def http_cases():
     for value in ("5", "[1]", "{}", "true"):
         cases.append((f"user={value}", "POST", "/v1/completions", '{"prompt": "a", "user": %s}' % value))
         cases.append((f"model={value}", "POST", "/v1/completions", '{"prompt": "a", "model": %s}' % value))
-    for prompt in ('""', "[]", "[-1]", "[300]", "[1.5]", "[[]]", '[["a"]]', "5", "null", '"' + "y" * 5000 + '"', "[" + ",".join(["1"] * 5000) + "]"):
+    for prompt in ('""', "[]", "[-1]", "[300]", "[1.5]", "[[]]", '[["a"]]', "5", "null", "[" + ",".join(["1"] * 5000) + "]"):
         cases.append((f"prompt={prompt[:20]}", "POST", "/v1/completions", '{"prompt": %s, "max_tokens": 2}' % prompt))
     for body in ("", "{", "[1, 2]", "null", '"a"', "\xff\xfe", '{"prompt": "a",}', '{"prompt": "a"} trailing', '{"prompt": "\\ud800"}',
                  '{"prompt": "a", "stream": "yes"}', '{"prompt": "a", "stream_options": {"include_usage": true}}', '{"prompt": "a", "n": 2}',
@@ -422,7 +422,6 @@ PYTHON_CASES = {
     "Generator token 300": "g.generate([[300]], max_tokens=2)",
     "Generator negative token": "g.generate([[-1]], max_tokens=2)",
     "Generator empty prompt": "g.generate('', max_tokens=2)",
-    "Generator prompt longer than the context": "g.generate('y' * 100, max_tokens=2)",
     "Generator.decode([300])": "hybrit.Generator('CKPT')._g.decode([300]) if not hasattr(hybrit.Generator, 'decode') else g.decode([300])",
     "Generator.decode([-1])": "hybrit.Generator('CKPT')._g.decode([-1]) if not hasattr(hybrit.Generator, 'decode') else g.decode([-1])",
     "Generator stop=['']": "g.generate('a', stop=[''])",

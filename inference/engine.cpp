@@ -100,11 +100,9 @@ Engine::Engine(InferenceModel& model, const EngineOptions& o)
          " tokens need ", one_sequence, ")");
 }
 
-int64_t Engine::submit(GenerationRequest r) {
+int64_t Engine::submit(GenerationRequest r, int64_t* truncated) {
   const int64_t context = model_.config().context, vocab = model_.config().vocab_size;
   if (r.prompt.empty()) fail_field("prompt", "empty (give at least one token)");
-  if (int64_t(r.prompt.size()) > context)
-    fail_field("prompt", r.prompt.size(), " tokens exceed the model's context of ", context);
   for (int32_t t : r.prompt)
     if (t < 0 || t >= vocab) fail_field("prompt", "token ", t, " is outside [0, ", vocab, ")");
   if (r.max_tokens < 1) fail_field("max_tokens", "expected >= 1, got ", r.max_tokens);
@@ -117,6 +115,12 @@ int64_t Engine::submit(GenerationRequest r) {
   s->id = next_id_++;
   s->tokens = r.prompt;
   s->prompt_len = int64_t(r.prompt.size());
+  if (s->prompt_len > context) {
+    s->window_start = s->prompt_len - (context - context_shift(context));
+    log_warn("request ", s->id, ": the prompt's ", s->prompt_len, " tokens exceed the model's context of ", context, "; it keeps its last ",
+             s->prompt_len - s->window_start, " tokens");
+  }
+  if (truncated) *truncated = s->window_start;
   s->request = std::move(r);
   const int64_t id = s->id;
   waiting_.push_back(std::move(s));
@@ -130,20 +134,25 @@ void Engine::cancel(int64_t id) {
     if (s->id == id) s->cancelled = true;
 }
 
-// Reuses cached blocks for the longest registered prefix (whole blocks before the last token,
-// which is always recomputed for its logits), then checks that the rest fits.
-bool Engine::admit(Sequence& s) {
+// Reuses cached blocks for the longest registered prefix of the window (whole blocks before the
+// last token, which is always recomputed for its logits).
+void Engine::reuse_cached_prefix(Sequence& s) {
   uint64_t h = kFnv1aOffset;
-  const int64_t reusable = (int64_t(s.tokens.size()) - 1) / kKvBlockTokens;
+  const int64_t reusable = (s.window_len() - 1) / kKvBlockTokens;
   for (int64_t b = 0; b < reusable; ++b) {
-    h = fnv1a64(s.tokens.data() + b * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), h);
+    h = fnv1a64(s.window() + b * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), h);
     const int32_t block = cache_.lookup(h);
     if (block < 0) break;
     s.blocks.push_back(block);
     s.block_hashes.push_back(h);
   }
   s.computed = int64_t(s.blocks.size()) * kKvBlockTokens;
-  const int64_t need = (int64_t(s.tokens.size()) + kKvBlockTokens) / kKvBlockTokens - int64_t(s.blocks.size());
+}
+
+// The cached prefix, then a check that the rest fits.
+bool Engine::admit(Sequence& s) {
+  reuse_cached_prefix(s);
+  const int64_t need = (s.window_len() + kKvBlockTokens) / kKvBlockTokens - int64_t(s.blocks.size());
   if (cache_.available() < need) {
     release(s);
     return false;
@@ -174,6 +183,17 @@ void Engine::preempt_newest() {
   release(*s);  // recomputed from its tokens (prompt and output so far) when admitted again
   ++stats_.preemptions;
   waiting_.push_front(std::move(s));
+}
+
+// The window is full: keep its last context - shift tokens, recomputed from position 0 (RoPE
+// positions past the context were never trained). Cached blocks of that suffix, if any, are reused
+// by the prefix lookup as for any prompt.
+void Engine::slide(Sequence& s) {
+  const int64_t context = model_.config().context;
+  release(s);
+  s.window_start = int64_t(s.tokens.size()) - (context - context_shift(context));
+  ++stats_.window_slides;
+  reuse_cached_prefix(s);
 }
 
 void Engine::emit(Sequence& s, int32_t token, FinishReason why) {
@@ -231,7 +251,7 @@ bool Engine::step() {
   int64_t budget = options_.prefill_chunk;
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& s = *running_[i];
-    const int64_t remaining = int64_t(s.tokens.size()) - s.computed;
+    const int64_t remaining = s.window_len() - s.computed;
     const int64_t count = remaining == 1 ? 1 : std::min(remaining, budget);
     if (count < 1) continue;
     bool fits = ensure_blocks(s, s.computed + count);
@@ -245,9 +265,9 @@ bool Engine::step() {
     }
     if (remaining > 1) budget -= count;
     ForwardSlice sl;
-    sl.tokens = s.tokens.data() + s.computed;
+    sl.tokens = s.window() + s.computed;
     sl.start = s.computed, sl.count = count, sl.block_table = &s.blocks;
-    sl.want_logits = s.computed + count == int64_t(s.tokens.size());
+    sl.want_logits = s.computed + count == s.window_len();
     slices.push_back(sl);
     owners.push_back(&s);
   }
@@ -261,13 +281,14 @@ bool Engine::step() {
   std::vector<Sequence*> done;
   for (size_t i = 0; i < slices.size(); ++i) {
     Sequence& s = *owners[i];
-    if (s.computed < s.prompt_len) stats_.prompt_tokens_computed += std::min(slices[i].count, s.prompt_len - s.computed);
+    const int64_t at = s.window_start + s.computed;  // where in the history this slice began
+    if (at < s.prompt_len) stats_.prompt_tokens_computed += std::min(slices[i].count, s.prompt_len - at);
     s.computed += slices[i].count;
     // Full blocks become shareable under the chained hash of every token up to their end.
     while (int64_t(s.block_hashes.size()) < s.computed / kKvBlockTokens) {
       const size_t b = s.block_hashes.size();
       const uint64_t prev = b == 0 ? kFnv1aOffset : s.block_hashes[b - 1];
-      s.block_hashes.push_back(fnv1a64(s.tokens.data() + int64_t(b) * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), prev));
+      s.block_hashes.push_back(fnv1a64(s.window() + int64_t(b) * kKvBlockTokens, kKvBlockTokens * sizeof(int32_t), prev));
       cache_.register_block(s.block_hashes.back(), s.blocks[b]);
     }
     if (!slices[i].want_logits) continue;
@@ -290,9 +311,10 @@ bool Engine::step() {
       }
     }
     if (why == FinishReason::none && index + 1 >= s.request.max_tokens) why = FinishReason::length;
-    if (why == FinishReason::none && int64_t(s.tokens.size()) > context) why = FinishReason::context;
-    if (why == FinishReason::none) emit(s, token, why);
-    else {
+    if (why == FinishReason::none) {
+      if (s.window_len() > context) slide(s);
+      emit(s, token, why);
+    } else {
       finish(s, why, token);
       done.push_back(&s);
     }
@@ -338,10 +360,10 @@ BackgroundEngine::Turn BackgroundEngine::take_turn() {
   return Turn{std::move(lock), &wake_};
 }
 
-int64_t BackgroundEngine::submit(GenerationRequest request) {
+int64_t BackgroundEngine::submit(GenerationRequest request, int64_t* truncated) {
   Turn turn = take_turn();
   if (stopping_) fail(ErrorKind::unsupported, "the engine is shutting down");
-  return engine_.submit(std::move(request));
+  return engine_.submit(std::move(request), truncated);
 }
 
 void BackgroundEngine::cancel(int64_t request) {

@@ -2,8 +2,10 @@
 // batches all running sequences (continuous batching: sequences join and leave between steps),
 // prefilling long prompts in chunks. When blocks run out, the newest running sequence is
 // preempted (its blocks freed) and later recomputed from its tokens. Sequences stop at the
-// end-of-record token, max_tokens, a stop string, the model's context, or cancellation; tokens
-// stream out through a callback as they are made.
+// end-of-record token, max_tokens, a stop string or cancellation; tokens stream out through a
+// callback as they are made. A sequence that outgrows the model's context slides its window: it
+// keeps its last context - context_shift(context) tokens, recomputed at positions from 0 (the
+// positions the model was trained on), so max_tokens means what it says at any length.
 #pragma once
 #include <cstdint>
 #include <atomic>
@@ -42,6 +44,7 @@ struct SamplingParams {
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params, const std::vector<int32_t>& history, int64_t index);
 
 // error: the engine failed (the message went to the log); every request then in it ends so.
+// context is no longer produced (windows slide); it stays so saved outputs still parse.
 enum class FinishReason { none, eos, length, stop, context, cancelled, error };
 const char* to_string(FinishReason r);
 
@@ -60,6 +63,10 @@ struct GenerationRequest {
   std::function<void(const GenerationEvent&)> on_event;  // called from step(), on its thread
 };
 
+// Tokens a full window drops when it slides: a quarter of the context (at least 1), so the
+// recomputation costs about 3 prompt tokens per generated token past the context, batched.
+inline int64_t context_shift(int64_t context) { return std::max<int64_t>(1, context / 4); }
+
 struct EngineOptions {
   int64_t kv_blocks = 0;         // 0: enough for max_running sequences of the full context
   int64_t max_running = 16;      // sequences batched per step
@@ -71,6 +78,7 @@ struct EngineStats {
   int64_t running = 0, waiting = 0, finished = 0, preemptions = 0, steps = 0;
   int64_t tokens_generated = 0, prompt_tokens_computed = 0, prompt_tokens_cached = 0;
   int64_t wasted_slots = 0;  // reserved but unfilled KV positions of the running sequences
+  int64_t window_slides = 0;  // times a sequence outgrew the context and was recomputed from its last tokens
   KvCache::Stats kv;
 };
 
@@ -78,9 +86,11 @@ class Engine {
  public:
   Engine(InferenceModel& model, const EngineOptions& options = {});
 
-  // Queues a request; returns its id. Errors: empty prompt, a prompt longer than the context,
-  // bad sampling values, a full queue (ErrorKind::unsupported, so servers can answer 429).
-  int64_t submit(GenerationRequest request);
+  // Queues a request; returns its id. Errors: empty prompt, bad token ids, bad sampling values,
+  // a full queue (ErrorKind::unsupported, so servers can answer 429). A prompt longer than the
+  // context keeps its end (the window's worth), with a warning; `truncated` then says how many
+  // tokens were dropped from its start.
+  int64_t submit(GenerationRequest request, int64_t* truncated = nullptr);
   // Ends a request at the next step (its final event says cancelled). Unknown ids are ignored.
   void cancel(int64_t request);
   // One step: admission, one forward pass over every running sequence, sampling, events.
@@ -99,20 +109,26 @@ class Engine {
   struct Sequence {
     int64_t id = 0;
     GenerationRequest request;
-    std::vector<int32_t> tokens;  // prompt then output
-    int64_t prompt_len = 0, computed = 0;  // tokens whose K and V are in the cache
+    std::vector<int32_t> tokens;  // prompt then output: the whole history (repetition penalty, stops)
+    int64_t prompt_len = 0;
+    int64_t window_start = 0;     // tokens[window_start..] is what the model sees, from position 0
+    int64_t computed = 0;         // window tokens whose K and V are in the cache
+    const int32_t* window() const { return tokens.data() + window_start; }
+    int64_t window_len() const { return int64_t(tokens.size()) - window_start; }
     std::vector<int32_t> blocks;
     std::vector<uint64_t> block_hashes;  // chained hash of the tokens up to each full block
     std::string text;              // output decoded so far
     size_t text_sent = 0;          // bytes of `text` already streamed
     bool cancelled = false;
   };
+  void reuse_cached_prefix(Sequence& s);
   bool admit(Sequence& s);
   bool ensure_blocks(Sequence& s, int64_t upto);
   void release(Sequence& s);
   void preempt_newest();
   void finish(Sequence& s, FinishReason why, int32_t token);
   void emit(Sequence& s, int32_t token, FinishReason why);
+  void slide(Sequence& s);
 
   InferenceModel& model_;
   EngineOptions options_;
@@ -132,7 +148,7 @@ class BackgroundEngine {
   BackgroundEngine(InferenceModel& model, const EngineOptions& options = {});
   ~BackgroundEngine();  // cancels what is left (its requests get their final events) and joins
 
-  int64_t submit(GenerationRequest request);  // Engine::submit's errors, or `shutting down`
+  int64_t submit(GenerationRequest request, int64_t* truncated = nullptr);  // Engine::submit's errors, or `shutting down`
   void cancel(int64_t request);
   // Cancels everything, waits until the final events are out, and stops taking requests.
   void shutdown();

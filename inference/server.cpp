@@ -17,6 +17,7 @@
 #include <random>
 
 #include "core/log.hpp"
+#include "inference/chat.hpp"
 
 namespace hybrit {
 
@@ -97,13 +98,15 @@ json parse_request_body(const std::string& text) {
   }
 }
 
-CompletionRequest parse_completion_request(const json& body, const Tokenizer& tokenizer, int64_t default_max_tokens) {
+namespace {
+
+// Refuses a field outside `known` (or one of OpenAI's that hybrit does not implement, unless it
+// holds its default), and checks the string fields.
+void check_fields(const json& body, const std::vector<std::string>& known) {
   if (!body.is_object()) bad("", cat("expected a JSON object, got ", body.type_name()));
-  static const char* known[] = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop",
-                                "seed", "stream", "stream_options", "user"};
   static const char* unsupported[] = {"n", "best_of", "echo", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "suffix"};
   for (const auto& [key, value] : body.items()) {
-    if (std::find(std::begin(known), std::end(known), key) != std::end(known)) continue;
+    if (std::find(known.begin(), known.end(), key) != known.end()) continue;
     if (std::find(std::begin(unsupported), std::end(unsupported), key) != std::end(unsupported)) {
       if (!has_default_value(key, value)) bad(key, cat("not supported by hybrit (got ", quote(value), ")"));
       continue;
@@ -112,7 +115,17 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
   }
   for (const char* key : {"model", "user"})
     if (body.contains(key) && !body[key].is_null() && !body[key].is_string()) bad(key, cat("expected a string, got ", quote(body[key])));
+}
 
+// The sampling fields every endpoint shares, the stop strings, the stream flags.
+// `max_tokens_key`: the field holding max_tokens (the chat API's newer name is max_completion_tokens).
+void parse_generation_fields(const json& body, const char* max_tokens_key, int64_t default_max_tokens, CompletionRequest& r);
+
+}  // namespace
+
+CompletionRequest parse_completion_request(const json& body, const Tokenizer& tokenizer, int64_t default_max_tokens) {
+  check_fields(body, {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed", "stream",
+                      "stream_options", "user"});
   CompletionRequest r;
   if (!body.contains("prompt") || body["prompt"].is_null()) bad("prompt", "required (a string, a list of strings, or token ids)");
   const json& prompt = body["prompt"];
@@ -140,15 +153,68 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
   for (size_t i = 0; i < r.prompts.size(); ++i)
     if (r.prompts[i].empty()) bad("prompt", r.prompts.size() == 1 ? "empty (give at least one token)" : cat("prompt[", i, "] is empty"));
 
+  parse_generation_fields(body, "max_tokens", default_max_tokens, r);
+  return r;
+}
+
+CompletionRequest parse_chat_request(const json& body, const Tokenizer& tokenizer, int64_t default_max_tokens) {
+  check_fields(body, {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                      "stop", "seed", "stream", "stream_options", "user"});
+  if (!body.contains("messages") || body["messages"].is_null()) bad("messages", "required (a list of {role, content})");
+  const json& list = body["messages"];
+  if (!list.is_array() || list.empty()) bad("messages", cat("expected a non-empty list of {role, content}, got ", quote(list)));
+  std::vector<ChatMessage> messages;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const json& m = list[i];
+    const std::string at = cat("messages[", i, "]");
+    if (!m.is_object()) bad("messages", cat(at, ": expected an object {role, content}, got ", quote(m)));
+    for (const auto& [key, value] : m.items())
+      if (key != "role" && key != "content" && key != "name") bad("messages", cat(at, ": unknown field ", quote(key)));
+    if (!m.contains("role") || !m["role"].is_string()) bad("messages", cat(at, ".role: expected a string (system, user or assistant)"));
+    ChatMessage msg{m["role"].get<std::string>(), ""};
+    const json content = m.value("content", json());
+    if (content.is_string()) {
+      msg.content = content.get<std::string>();
+    } else if (content.is_array()) {  // OpenAI's content parts: text ones only
+      for (const json& part : content) {
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+          bad("messages", cat(at, ".content: only text parts ({\"type\": \"text\", \"text\": ...}) are supported, got ", quote(part)));
+        msg.content += part["text"].get<std::string>();
+      }
+    } else {
+      bad("messages", cat(at, ".content: expected a string or a list of text parts, got ", quote(content)));
+    }
+    messages.push_back(std::move(msg));
+  }
+  CompletionRequest r;
+  r.chat = true;
+  std::string prompt;
+  try {
+    prompt = chat_prompt(messages);
+  } catch (const Error& e) {
+    throw RequestError{e.field(), e.what()};
+  }
+  std::vector<int32_t> tokens;
+  tokenizer.encode(prompt, tokens);
+  r.prompts.push_back(std::move(tokens));
+  if (body.contains("max_completion_tokens") && body.contains("max_tokens")) bad("max_completion_tokens", "give max_tokens or max_completion_tokens, not both");
+  parse_generation_fields(body, body.contains("max_completion_tokens") ? "max_completion_tokens" : "max_tokens", default_max_tokens, r);
+  for (const auto& stop : chat_stop_strings()) r.generation.stop.push_back(stop);
+  return r;
+}
+
+namespace {
+
+void parse_generation_fields(const json& body, const char* max_tokens_key, int64_t default_max_tokens, CompletionRequest& r) {
   GenerationRequest& g = r.generation;
   const SamplingParams defaults;  // the one set every front end shares
-  g.max_tokens = integer_field(body, "max_tokens", default_max_tokens);
+  g.max_tokens = integer_field(body, max_tokens_key, default_max_tokens);
   g.sampling.temperature = number_field(body, "temperature", defaults.temperature);
   g.sampling.top_p = number_field(body, "top_p", defaults.top_p);
   g.sampling.top_k = integer_field(body, "top_k", defaults.top_k);
   g.sampling.min_p = number_field(body, "min_p", defaults.min_p);
   g.sampling.repetition_penalty = number_field(body, "repetition_penalty", defaults.repetition_penalty);
-  if (g.max_tokens < 1) bad("max_tokens", cat("expected an integer >= 1, got ", g.max_tokens));
+  if (g.max_tokens < 1) bad(max_tokens_key, cat("expected an integer >= 1, got ", g.max_tokens));
   try {
     g.sampling.validate();
   } catch (const Error& e) {
@@ -186,10 +252,7 @@ CompletionRequest parse_completion_request(const json& body, const Tokenizer& to
       r.include_usage = value.get<bool>();
     }
   }
-  return r;
 }
-
-namespace {
 
 const char* openai_finish_reason(FinishReason why) {
   switch (why) {
@@ -203,8 +266,28 @@ const char* openai_finish_reason(FinishReason why) {
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }  // a byte model may write invalid UTF-8
 
+json finish_json(FinishReason why) { return why == FinishReason::none ? json(nullptr) : json(openai_finish_reason(why)); }
+
 json choice_json(size_t index, const std::string& text, FinishReason why) {
-  return {{"text", text}, {"index", index}, {"logprobs", nullptr}, {"finish_reason", why == FinishReason::none ? json(nullptr) : json(openai_finish_reason(why))}};
+  return {{"text", text}, {"index", index}, {"logprobs", nullptr}, {"finish_reason", finish_json(why)}};
+}
+
+// Chat choices: the whole message, or in a stream the delta (the role with the first piece).
+json chat_choice_json(size_t index, const std::string& text, FinishReason why) {
+  return {{"index", index}, {"message", {{"role", "assistant"}, {"content", text}}}, {"logprobs", nullptr}, {"finish_reason", finish_json(why)}};
+}
+json chat_delta_json(size_t index, const std::string& text, FinishReason why, bool first) {
+  json delta = json::object();
+  if (first) delta["role"] = "assistant";
+  if (!text.empty() || first) delta["content"] = text;
+  return {{"index", index}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", finish_json(why)}};
+}
+
+// The template ends with "Assistant:"; the model's reply starts with the space after it.
+void drop_leading_space(std::string& text, bool& at_start) {
+  if (!at_start || text.empty()) return;
+  if (text[0] == ' ') text.erase(0, 1);
+  at_start = text.empty();
 }
 
 json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
@@ -246,6 +329,7 @@ std::string metrics_text(const BackgroundEngine::Snapshot& s, HttpCounters& http
   metric("hybrit_requests_waiting", "gauge", "Sequences queued for admission.", double(e.waiting));
   metric("hybrit_requests_finished_total", "counter", "Sequences finished (any reason).", double(e.finished));
   metric("hybrit_preemptions_total", "counter", "Sequences preempted for KV blocks and later recomputed.", double(e.preemptions));
+  metric("hybrit_window_slides_total", "counter", "Times a sequence outgrew the context and was recomputed from its last tokens.", double(e.window_slides));
   metric("hybrit_engine_steps_total", "counter", "Forward passes over the running batch.", double(e.steps));
   metric("hybrit_kv_blocks_total", "gauge", "KV cache blocks of 16 positions.", double(e.kv.blocks));
   metric("hybrit_kv_blocks_in_use", "gauge", "KV blocks referenced by running sequences.", double(e.kv.in_use));
@@ -300,8 +384,9 @@ class AdmissionQueue : public httplib::TaskQueue {
 
 class CompletionHandler {
  public:
-  CompletionHandler(BackgroundEngine& engine, const InferenceModel& model, const ServerOptions& options, HttpCounters& http)
-      : engine_(engine), model_(model), options_(options), http_(http) {}
+  // chat: the /v1/chat/completions endpoint (messages in, chat.completion out).
+  CompletionHandler(BackgroundEngine& engine, const InferenceModel& model, const ServerOptions& options, HttpCounters& http, bool chat)
+      : engine_(engine), model_(model), options_(options), http_(http), chat_(chat), path_(chat ? "/v1/chat/completions" : "/v1/completions") {}
 
   void operator()(const httplib::Request& req, httplib::Response& res) {
     if (t_over_capacity) {
@@ -311,7 +396,9 @@ class CompletionHandler {
     }
     CompletionRequest request;
     try {
-      request = parse_completion_request(parse_request_body(req.body), model_.tokenizer(), options_.default_max_tokens);
+      const json body = parse_request_body(req.body);
+      request = chat_ ? parse_chat_request(body, model_.tokenizer(), options_.default_max_tokens)
+                      : parse_completion_request(body, model_.tokenizer(), options_.default_max_tokens);
     } catch (const RequestError& e) {
       return reply(res, 400, error_body(e.message, "invalid_request_error", e.param));
     }
@@ -344,7 +431,7 @@ class CompletionHandler {
         return reply(res, 429, error_body(m, "server_busy"));
       }
     }
-    const std::string id = cat("cmpl-", std::hex, next_id_.fetch_add(1) + 1);
+    const std::string id = cat(chat_ ? "chatcmpl-" : "cmpl-", std::hex, next_id_.fetch_add(1) + 1);
     const int64_t created = int64_t(std::time(nullptr));
     int64_t prompt_tokens = 0;
     for (const auto& p : request.prompts) prompt_tokens += int64_t(p.size());
@@ -353,8 +440,9 @@ class CompletionHandler {
   }
 
  private:
-  json chunk_header(const std::string& id, int64_t created) const {
-    return {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", options_.model_name}};
+  json chunk_header(const std::string& id, int64_t created, bool stream) const {
+    const char* object = !chat_ ? "text_completion" : stream ? "chat.completion.chunk" : "chat.completion";
+    return {{"id", id}, {"object", object}, {"created", created}, {"model", options_.model_name}};
   }
 
   void collect(httplib::Response& res, const std::shared_ptr<Completion>& c, const CompletionRequest& request, const std::string& id, int64_t created,
@@ -379,9 +467,13 @@ class CompletionHandler {
       if (why == FinishReason::cancelled) return reply(res, 503, error_body("the server is shutting down; the request was cancelled", "server_shutting_down"));
       if (why == FinishReason::error) return reply(res, 500, error_body("the engine failed; see the server's log", "server_error"));
     }
-    json out = chunk_header(id, created);
+    json out = chunk_header(id, created, false);
     out["choices"] = json::array();
-    for (size_t i = 0; i < n; ++i) out["choices"].push_back(choice_json(i, texts[i], reasons[i]));
+    for (size_t i = 0; i < n; ++i) {
+      bool at_start = true;
+      if (chat_) drop_leading_space(texts[i], at_start);
+      out["choices"].push_back(chat_ ? chat_choice_json(i, texts[i], reasons[i]) : choice_json(i, texts[i], reasons[i]));
+    }
     out["usage"] = usage_json(prompt_tokens, completion_tokens);
     reply(res, 200, out);
   }
@@ -395,10 +487,13 @@ class CompletionHandler {
     const size_t n = request.prompts.size();
     const bool include_usage = request.include_usage;
     auto completion_tokens = std::make_shared<int64_t>(0);
-    const json header = chunk_header(id, created);
+    const json header = chunk_header(id, created, true);
+    const bool chat = chat_;
+    // Per choice: no piece sent yet (a chat delta carries the role first), and still at the reply's start.
+    auto first = std::make_shared<std::vector<char>>(n, 1), at_start = std::make_shared<std::vector<char>>(n, 1);
     res.set_chunked_content_provider(
         "text/event-stream",
-        [c, n, include_usage, completion_tokens, header, prompt_tokens](size_t, httplib::DataSink& sink) {
+        [c, n, include_usage, completion_tokens, header, prompt_tokens, chat, first, at_start](size_t, httplib::DataSink& sink) {
           std::deque<std::pair<size_t, GenerationEvent>> events;
           bool all_done = false;
           {
@@ -412,9 +507,20 @@ class CompletionHandler {
           std::string out;
           for (const auto& [choice, e] : events) {
             *completion_tokens += e.token >= 0;
-            if (e.text.empty() && e.finished == FinishReason::none) continue;
+            std::string text = e.text;
+            if (chat) {
+              bool start = (*at_start)[choice];
+              drop_leading_space(text, start);
+              (*at_start)[choice] = start;
+            }
+            if (text.empty() && e.finished == FinishReason::none) continue;
             json chunk = header;
-            chunk["choices"] = json::array({choice_json(choice, e.text, e.finished)});
+            if (chat) {
+              chunk["choices"] = json::array({chat_delta_json(choice, text, e.finished, (*first)[choice])});
+              (*first)[choice] = 0;
+            } else {
+              chunk["choices"] = json::array({choice_json(choice, text, e.finished)});
+            }
             out += "data: " + dump(chunk) + "\n\n";
           }
           if (all_done) {
@@ -452,13 +558,15 @@ class CompletionHandler {
   }
   void count(int status) {
     std::lock_guard<std::mutex> lock(http_.mutex);
-    ++http_.responses[{"/v1/completions", status}];
+    ++http_.responses[{path_, status}];
   }
 
   BackgroundEngine& engine_;
   const InferenceModel& model_;
   const ServerOptions& options_;
   HttpCounters& http_;
+  const bool chat_;
+  const std::string path_;
   std::atomic<uint64_t> next_id_{0};
 };
 
@@ -474,7 +582,7 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
 
   BackgroundEngine engine(model, options.engine);
   HttpCounters http;
-  CompletionHandler completions(engine, model, options, http);
+  CompletionHandler completions(engine, model, options, http, false), chats(engine, model, options, http, true);
   httplib::Server server;
   // A request holds its connection's thread while it runs or waits, so there are threads for
   // every request the engine can hold (the queue's 429 comes before the threads run out) and a
@@ -494,6 +602,15 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
   server.set_keep_alive_timeout(2);  // an idle connection holds a thread (and a stopping server) this long
 
   server.Post("/v1/completions", [&](const httplib::Request& req, httplib::Response& res) { completions(req, res); });
+  server.Post("/v1/chat/completions", [&](const httplib::Request& req, httplib::Response& res) { chats(req, res); });
+  const int64_t started = int64_t(std::time(nullptr));
+  server.Get("/v1/models", [&](const httplib::Request&, httplib::Response& res) {
+    const ModelConfig& m = model.config();
+    const json card = {{"id", options.model_name}, {"object", "model"}, {"created", started}, {"owned_by", "hybrit"},
+                       {"context_length", m.context}, {"vocab_size", m.vocab_size}, {"quant", m.quant == ModelConfig::Quant::ternary ? "ternary" : "none"},
+                       {"weights", model.packed() ? "packed 2-bit" : "f32"}};
+    res.set_content(dump({{"object", "list"}, {"data", json::array({card})}}) + "\n", "application/json");
+  });
   server.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
     res.set_content(dump({{"status", "ok"}, {"model", options.model_name}}) + "\n", "application/json");
   });
@@ -509,11 +626,13 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
                       "application/json");
     };
   };
-  server.Get("/v1/completions", wrong_method("POST"));
-  server.Put("/v1/completions", wrong_method("POST"));
-  server.Patch("/v1/completions", wrong_method("POST"));
-  server.Delete("/v1/completions", wrong_method("POST"));
-  for (const char* path : {"/health", "/metrics"}) {
+  for (const char* path : {"/v1/completions", "/v1/chat/completions"}) {
+    server.Get(path, wrong_method("POST"));
+    server.Put(path, wrong_method("POST"));
+    server.Patch(path, wrong_method("POST"));
+    server.Delete(path, wrong_method("POST"));
+  }
+  for (const char* path : {"/health", "/metrics", "/v1/models"}) {
     server.Post(path, wrong_method("GET"));
     server.Put(path, wrong_method("GET"));
     server.Patch(path, wrong_method("GET"));
@@ -522,7 +641,8 @@ void serve(InferenceModel& model, const ServerOptions& options, const std::funct
   server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;  // our handlers' own error bodies
     const char* type = res.status == 404 ? "not_found" : res.status == 413 ? "request_too_large" : "invalid_request_error";
-    const std::string message = res.status == 404 ? cat("no such endpoint: ", req.method, " ", req.path, " (try POST /v1/completions, GET /health, GET /metrics)")
+    const std::string message = res.status == 404 ? cat("no such endpoint: ", req.method, " ", req.path,
+                                                         " (try POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics)")
                                                    : cat("HTTP ", res.status, " for ", req.method, " ", req.path);
     res.set_content(dump(error_body(message, type)) + "\n", "application/json");
   });

@@ -6,6 +6,11 @@
 //   POST /v1/completions  prompt (string, list of strings, token list, list of token lists),
 //                         max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop,
 //                         seed, stream (server-sent events), stream_options.include_usage
+//   POST /v1/chat/completions  messages (role system|user|assistant, content a string or text
+//                         parts), the same sampling fields, stream; the conversation becomes one
+//                         prompt through inference/chat.hpp's template, the reply stops before
+//                         the model's "\nUser:"
+//   GET  /v1/models       the one model served, as OpenAI lists models
 //   GET  /health          {"status": "ok"} while serving
 //   GET  /metrics         Prometheus text: tokens/s, requests running and waiting, KV blocks, ...
 #pragma once
@@ -45,12 +50,16 @@ struct CompletionRequest {
   GenerationRequest generation;               // everything but the prompt and the callback
   bool seeded = false;                        // false: a fresh random seed per request
   bool stream = false, include_usage = false;
+  bool chat = false;                          // from /v1/chat/completions: answered as chat.completion
 };
 // A request body as JSON: at most kMaxRequestDepth levels of nesting, numbers within double's
 // range. Throws RequestError (param "") for anything else.
 inline constexpr int kMaxRequestDepth = 64;
 nlohmann::json parse_request_body(const std::string& text);
 CompletionRequest parse_completion_request(const nlohmann::json& body, const Tokenizer& tokenizer, int64_t default_max_tokens);
+// A /v1/chat/completions body: `messages` instead of `prompt`, `max_completion_tokens` as another
+// name for max_tokens. Throws RequestError.
+CompletionRequest parse_chat_request(const nlohmann::json& body, const Tokenizer& tokenizer, int64_t default_max_tokens);
 
 // Serves until SIGINT or SIGTERM, then returns. on_listening(port) runs once the socket is bound.
 // Errors (the address is taken, say) are thrown before serving starts.

@@ -354,6 +354,7 @@ class PyGenerator {
     const EngineStats s = engine_->stats();
     py::dict d;
     d["running"] = s.running, d["waiting"] = s.waiting, d["finished"] = s.finished, d["preemptions"] = s.preemptions, d["steps"] = s.steps;
+    d["window_slides"] = s.window_slides;
     d["tokens_generated"] = s.tokens_generated, d["prompt_tokens_computed"] = s.prompt_tokens_computed;
     d["prompt_tokens_cached"] = s.prompt_tokens_cached, d["wasted_slots"] = s.wasted_slots;
     d["kv_blocks"] = s.kv.blocks, d["kv_in_use"] = s.kv.in_use, d["kv_cached"] = s.kv.cached, d["kv_free"] = s.kv.free;

@@ -141,14 +141,53 @@ def test_shared_prompt_prefixes_reuse_cached_blocks(ternary):
     assert second["tokens"] == fresh["tokens"] and first["finish_reason"] == "length"
 
 
-def test_stop_strings_max_tokens_and_context(generator):
+def test_stop_strings_and_max_tokens(generator):
     free = generator.generate("The ", max_tokens=40, temperature=0)
     stop = free["text"][5:8]
     cut = generator.generate("The ", max_tokens=40, temperature=0, stop=[stop])
     assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][: free["text"].find(stop)]
     assert len(generator.generate("The ", max_tokens=3, temperature=0)["tokens"]) == 3
-    long = generator.generate("a" * 40, max_tokens=100, temperature=0.5, seed=2)
-    assert long["finish_reason"] in ("context", "eos") and len(long["tokens"]) <= 9
+
+
+def greedy_reference(generator, history, n):
+    """n greedy tokens after `history`, each computed afresh (one prefill, no cache reuse) from
+    the window the engine keeps: the last context - shift tokens once it would pass the context."""
+    ctx = generator.info["context"]
+    keep = ctx - max(1, ctx // 4)
+    out, start = [], len(history) - keep if len(history) > ctx else 0
+    tokens = list(history)
+    for _ in range(n):
+        tokens.append(int(np.argmax(generator.last_logits(tokens[start:]))))
+        out.append(tokens[-1])
+        if len(tokens) - start > ctx:
+            start = len(tokens) - keep
+    return out
+
+
+def test_generation_slides_its_window_past_the_context(generator):
+    """max_tokens means what it says: 3 contexts of output from a 48-token model, each token the
+    greedy choice over the window the engine keeps; no context finish."""
+    ctx = generator.info["context"]
+    prompt = generator.encode("a b c d e f g h ")
+    eos = generator.info["end_of_record"]
+    out = generator.generate([prompt], max_tokens=3 * ctx, temperature=0)[0]
+    if out["finish_reason"] == "eos":  # the model may end the record; compare what it wrote
+        assert out["tokens"][-1] == eos
+    else:
+        assert out["finish_reason"] == "length" and len(out["tokens"]) == 3 * ctx
+    want = greedy_reference(generator, prompt, len(out["tokens"]))
+    assert out["tokens"] == want
+    assert generator.stats()["window_slides"] >= (len(prompt) + len(out["tokens"]) - ctx) // max(1, ctx // 4) - 1
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(generator, capfd):
+    ctx = generator.info["context"]
+    long = generator.encode("y" * (ctx + 30) + "The ")
+    keep = ctx - max(1, ctx // 4)
+    a, = generator.generate([long], max_tokens=5, temperature=0)
+    b, = generator.generate([long[-keep:]], max_tokens=5, temperature=0)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 5
+    assert f"exceed the model's context of {ctx}; it keeps its last {keep} tokens" in capfd.readouterr().err
 
 
 def test_stream_yields_the_same_text_and_cancels_when_closed(generator):
@@ -173,8 +212,6 @@ def test_bad_sampling_values_are_refused(generator, kwargs, message):
 def test_bad_prompts_are_refused(generator):
     with pytest.raises(ValueError, match="empty"):
         generator.generate("")
-    with pytest.raises(ValueError, match="exceed the model's context of 48"):
-        generator.generate("y" * 49)
     with pytest.raises(ValueError, match="last_logits: no tokens"):
         generator.last_logits([])
 

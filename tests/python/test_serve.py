@@ -50,9 +50,9 @@ class Server:
     def connection(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
-    def post(self, body, raw=None):
+    def post(self, body, raw=None, path="/v1/completions"):
         c = self.connection()
-        c.request("POST", "/v1/completions", body=raw if raw is not None else json.dumps(body), headers={"Content-Type": "application/json"})
+        c.request("POST", path, body=raw if raw is not None else json.dumps(body), headers={"Content-Type": "application/json"})
         r = c.getresponse()
         payload = json.loads(r.read())
         c.close()
@@ -101,9 +101,9 @@ def read_events(response):
             assert line == "", f"unexpected line in the event stream: {line!r}"
 
 
-def stream(server, body):
+def stream(server, body, path="/v1/completions"):
     c = server.connection()
-    c.request("POST", "/v1/completions", body=json.dumps(dict(body, stream=True)), headers={"Content-Type": "application/json"})
+    c.request("POST", path, body=json.dumps(dict(body, stream=True)), headers={"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
     events = list(read_events(r))
@@ -153,6 +153,84 @@ def test_streaming_sends_the_same_text_as_a_plain_request(server):
     assert len(chunks) > 10, "the text should arrive in many events, not at the end"
 
 
+def chat_reference(generator, prompt, **kwargs):
+    """What a chat request should answer: the generator's continuation of the template, cut
+    before the model's next "\nUser:", without the space after "Assistant:"."""
+    out = generator.generate(prompt, stop=["\nUser:"], **kwargs)
+    text = out["text"][1:] if out["text"].startswith(" ") else out["text"]
+    return text, out
+
+
+CONVERSATION = [{"role": "system", "content": "Fortunes, one per answer."},
+                {"role": "user", "content": "Tell me my fortune."},
+                {"role": "assistant", "content": "You will travel."},
+                {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "then?"}]}]
+TEMPLATE = "Fortunes, one per answer.\n\nUser: Tell me my fortune.\nAssistant: You will travel.\nUser: And then?\nAssistant:"
+
+
+def test_chat_completions_follow_the_documented_template(server, generator):
+    status, r = server.post({"model": "model", "messages": CONVERSATION, "max_tokens": 40, "temperature": 0}, path="/v1/chat/completions")
+    assert status == 200, r
+    want, out = chat_reference(generator, TEMPLATE, max_tokens=40, temperature=0)
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    [choice] = r["choices"]
+    assert choice["message"] == {"role": "assistant", "content": want}
+    assert choice["finish_reason"] == ("length" if out["finish_reason"] == "length" else "stop")
+    assert r["usage"]["prompt_tokens"] == len(generator.encode(TEMPLATE)) and r["usage"]["completion_tokens"] == len(out["tokens"])
+    # max_completion_tokens is the newer name for max_tokens
+    status, r2 = server.post({"messages": CONVERSATION, "max_completion_tokens": 40, "temperature": 0}, path="/v1/chat/completions")
+    assert status == 200 and r2["choices"] == r["choices"]
+
+
+def test_chat_streams_deltas_that_add_up_to_the_message(server):
+    body = {"messages": CONVERSATION[:2], "max_tokens": 40, "temperature": 0.9, "seed": 4}
+    status, plain = server.post(body, path="/v1/chat/completions")
+    assert status == 200, plain
+    chunks = stream(server, body, path="/v1/chat/completions")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+    assert "".join(d.get("content", "") for d in deltas) == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "messages: required"),
+    ({"messages": []}, "expected a non-empty list"),
+    ({"messages": ["hi"]}, "messages[0]: expected an object"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role: expected system, user or assistant"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content: expected a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "only text parts"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "a system message may only come first"),
+    ({"messages": [{"role": "user", "content": "a", "colour": 1}]}, "unknown field"),
+    ({"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 0}, "max_completion_tokens: expected an integer >= 1"),
+    ({"messages": [{"role": "user", "content": "a"}], "prompt": "x"}, "prompt: unknown field"),
+])
+def test_bad_chat_bodies_answer_400_naming_the_field(server, body, message):
+    status, r = server.post(body, path="/v1/chat/completions")
+    assert status == 400 and message in r["error"]["message"], r
+
+
+def test_models_lists_the_served_model(server):
+    status, text = server.get("/v1/models")
+    assert status == 200
+    r = json.loads(text)
+    assert r["object"] == "list" and [m["id"] for m in r["data"]] == ["model"]
+    assert r["data"][0]["object"] == "model" and r["data"][0]["context_length"] == 256
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(server, generator):
+    long = "y" * 300 + "The "
+    status, r = server.post({"prompt": long, "max_tokens": 20, "temperature": 0})
+    assert status == 200, r
+    assert r["choices"][0]["text"] == generator.generate(long, max_tokens=20, temperature=0)["text"]
+    # max_tokens past the context: the window slides (only the end of a record stops it early)
+    status, r = server.post({"prompt": "The ", "max_tokens": 400, "temperature": 0})
+    assert status == 200, r
+    made, why = r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]
+    assert (made, why) == (400, "length") or (why == "stop" and made < 400), r
+
+
 def test_the_same_seed_gives_the_same_text_and_no_seed_varies(server):
     body = {"prompt": "You will", "max_tokens": 40, "temperature": 1.0}
     a = server.post(dict(body, seed=3))[1]["choices"][0]["text"]
@@ -184,7 +262,6 @@ def test_stop_strings_end_the_text_before_them(server, generator):
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "non-empty list"),
     ({"prompt": [5, 300]}, "prompt", "token 300 is outside [0, 257)"),
-    ({"prompt": "y" * 300}, "prompt", "exceed the model's context of 256"),
     ({"prompt": ["ok", 7.5]}, "prompt", "prompt[1]"),
 ])
 def test_bad_fields_answer_400_naming_the_field(server, body, param, message):
