@@ -274,7 +274,7 @@ ReduceConfig parse_reduce_config(const std::string& yaml_text, const std::string
     {"data", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
          {"sources", [&](const YAML::Node& n, const std::string& k) { c.sources = as_path_list(n, k, o); }},
-         {"format", [&](const YAML::Node& n, const std::string& k) { c.format = as_choice(n, k, o, {"auto", "text", "fortune", "jsonl"}); }},
+         {"format", [&](const YAML::Node& n, const std::string& k) { c.format = as_choice(n, k, o, corpus_format_choices()); }},
        });
      }},
     {"embedding", [&](const YAML::Node& sec, const std::string& p) {
@@ -362,6 +362,8 @@ const char* corpus_file_name(CorpusFormat f) {
     case CorpusFormat::fortune: return "corpus.fortune";
     case CorpusFormat::jsonl: return "corpus.jsonl";
     case CorpusFormat::text: return "corpus.txt";
+    case CorpusFormat::lines: return "corpus.lines.txt";
+    case CorpusFormat::count: break;
   }
   return "corpus.txt";
 }
@@ -375,6 +377,8 @@ void write_corpus(const std::string& path, CorpusFormat format, const std::vecto
       case CorpusFormat::fortune: text += r + "\n%\n"; break;
       case CorpusFormat::text: text += r + "\n\n"; break;
       case CorpusFormat::jsonl: text += nlohmann::json{{"text", r}}.dump() + "\n"; break;
+      case CorpusFormat::lines: text += r + "\n"; break;
+      case CorpusFormat::count: break;
     }
   }
   write_file_atomically(path, text);

@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <charconv>
+
 #include <cctype>
 #include <cerrno>
 #include <string_view>
@@ -10,6 +12,18 @@
 #include <sstream>
 
 namespace hybrit::schema {
+
+std::string yaml_number(double value) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, value);
+  return std::string(buf, r.ptr);
+}
+
+std::string yaml_number(float value) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, value);
+  return std::string(buf, r.ptr);
+}
 
 std::string Origins::where(const YAML::Node& n, const std::string& key) const {
   // A key set by --set, or inside a section that --set made or replaced, names that --set.

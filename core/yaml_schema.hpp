@@ -47,6 +47,11 @@ int64_t as_int(const YAML::Node& n, const std::string& key, const Origins& o, in
 double as_double(const YAML::Node& n, const std::string& key, const Origins& o, const Range& range = {});
 bool as_bool(const YAML::Node& n, const std::string& key, const Origins& o);
 std::string as_string(const YAML::Node& n, const std::string& key, const Origins& o);
+// A number as the shortest text that reads back as the same value (0.05, not
+// 0.050000000000000003): what resolved configs write.
+std::string yaml_number(double value);
+std::string yaml_number(float value);
+
 std::string as_choice(const YAML::Node& n, const std::string& key, const Origins& o, const std::vector<std::string>& choices);
 
 // A path or a list of paths, at least one.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 
 #include "core/hash.hpp"
 
@@ -15,6 +16,11 @@ void SamplingParams::validate() const {
   if (!(min_p >= 0 && min_p <= 1)) fail_field("min_p", "expected a number in [0, 1], got ", min_p);
   if (!(repetition_penalty > 0) || !std::isfinite(repetition_penalty))
     fail_field("repetition_penalty", "expected a number > 0 (1: off), got ", repetition_penalty);
+}
+
+uint64_t fresh_seed() {
+  std::random_device device;
+  return (uint64_t(device()) << 32) ^ uint64_t(device());
 }
 
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p, const std::vector<int32_t>& history, int64_t index) {

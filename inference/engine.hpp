@@ -37,9 +37,13 @@ struct SamplingParams {
   double top_p = 1.0;       // 1: off
   double min_p = 0.0;       // 0: off
   double repetition_penalty = 1.0;  // 1: off
-  uint64_t seed = 0;
+  uint64_t seed = 0;        // front ends put fresh_seed() here when the caller gives none
   void validate() const;    // one line naming the field, for any out-of-range value
 };
+// The seed of a request that names none, in every front end (CLI, Python, server): a fresh draw,
+// so unseeded runs differ; the CLI prints it and Python returns it, so any text can be made again.
+uint64_t fresh_seed();
+
 // The next token from one row of logits; `history` is the prompt plus the output so far.
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params, const std::vector<int32_t>& history, int64_t index);
 

@@ -402,7 +402,7 @@ class CompletionHandler {
     } catch (const RequestError& e) {
       return reply(res, 400, error_body(e.message, "invalid_request_error", e.param));
     }
-    if (!request.seeded) request.generation.sampling.seed = std::random_device{}() * 0x100000000ull + std::random_device{}();
+    if (!request.seeded) request.generation.sampling.seed = fresh_seed();
 
     if (int64_t(request.prompts.size()) > options_.engine.max_waiting)
       return reply(res, 400, error_body(cat("prompt: ", request.prompts.size(), " prompts are more than the server queues (", options_.engine.max_waiting, ")"),

@@ -13,6 +13,7 @@
 #include "clustering/reduce.hpp"
 #include "inference/engine.hpp"
 #include "training/model.hpp"
+#include "training/evaluate.hpp"
 #include "training/trainer.hpp"
 
 #include <filesystem>
@@ -292,6 +293,16 @@ class CallDispatcher {
 
 ModelConfig model_config_from(const py::dict& d) { return parse_model_config(YAML::Load(config_json(d)), "Model(config)"); }
 
+// What model_config_from reads back: every key of a `model:` section, resolved.
+py::dict model_config_dict(const ModelConfig& c) {
+  py::dict d;
+  d["vocab_size"] = c.vocab_size, d["dim"] = c.dim, d["n_layers"] = c.n_layers, d["n_heads"] = c.n_heads, d["n_kv_heads"] = c.kv_heads();
+  d["ffn_hidden"] = c.hidden(), d["context"] = c.context, d["rope_theta"] = c.rope_theta, d["norm_eps"] = c.norm_eps;
+  d["ffn"] = c.ffn == ModelConfig::Ffn::swiglu ? "swiglu" : "relu2", d["quant"] = c.quant == ModelConfig::Quant::ternary ? "ternary" : "none";
+  d["subln"] = c.subln, d["tied_embeddings"] = c.tied_embeddings;
+  return d;
+}
+
 // A model with its own dispatcher; parameters and gradients are numpy views into its buffers.
 py::dict table_views(const py::object& owner, ParamTable& t, bool grads);
 
@@ -322,7 +333,7 @@ class PyGenerator {
     return py::bytes(model_->tokenizer().decode(ids.data(), ids.size()));
   }
   int64_t submit(const std::vector<int32_t>& prompt, int64_t max_tokens, double temperature, int64_t top_k, double top_p, double min_p,
-                 double repetition_penalty, uint64_t seed, const std::vector<std::string>& stop) {
+                 double repetition_penalty, uint64_t seed, const std::vector<std::string>& stop) {  // __init__.py draws an absent seed
     GenerationRequest r;
     r.prompt = prompt, r.max_tokens = max_tokens, r.stop = stop;
     r.sampling = {temperature, top_k, top_p, min_p, repetition_penalty, seed};
@@ -380,12 +391,13 @@ class PyGenerator {
 class PyModel {
  public:
   PyModel(const py::dict& config, uint64_t seed, std::optional<std::string> backend)
-      : dispatcher_([&] {
-          DispatcherOptions o;
-          o.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
-          return o;
-        }()),
-        model_(model_config_from(config), dispatcher_, seed) {}
+      : dispatcher_(options_for(backend)), model_(std::make_unique<Model>(model_config_from(config), dispatcher_, seed)) {}
+  // A training checkpoint's model with its parameters loaded (checksums verified).
+  PyModel(const std::string& checkpoint, std::optional<std::string> backend) : dispatcher_(options_for(backend)) {
+    CheckpointModel cm = load_checkpoint_model(dispatcher_, checkpoint);
+    model_ = std::move(cm.model);
+    step_ = cm.meta.step;
+  }
 
   static py::dict views(const py::object& self_obj, bool grads);
 
@@ -394,31 +406,38 @@ class PyModel {
     if (tokens.shape() != targets.shape())
       throw py::value_error(cat("targets must have the shape of tokens ", shape_str(tokens.shape()), ", got ", shape_str(targets.shape())));
     py::gil_scoped_release release;
-    return model_.forward(tokens.data<int32_t>(), targets.data<int32_t>(), tokens.dim(0), tokens.dim(1));
+    return model_->forward(tokens.data<int32_t>(), targets.data<int32_t>(), tokens.dim(0), tokens.dim(1));
   }
 
   void backward() {
     py::gil_scoped_release release;
-    model_.backward();
+    model_->backward();
   }
 
   py::array logits() const {
-    const Tensor& l = model_.logits();
+    const Tensor& l = model_->logits();
     if (!l.numel()) throw py::value_error("logits() before forward()");
     py::array_t<float> out({l.dim(0), l.dim(1)});
     std::memcpy(out.mutable_data(), l.raw(), l.nbytes());
     return out;
   }
 
-  Model& model() { return model_; }
+  Model& model() { return *model_; }
+  int64_t step() const { return step_; }
 
  private:
+  static DispatcherOptions options_for(const std::optional<std::string>& backend) {
+    DispatcherOptions o;
+    o.overrides = overrides_from(backend, std::nullopt, std::nullopt, 0, std::nullopt);
+    return o;
+  }
   Dispatcher dispatcher_;
-  Model model_;
+  std::unique_ptr<Model> model_;
+  int64_t step_ = 0;  // the checkpoint's training step (0 for a fresh model)
 };
 
 py::dict PyModel::views(const py::object& self_obj, bool grads) {
-  return table_views(self_obj, self_obj.cast<PyModel&>().model_.params(), grads);  // the model stays alive with the views
+  return table_views(self_obj, self_obj.cast<PyModel&>().model().params(), grads);  // the model stays alive with the views
 }
 
 // A config given as a path or as a dict (as JSON, see config_json).
@@ -546,7 +565,7 @@ Arguments win over the environment, which wins over the config file.)doc")
     const SamplingParams p;
     py::dict d;
     d["temperature"] = p.temperature, d["top_k"] = p.top_k, d["top_p"] = p.top_p, d["min_p"] = p.min_p;
-    d["repetition_penalty"] = p.repetition_penalty, d["seed"] = p.seed;
+    d["repetition_penalty"] = p.repetition_penalty;
     return d;
   });
   m.def("_engine_defaults", [] {
@@ -578,6 +597,17 @@ rope_theta, norm_eps, ffn ("swiglu" | "relu2"), quant ("ternary" | "none"), subl
 parameters() and gradients() are numpy views into the model's buffers (writes go to the model).)doc")
       .def(py::init<const py::dict&, uint64_t, std::optional<std::string>>(), py::arg("config"), py::arg("seed") = 0,
            py::arg("backend") = py::none())
+      .def_static("from_checkpoint", [](const std::string& path, std::optional<std::string> backend) {
+             std::unique_ptr<PyModel> m;
+             {
+               py::gil_scoped_release release;
+               m = std::make_unique<PyModel>(find_checkpoint(path), backend);
+             }
+             return m;
+           }, py::arg("path"), py::arg("backend") = py::none(),
+           "The model of a training checkpoint (a .h5 file, or a run folder: its newest valid checkpoint), parameters loaded and verified.")
+      .def_property_readonly("step", &PyModel::step, "The checkpoint's training step (0 for a model built from a config).")
+      .def_property_readonly("config", [](PyModel& self) { return model_config_dict(self.model().config()); }, "The model's configuration as a dict.")
       .def("parameters", [](const py::object& self) { return PyModel::views(self, false); })
       .def("gradients", [](const py::object& self) { return PyModel::views(self, true); })
       .def("zero_grads", [](PyModel& self) { self.model().params().zero_grads(); })
@@ -732,11 +762,16 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
         py::dict d;
         d["format"] = to_string(c.format);
         d["files"] = c.files;
+        py::list formats;
+        for (size_t i = 0; i < c.files.size(); ++i)
+          formats.append(py::make_tuple(to_string(c.file_formats[i]), c.file_reasons[i], c.file_records[i]));
+        d["file_formats"] = formats;
         d["records"] = c.records;
         return d;
       },
       py::arg("sources"), py::arg("format") = "auto",
-      "The training readers: files, folders or globs in format auto, text, fortune or jsonl. Returns {format, files, records}.");
+      "The training readers: files, folders or globs in format auto (decided per file), text, fortune, jsonl or lines. Returns {format, files, "
+      "file_formats: [(format, why, records)] per file, records}.");
 
   m.def(
       "embed_text",
@@ -757,6 +792,30 @@ path or a dict with the same sections), one step at a time. cache_dir: where the
       py::arg("dispatcher") = py::none(),
       "Model-free embeddings of text records: hashed character and word n-grams (inclusive length ranges, (0, 0) for none), "
       "TF-IDF weighted, L2-normalised. Returns (len(records), dim) float32.");
+
+  m.def(
+      "evaluate",
+      [](const std::string& checkpoint, const py::object& data, const std::string& format, int64_t batch, int64_t max_tokens,
+         std::optional<std::string> backend, const py::object& dispatcher) {
+        std::vector<std::string> sources;
+        if (py::isinstance<py::str>(data)) sources.push_back(data.cast<std::string>());
+        else sources = data.cast<std::vector<std::string>>();
+        CallDispatcher cd(dispatcher, backend);
+        EvalOptions o;
+        o.format = format, o.batch = batch, o.max_tokens = max_tokens;
+        EvalResult r;
+        {
+          py::gil_scoped_release release;
+          r = evaluate_checkpoint(cd.get(), find_checkpoint(checkpoint), sources, o);
+        }
+        return json_to_python(r.to_json());
+      },
+      py::arg("checkpoint"), py::arg("data"), py::arg("format") = EvalOptions{}.format, py::arg("batch") = EvalOptions{}.batch,
+      py::arg("max_tokens") = EvalOptions{}.max_tokens, py::arg("backend") = py::none(), py::arg("dispatcher") = py::none(),
+      "`hybrit eval` from Python: a checkpoint (file or run folder) scored on data (a path or a list: files, folders, globs). "
+      "Returns {loss (nats per token), bits_per_token, bits_per_byte, perplexity, tokens, bytes, windows, read_as, ...}.");
+
+  m.def("_fresh_seed", &fresh_seed, "A fresh random seed: what a request without a seed gets (every front end).");
 
   m.def(
       "embed_with_checkpoint",

@@ -59,6 +59,29 @@ TEST(Corpus, FortuneTextAndJsonlRecords) {
   EXPECT_EQ(c.records, (std::vector<std::string>{"caf\xc3\xa9\n", "two"}));
 }
 
+TEST(Corpus, AutoDecidesPerFileAndSaysWhy) {
+  TempDir dir;
+  const std::string fortune = dir.write("f", "one\n%\ntwo\n%\n");
+  const std::string paragraphs = dir.write("p.txt", "alpha\nbeta\n\ngamma\n");
+  const std::string lines = dir.write("l.txt", "first line\nsecond line\n\xc3\xa9 third\n");
+  const std::string jsonl = dir.write("j.jsonl", "{\"text\": \"from json\"}\n");
+  const Corpus c = read_corpus({fortune, paragraphs, lines, jsonl});
+  EXPECT_EQ(c.file_formats, (std::vector<CorpusFormat>{CorpusFormat::fortune, CorpusFormat::text, CorpusFormat::lines, CorpusFormat::jsonl}));
+  EXPECT_EQ(c.file_records, (std::vector<int64_t>{2, 2, 3, 1}));
+  EXPECT_EQ(c.records, (std::vector<std::string>{"one", "two", "alpha\nbeta", "gamma", "first line", "second line", "\xc3\xa9 third", "from json"}));
+  const std::string d = c.describe(4);
+  EXPECT_NE(d.find(fortune + ": fortune (auto: 2 lines holding only %), 2 records"), std::string::npos) << d;
+  EXPECT_NE(d.find(lines + ": lines (auto: no blank lines, so one record per line), 3 records"), std::string::npos) << d;
+  EXPECT_NE(d.find(jsonl + ": jsonl (the .jsonl extension), 1 record"), std::string::npos) << d;
+  EXPECT_NE(c.describe(2).find("and 2 more files"), std::string::npos);
+  // A pinned format applies to every file, and says so.
+  const Corpus pinned = read_corpus({lines}, "fortune");
+  EXPECT_EQ(pinned.records.size(), 1u);
+  EXPECT_NE(pinned.describe().find("fortune (format: fortune in the config), 1 record"), std::string::npos) << pinned.describe();
+  EXPECT_EQ(read_corpus({lines}, "lines").records.size(), 3u);
+  EXPECT_NE(error_of([&] { read_corpus({lines}, "csv"); }).find("expected auto, text, fortune, jsonl or lines, got 'csv'"), std::string::npos);
+}
+
 TEST(Corpus, FoldersGlobsAndLinks) {
   TempDir dir;
   dir.write("set/x1", "a\n%\nb\n");
@@ -67,7 +90,10 @@ TEST(Corpus, FoldersGlobsAndLinks) {
   dir.write("set/.hidden", "never\n%\n");
   fs::create_symlink(dir.path / "set/x1", dir.path / "set/x1.u8");
   const Corpus c = read_corpus({(dir.path / "set").string()});
-  EXPECT_EQ(c.format, CorpusFormat::fortune);  // one file has `%` lines: the whole corpus is fortune
+  // Each file by its own content: x1 has `%` lines, x2 is one line of text; mixed, so the
+  // corpus as a whole is jsonl (what a reduced copy of it is written as).
+  EXPECT_EQ(c.file_formats, (std::vector<CorpusFormat>{CorpusFormat::fortune, CorpusFormat::text}));
+  EXPECT_EQ(c.format, CorpusFormat::jsonl);
   EXPECT_EQ(c.records, (std::vector<std::string>{"a", "b", "c"}));
   EXPECT_EQ(c.files.size(), 2u);
   // By glob: x1 and x2 again (x1.u8 is x1 under another name, x2.dat is x2's index).
@@ -91,7 +117,7 @@ TEST(Corpus, BadInputNamesFileLineAndProblem) {
   EXPECT_EQ(error_of([&] { read_corpus({""}); }), "an empty path among the data sources");
   const std::string empty = dir.write("empty.txt", "\n \n");
   EXPECT_NE(error_of([&] { read_corpus({empty}); }).find("holds no records"), std::string::npos);
-  EXPECT_EQ(error_of([&] { read_corpus({empty}, "yaml"); }), "corpus format: expected auto, text, fortune or jsonl, got 'yaml'");
+  EXPECT_EQ(error_of([&] { read_corpus({empty}, "yaml"); }), "corpus format: expected auto, text, fortune, jsonl or lines, got 'yaml'");
 }
 
 TEST(Tokenizer, EveryByteSequenceRoundTrips) {

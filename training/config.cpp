@@ -77,7 +77,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
     {"data", [&](const YAML::Node& sec, const std::string& p) {
        walk(sec, p, o, {
          {"sources", [&](const YAML::Node& n, const std::string& k) { d.sources = as_path_list(n, k, o); }},
-         {"format", [&](const YAML::Node& n, const std::string& k) { d.format = as_choice(n, k, o, {"auto", "text", "fortune", "jsonl"}); }},
+         {"format", [&](const YAML::Node& n, const std::string& k) { d.format = as_choice(n, k, o, corpus_format_choices()); }},
          {"tokenizer", [&](const YAML::Node& n, const std::string& k) { d.tokenizer = as_choice(n, k, o, {"byte", "bpe"}); }},
          {"vocab_size", [&](const YAML::Node& n, const std::string& k) {
             d.vocab_size = as_int(n, k, o, 320, M::kMaxVocab);
@@ -85,6 +85,7 @@ TrainConfig parse_train_config(const std::string& yaml_text, const std::string& 
          {"val_fraction", [&](const YAML::Node& n, const std::string& k) {
             d.val_fraction = as_double(n, k, o, open_interval(0, 1));
           }},
+         {"val_sources", [&](const YAML::Node& n, const std::string& k) { d.val_sources = as_path_list(n, k, o); }},
        });
      }},
     {"train", [&](const YAML::Node& sec, const std::string& p) {
@@ -192,8 +193,8 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "vocab_size" << YAML::Value << model.vocab_size << YAML::Key << "dim" << YAML::Value << model.dim;
   y << YAML::Key << "n_layers" << YAML::Value << model.n_layers << YAML::Key << "n_heads" << YAML::Value << model.n_heads;
   y << YAML::Key << "n_kv_heads" << YAML::Value << model.kv_heads() << YAML::Key << "ffn_hidden" << YAML::Value << model.hidden();
-  y << YAML::Key << "context" << YAML::Value << model.context << YAML::Key << "rope_theta" << YAML::Value << model.rope_theta;
-  y << YAML::Key << "norm_eps" << YAML::Value << model.norm_eps;
+  y << YAML::Key << "context" << YAML::Value << model.context << YAML::Key << "rope_theta" << YAML::Value << yaml_number(model.rope_theta);
+  y << YAML::Key << "norm_eps" << YAML::Value << yaml_number(model.norm_eps);
   y << YAML::Key << "ffn" << YAML::Value << (model.ffn == ModelConfig::Ffn::swiglu ? "swiglu" : "relu2");
   y << YAML::Key << "quant" << YAML::Value << (model.quant == ModelConfig::Quant::ternary ? "ternary" : "none");
   y << YAML::Key << "subln" << YAML::Value << model.subln << YAML::Key << "tied_embeddings" << YAML::Value << model.tied_embeddings;
@@ -201,37 +202,39 @@ std::string TrainConfig::to_yaml() const {
   y << YAML::Key << "data" << YAML::Value << YAML::BeginMap << YAML::Key << "sources" << YAML::Value << data.sources;
   y << YAML::Key << "format" << YAML::Value << data.format << YAML::Key << "tokenizer" << YAML::Value << data.tokenizer;
   if (data.tokenizer == "bpe") y << YAML::Key << "vocab_size" << YAML::Value << data.vocab_size;
-  y << YAML::Key << "val_fraction" << YAML::Value << data.val_fraction << YAML::EndMap;
+  y << YAML::Key << "val_fraction" << YAML::Value << yaml_number(data.val_fraction);
+  if (!data.val_sources.empty()) y << YAML::Key << "val_sources" << YAML::Value << data.val_sources;
+  y << YAML::EndMap;
   y << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   y << YAML::Key << "steps" << YAML::Value << train.steps << YAML::Key << "batch" << YAML::Value << train.batch;
   y << YAML::Key << "grad_accum" << YAML::Value << train.grad_accum << YAML::Key << "recompute" << YAML::Value << train.recompute;
   y << YAML::Key << "eval_every" << YAML::Value << train.eval_every << YAML::Key << "eval_batches" << YAML::Value << train.eval_batches;
   y << YAML::Key << "log_every" << YAML::Value << train.log_every << YAML::Key << "sample_tokens" << YAML::Value << train.sample_tokens;
   y << YAML::Key << "sample_prompt" << YAML::Value << YAML::DoubleQuoted << train.sample_prompt;
-  y << YAML::Key << "sample_temperature" << YAML::Value << train.sample_temperature;
+  y << YAML::Key << "sample_temperature" << YAML::Value << yaml_number(train.sample_temperature);
   y << YAML::Key << "on_nonfinite" << YAML::Value << train.on_nonfinite;
   y << YAML::Key << "checkpoint_every" << YAML::Value << train.checkpoint_every << YAML::Key << "keep_checkpoints" << YAML::Value << train.keep_checkpoints;
   y << YAML::Key << "keep_best" << YAML::Value << train.keep_best;
   y << YAML::EndMap;
-  y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << optim.grad_clip;
+  y << YAML::Key << "optim" << YAML::Value << YAML::BeginMap << YAML::Key << "grad_clip" << YAML::Value << yaml_number(optim.grad_clip);
   y << YAML::Key << "matrices" << YAML::Value << (optim.matrices == OptimizerConfig::Matrices::muon ? "muon" : "adamw");
   y << YAML::Key << "schedule" << YAML::Value << YAML::BeginMap << YAML::Key << "kind" << YAML::Value << to_string(optim.schedule.kind);
-  y << YAML::Key << "warmup_steps" << YAML::Value << optim.schedule.warmup_steps << YAML::Key << "min_lr_ratio" << YAML::Value << optim.schedule.min_lr_ratio;
-  y << YAML::Key << "decay_fraction" << YAML::Value << optim.schedule.decay_fraction;
-  y << YAML::Key << "stage2_lr_ratio" << YAML::Value << optim.schedule.stage2_lr_ratio;
+  y << YAML::Key << "warmup_steps" << YAML::Value << optim.schedule.warmup_steps << YAML::Key << "min_lr_ratio" << YAML::Value << yaml_number(optim.schedule.min_lr_ratio);
+  y << YAML::Key << "decay_fraction" << YAML::Value << yaml_number(optim.schedule.decay_fraction);
+  y << YAML::Key << "stage2_lr_ratio" << YAML::Value << yaml_number(optim.schedule.stage2_lr_ratio);
   if (schedule_total_steps > 0) y << YAML::Key << "total_steps" << YAML::Value << schedule_total_steps;
   y << YAML::EndMap;
-  y << YAML::Key << "muon" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << optim.muon.lr;
-  y << YAML::Key << "momentum" << YAML::Value << optim.muon.momentum << YAML::Key << "nesterov" << YAML::Value << optim.muon.nesterov;
-  y << YAML::Key << "ns_steps" << YAML::Value << optim.muon.ns_steps << YAML::Key << "weight_decay" << YAML::Value << optim.muon.weight_decay << YAML::EndMap;
-  y << YAML::Key << "adamw" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << optim.adamw.lr;
-  y << YAML::Key << "beta1" << YAML::Value << optim.adamw.beta1 << YAML::Key << "beta2" << YAML::Value << optim.adamw.beta2;
-  y << YAML::Key << "eps" << YAML::Value << optim.adamw.eps << YAML::Key << "weight_decay" << YAML::Value << optim.adamw.weight_decay;
+  y << YAML::Key << "muon" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << yaml_number(optim.muon.lr);
+  y << YAML::Key << "momentum" << YAML::Value << yaml_number(optim.muon.momentum) << YAML::Key << "nesterov" << YAML::Value << optim.muon.nesterov;
+  y << YAML::Key << "ns_steps" << YAML::Value << optim.muon.ns_steps << YAML::Key << "weight_decay" << YAML::Value << yaml_number(optim.muon.weight_decay) << YAML::EndMap;
+  y << YAML::Key << "adamw" << YAML::Value << YAML::BeginMap << YAML::Key << "lr" << YAML::Value << yaml_number(optim.adamw.lr);
+  y << YAML::Key << "beta1" << YAML::Value << yaml_number(optim.adamw.beta1) << YAML::Key << "beta2" << YAML::Value << yaml_number(optim.adamw.beta2);
+  y << YAML::Key << "eps" << YAML::Value << yaml_number(optim.adamw.eps) << YAML::Key << "weight_decay" << YAML::Value << yaml_number(optim.adamw.weight_decay);
   const std::pair<const char*, double> groups[] = {{"embedding_lr", optim.adamw.embedding_lr}, {"head_lr", optim.adamw.head_lr},
                                                    {"norm_lr", optim.adamw.norm_lr}, {"embedding_weight_decay", optim.adamw.embedding_weight_decay},
                                                    {"head_weight_decay", optim.adamw.head_weight_decay}, {"norm_weight_decay", optim.adamw.norm_weight_decay}};
   for (const auto& [key, value] : groups)
-    if (value >= 0) y << YAML::Key << key << YAML::Value << value;
+    if (value >= 0) y << YAML::Key << key << YAML::Value << yaml_number(value);
   y << YAML::EndMap;  // adamw
   y << YAML::EndMap;  // optim
   if (!dispatch.empty()) {  // the section as the file gave it (`auto` kept: it undoes lower sources)

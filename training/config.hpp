@@ -7,6 +7,7 @@
 
 #include "core/yaml_schema.hpp"
 #include "dispatch/dispatcher.hpp"
+#include "training/data.hpp"
 #include "training/model.hpp"
 
 namespace hybrit {
@@ -16,7 +17,10 @@ struct DataConfig {
   std::string format = "auto";
   std::string tokenizer = "byte";  // byte | bpe (sentencepiece, trained on the corpus)
   int64_t vocab_size = 1024;       // bpe only
-  double val_fraction = 0.05;
+  double val_fraction = 0.05;      // records held out for validation (unused with val_sources)
+  // Files or folders read as the validation set, whole (a fixed split, as nanoGPT's val.bin); the
+  // training set is then every record of `sources`. Empty: val_fraction of the records.
+  std::vector<std::string> val_sources;
 };
 
 struct TrainLoopConfig {

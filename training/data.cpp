@@ -11,11 +11,13 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include "core/error.hpp"
 #include "core/hash.hpp"
 #include "core/log.hpp"
+#include "core/names.hpp"
 #include "core/rng.hpp"
 
 #include <sentencepiece_processor.h>
@@ -25,13 +27,20 @@ namespace hybrit {
 
 namespace fs = std::filesystem;
 
-const char* to_string(CorpusFormat format) {
-  switch (format) {
-    case CorpusFormat::text: return "text";
-    case CorpusFormat::fortune: return "fortune";
-    case CorpusFormat::jsonl: return "jsonl";
-  }
-  return "?";
+const char* to_string(CorpusFormat format) { return size_t(format) < std::size(kCorpusFormatNames) ? kCorpusFormatNames[size_t(format)] : "?"; }
+
+std::vector<std::string> corpus_format_choices() {
+  std::vector<std::string> out = {"auto"};
+  out.insert(out.end(), std::begin(kCorpusFormatNames), std::end(kCorpusFormatNames));
+  return out;
+}
+
+std::string Corpus::describe(size_t max_files) const {
+  std::string out;
+  for (size_t i = 0; i < files.size() && i < max_files; ++i)
+    out += cat(i ? "; " : "", files[i], ": ", to_string(file_formats[i]), " (", file_reasons[i], "), ", file_records[i], file_records[i] == 1 ? " record" : " records");
+  if (files.size() > max_files) out += cat("; and ", files.size() - max_files, " more files");
+  return out;
 }
 
 namespace {
@@ -123,10 +132,20 @@ void read_jsonl(const std::string& path, std::string_view text, std::vector<std:
   }
 }
 
-bool has_fortune_separator(std::string_view text) {
-  for (std::string_view line : split_lines(text))
-    if (line == "%") return true;
-  return false;
+// A file's format under `auto`, and why, in words for messages.
+std::pair<CorpusFormat, std::string> detect_format(const std::string& path, std::string_view text) {
+  if (fs::path(path).extension() == ".jsonl") return {CorpusFormat::jsonl, "the .jsonl extension"};
+  const std::vector<std::string_view> lines = split_lines(text);
+  int64_t separators = 0, blanks = 0, filled = 0;
+  for (std::string_view line : lines) {
+    separators += line == "%";
+    if (blank(line)) ++blanks;
+    else ++filled;
+  }
+  if (separators > 0) return {CorpusFormat::fortune, cat("auto: ", separators, " lines holding only %")};
+  if (blanks > 0 && filled > 0) return {CorpusFormat::text, "auto: blank lines separate paragraphs"};
+  if (filled > 1) return {CorpusFormat::lines, "auto: no blank lines, so one record per line"};
+  return {CorpusFormat::text, "auto: a single line"};
 }
 
 // `X.dat` beside a file `X` is the strfile(1) index of a fortune file, not text.
@@ -176,34 +195,41 @@ std::vector<std::string> expand(const std::string& source) {
 
 Corpus read_corpus(const std::vector<std::string>& sources, const std::string& format) {
   if (sources.empty()) fail(ErrorKind::invalid_argument, "corpus: no source files given");
-  if (format != "auto" && format != "text" && format != "fortune" && format != "jsonl")
-    fail(ErrorKind::invalid_argument, "corpus format: expected auto, text, fortune or jsonl, got '", format, "'");
+  const std::vector<std::string> choices = corpus_format_choices();
+  if (std::find(choices.begin(), choices.end(), format) == choices.end())
+    fail(ErrorKind::invalid_argument, "corpus format: expected auto, text, fortune, jsonl or lines, got '", format, "'");
   Corpus corpus;
   std::set<std::string> seen;  // canonical paths: a link to a file already read is skipped
-  std::vector<std::string> contents;
   for (const auto& source : sources)
     for (const auto& file : expand(source)) {
       std::error_code ec;
       const std::string canonical = fs::canonical(file, ec).string();
       if (!seen.insert(ec ? file : canonical).second) continue;
+      const std::string contents = read_file(file);
+      CorpusFormat f = CorpusFormat::text;
+      std::string why;
+      if (format == "auto") std::tie(f, why) = detect_format(file, contents);
+      else f = parse_name<CorpusFormat>(kCorpusFormatNames, format, "corpus format"), why = cat("format: ", format, " in the config");
+      const size_t before = corpus.records.size();
+      switch (f) {
+        case CorpusFormat::jsonl: read_jsonl(file, contents, corpus.records); break;
+        case CorpusFormat::fortune: records_by_separator(contents, [](std::string_view l) { return l == "%"; }, corpus.records); break;
+        case CorpusFormat::text: records_by_separator(contents, blank, corpus.records); break;
+        case CorpusFormat::lines:
+          for (std::string_view line : split_lines(contents))
+            if (!blank(line)) corpus.records.emplace_back(line);
+          break;
+        case CorpusFormat::count: break;
+      }
       corpus.files.push_back(file);
-      contents.push_back(read_file(file));
+      corpus.file_formats.push_back(f);
+      corpus.file_reasons.push_back(why);
+      corpus.file_records.push_back(int64_t(corpus.records.size() - before));
     }
-  if (format == "auto") {
-    const bool any_jsonl = std::any_of(corpus.files.begin(), corpus.files.end(), [](const std::string& f) { return fs::path(f).extension() == ".jsonl"; });
-    const bool any_fortune = std::any_of(contents.begin(), contents.end(), [](const std::string& c) { return has_fortune_separator(c); });
-    corpus.format = any_jsonl ? CorpusFormat::jsonl : any_fortune ? CorpusFormat::fortune : CorpusFormat::text;
-  } else {
-    corpus.format = format == "jsonl" ? CorpusFormat::jsonl : format == "fortune" ? CorpusFormat::fortune : CorpusFormat::text;
-  }
-  for (size_t i = 0; i < corpus.files.size(); ++i) {
-    switch (corpus.format) {
-      case CorpusFormat::jsonl: read_jsonl(corpus.files[i], contents[i], corpus.records); break;
-      case CorpusFormat::fortune: records_by_separator(contents[i], [](std::string_view l) { return l == "%"; }, corpus.records); break;
-      case CorpusFormat::text: records_by_separator(contents[i], blank, corpus.records); break;
-    }
-  }
-  if (corpus.records.empty()) fail(ErrorKind::invalid_argument, "corpus (", corpus.files.size(), " files, format ", to_string(corpus.format), ") holds no records");
+  corpus.format = corpus.file_formats.empty() ? CorpusFormat::text : corpus.file_formats[0];
+  for (CorpusFormat f : corpus.file_formats)
+    if (f != corpus.format) corpus.format = CorpusFormat::jsonl;
+  if (corpus.records.empty()) fail(ErrorKind::invalid_argument, "the corpus holds no records: ", corpus.describe());
   return corpus;
 }
 
@@ -375,11 +401,12 @@ struct CacheHeader {
 }  // namespace
 
 uint64_t corpus_key(const Corpus& corpus, const Tokenizer& tokenizer) {
-  std::string desc = cat(tokenizer.kind(), ":", tokenizer.identity(), "|", to_string(corpus.format));
-  for (const auto& f : corpus.files) {
+  std::string desc = cat(tokenizer.kind(), ":", tokenizer.identity());
+  for (size_t i = 0; i < corpus.files.size(); ++i) {
+    const std::string& f = corpus.files[i];
     struct stat st {};
     stat(f.c_str(), &st);
-    desc += cat("|", f, ":", st.st_size, ":", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec);
+    desc += cat("|", f, ":", st.st_size, ":", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, ":", to_string(corpus.file_formats[i]));
   }
   return fnv1a64(desc.data(), desc.size());
 }

@@ -3,6 +3,7 @@
 // (seed, step), so a resumed run sees the same batches as one that never stopped.
 #pragma once
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -11,21 +12,35 @@
 namespace hybrit {
 
 // text: records are paragraphs (separated by blank lines); fortune: records are separated by
-// lines holding only `%` (the fortune(6) format); jsonl: one JSON object per line, its "text".
-enum class CorpusFormat { text, fortune, jsonl };
+// lines holding only `%` (the fortune(6) format); jsonl: one JSON object per line, its "text";
+// lines: every non-blank line is a record.
+enum class CorpusFormat { text, fortune, jsonl, lines, count };
+inline constexpr const char* kCorpusFormatNames[] = {"text", "fortune", "jsonl", "lines"};
+static_assert(std::size(kCorpusFormatNames) == size_t(CorpusFormat::count));
 const char* to_string(CorpusFormat format);
+// The values data.format and reduce.format take: "auto" then every format's name.
+std::vector<std::string> corpus_format_choices();
 
 struct Corpus {
+  // The files' common format; jsonl when they differ (it holds any record: what the reduced
+  // corpus is then written as).
   CorpusFormat format = CorpusFormat::text;
-  std::vector<std::string> files;    // what was read, in order
-  std::vector<std::string> records;  // non-empty records, in file order
+  std::vector<std::string> files;          // what was read, in order
+  std::vector<CorpusFormat> file_formats;  // each file's format (detected per file under auto)
+  std::vector<std::string> file_reasons;   // why: "format: fortune in the config", "the .jsonl extension", ...
+  std::vector<int64_t> file_records;       // records each file gave
+  std::vector<std::string> records;        // non-empty records, in file order
+  // One line per file (at most `max_files`, then a count): "my.txt: text (blank lines separate
+  // paragraphs), 1 record". For messages that must say how the data was read.
+  std::string describe(size_t max_files = 3) const;
 };
 
 // `sources`: files, folders (their regular files, recursively, sorted; hidden files skipped) and
 // glob patterns. From folders and globs, `X.dat` beside `X` (a fortune strfile index) is skipped,
 // and so is any file already read under another name (the fortunes package's `.u8` links). `format`: "text", "fortune",
-// "jsonl" or "auto" (.jsonl files are jsonl; a file with a line holding only `%` is fortune;
-// otherwise text). Errors name the file and line.
+// "jsonl", "lines" or "auto", decided per file: a .jsonl file is jsonl; a file with a line holding
+// only `%` is fortune; one with a blank line is text; one of several lines and no blank line is
+// lines (one record per line); otherwise text. Errors name the file and line.
 Corpus read_corpus(const std::vector<std::string>& sources, const std::string& format = "auto");
 // The default corpus: Debian's `fortunes` package.
 inline const char* kDefaultCorpus = "/usr/share/games/fortunes";

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/log.hpp"
+#include "training/plot.hpp"
 #include "core/rng.hpp"
 
 namespace hybrit {
@@ -41,6 +42,8 @@ ModelConfig with_vocab(ModelConfig m, int64_t vocab) {
 // is one), the corpus tokenized through the cache, and the split by record.
 Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir, const std::string& tokenizer_model) {
   const Corpus corpus = read_corpus(c.data.sources, c.data.format);
+  const bool fixed_val = !c.data.val_sources.empty();
+  const Corpus val_corpus = fixed_val ? read_corpus(c.data.val_sources, c.data.format) : Corpus{};
   Data data;
   if (c.data.tokenizer == "bpe" && !tokenizer_model.empty()) {
     data.tokenizer = load_bpe_tokenizer(tokenizer_model);
@@ -54,13 +57,29 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
   } else {
     data.tokenizer = std::make_unique<ByteTokenizer>();
   }
-  const TokenizedCorpus tokens = cache_dir.empty() ? tokenize(corpus, *data.tokenizer)
-                                                   : tokenize_cached(corpus, (fs::path(cache_dir) / "tokens.bin").string(), nullptr, *data.tokenizer);
-  data.split = split_by_record(tokens, c.data.val_fraction, c.seed);
+  auto tokens_of = [&](const Corpus& k, const char* cache_name) {
+    return cache_dir.empty() ? tokenize(k, *data.tokenizer) : tokenize_cached(k, (fs::path(cache_dir) / cache_name).string(), nullptr, *data.tokenizer);
+  };
+  const TokenizedCorpus tokens = tokens_of(corpus, "tokens.bin");
+  if (fixed_val) {
+    data.split = split_by_record(tokens, 0.0, c.seed);  // every record trains
+    const Split val = split_by_record(tokens_of(val_corpus, "tokens-val.bin"), 0.0, c.seed);
+    data.split.val = val.train;
+    data.split.val_records = val.train_records;
+  } else {
+    data.split = split_by_record(tokens, c.data.val_fraction, c.seed);
+  }
   const int64_t need = c.model.context + 1;
-  if (int64_t(data.split.train.size()) < need || int64_t(data.split.val.size()) < need)
-    fail(ErrorKind::invalid_argument, "data: the corpus splits into ", data.split.train.size(), " training and ", data.split.val.size(),
-         " validation tokens; each needs at least model.context + 1 = ", need, " (more data, or a larger data.val_fraction)");
+  if (int64_t(data.split.train.size()) < need || int64_t(data.split.val.size()) < need) {
+    const bool short_train = int64_t(data.split.train.size()) < need;
+    const Corpus& blamed = short_train || !fixed_val ? corpus : val_corpus;
+    const std::string fix = fixed_val ? (short_train ? "more data in data.sources" : "more data in data.val_sources")
+                            : blamed.records.size() < 2 ? "the whole corpus is one record, so there is nothing to hold out: check data.format"
+                                                        : "more data, or a larger data.val_fraction";
+    fail(ErrorKind::invalid_argument, "data: the corpus splits into ", data.split.train.size(), " training tokens (", data.split.train_records,
+         " records) and ", data.split.val.size(), " validation tokens (", data.split.val_records, " records); each needs at least model.context + 1 = ",
+         need, " (", fix, "). Read as: ", blamed.describe());
+  }
   return data;
 }
 
@@ -130,11 +149,14 @@ void check_resumable(const TrainConfig& now, const TrainConfig& then, const std:
     if (values.first != values.second)
       fail(ErrorKind::invalid_argument, "resume from ", path, ": ", key, " is ", values.first, " in the checkpoint but ", values.second, " in ",
            now.source, "; it cannot change when a run resumes");
-  std::string sources_then, sources_now;
-  for (const auto& s : then.data.sources) sources_then += s + " ";
-  for (const auto& s : now.data.sources) sources_now += s + " ";
-  if (sources_then != sources_now)
-    fail(ErrorKind::invalid_argument, "resume from ", path, ": data.sources differ from the checkpoint's (", sources_then, "); they cannot change when a run resumes");
+  for (const auto& [key, lists] : {std::pair{"data.sources", std::pair{&then.data.sources, &now.data.sources}},
+                                   std::pair{"data.val_sources", std::pair{&then.data.val_sources, &now.data.val_sources}}}) {
+    if (*lists.first == *lists.second) continue;
+    std::string was;
+    for (const auto& s : *lists.first) was += (was.empty() ? "" : " ") + s;
+    fail(ErrorKind::invalid_argument, "resume from ", path, ": ", key, " differ from the checkpoint's (", was.empty() ? "none" : was,
+         "); they cannot change when a run resumes");
+  }
 }
 }  // namespace
 
@@ -418,13 +440,20 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   RunResult result;
   ProgressBar bar("train", t.steps);
   Timer total;
+  // A resumed run's clock and token count go on from where the metrics stop.
+  double elapsed_before = 0;
+  const int64_t steps_before = trainer.steps_done();
+  if (!checkpoint.empty())
+    for (const auto& j : read_metrics(metrics_path))
+      if (j.contains("elapsed_s") && j["elapsed_s"].is_number()) elapsed_before = std::max(elapsed_before, j["elapsed_s"].get<double>());
+  const int64_t tokens_per_step = t.batch * config.model.context;
   try {
     while (trainer.steps_done() < t.steps && !g_stop) {
       StepMetrics m = trainer.step();
       const bool last = m.step == t.steps;
       if ((t.eval_every > 0 && m.step % t.eval_every == 0) || last) m.val_loss = trainer.evaluate();
-      nlohmann::json line = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm}, {"tokens_per_s", m.tokens_per_s},
-                             {"elapsed_s", total.seconds()}, {"peak_rss_bytes", m.peak_rss_bytes}};
+      nlohmann::json line = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm}, {"tokens", m.step * tokens_per_step},
+                             {"tokens_per_s", m.tokens_per_s}, {"elapsed_s", elapsed_before + total.seconds()}, {"peak_rss_bytes", m.peak_rss_bytes}};
       if (m.skipped) line["skipped"] = true;
       if (m.val_loss) line["val_loss"] = *m.val_loss;
       metrics << line.dump() << "\n" << std::flush;
@@ -462,11 +491,35 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), table);
   std::string line_buffer;
   for (std::istringstream lines(table); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
+  result.seconds = total.seconds();
+  result.total_seconds = elapsed_before + result.seconds;
+  if (result.seconds > 0) result.tokens_per_s = double((trainer.steps_done() - steps_before) * tokens_per_step) / result.seconds;
+  log_info(trainer.steps_done() - steps_before, " steps in ", format_seconds(result.seconds), " (", human_rate(result.tokens_per_s), " tokens/s on average)",
+           steps_before > 0 ? cat("; ", format_seconds(result.total_seconds), " for the whole run since step 0") : "");
+  // loss.png: an extra, so a missing matplotlib is a note, not an error.
+  std::string why_not;
+  const std::string png = (fs::path(run_dir) / "loss.png").string();
+  if (plot_runs({run_dir}, png, &why_not)) log_info("loss curves: ", png);
+  else log_info("loss curves not drawn: ", why_not);
   if (t.sample_tokens > 0) {
     result.sample = printable_utf8(trainer.sample(t.sample_tokens, t.sample_prompt, t.sample_temperature, config.seed));
     write_file_atomically((fs::path(run_dir) / "sample.txt").string(), result.sample + "\n");
   }
   return result;
+}
+
+std::string find_checkpoint(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) return path;  // a file (or nothing there: the reader says so)
+  for (const auto& candidate : checkpoints_newest_first(path)) {
+    try {
+      verify_checkpoint(candidate);
+      return candidate;
+    } catch (const Error& e) {
+      log_warn("skipping ", candidate, ": ", e.what());
+    }
+  }
+  fail(ErrorKind::io, path, ": no valid checkpoint (ckpt-*.h5) in this folder");
 }
 
 std::string default_run_folder(const std::string& name) {

@@ -76,6 +76,9 @@ struct RunResult {
   std::optional<double> val_loss;
   bool interrupted = false;
   std::string sample;
+  double seconds = 0;        // this invocation's training loop
+  double total_seconds = 0;  // the whole run's, across resumes (metrics.jsonl's elapsed_s)
+  double tokens_per_s = 0;   // training tokens per second, averaged over this invocation
 };
 
 // The whole run into `run_dir` (made if missing; refused if it already holds a run, unless
@@ -87,6 +90,10 @@ struct RunResult {
 std::string default_run_folder(const std::string& name);
 
 RunResult run_training(const TrainConfig& config, const std::string& run_dir, const std::string& resume = "");
+
+// A checkpoint path as front ends take it: a file is itself; a run folder means its newest
+// ckpt-*.h5 that verifies (damaged newer ones are skipped with a warning).
+std::string find_checkpoint(const std::string& path);
 
 // train.recompute as the model's setting.
 Model::Recompute recompute_of(const TrainLoopConfig& train);

@@ -16,9 +16,9 @@ import collections
 import operator
 import threading
 
-from ._hybrit import _Generator, _engine_defaults, _op_dims, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, info, kmeans, read_corpus, reduce, select, train
+from ._hybrit import _Generator, _engine_defaults, _fresh_seed, _op_dims, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, evaluate, info, kmeans, read_corpus, reduce, select, train
 
-__all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
+__all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "evaluate", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
            "default_profile_path", "op_size"]
 
 
@@ -74,7 +74,9 @@ class Generator:
 
     Sampling, in this order: repetition_penalty, temperature (0: greedy), top_k, top_p, min_p, one
     draw keyed by (seed, output position). Outputs end at the end-of-record token ("eos"),
-    max_tokens ("length"), a stop string ("stop") or the model's context ("context").
+    max_tokens ("length") or a stop string ("stop"); past the model's context the window slides
+    (the last context - context/4 tokens are kept and recomputed), and a prompt longer than the
+    context keeps its end. No seed: a fresh one, as in the CLI and the server.
     """
 
     def __init__(self, checkpoint, packed=True, kv_blocks=_ENGINE["kv_blocks"], max_running=_ENGINE["max_running"],
@@ -88,6 +90,7 @@ class Generator:
 
     def _submit(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
         tokens = self._g.encode(prompt) if isinstance(prompt, str) else [_token_id(t) for t in prompt]
+        seed = _fresh_seed() if seed is None else seed
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         with self._lock:
             request = self._g.submit(tokens, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
@@ -116,15 +119,17 @@ class Generator:
                     self._next_events(request)
 
     def generate(self, prompts, max_tokens=128, temperature=_SAMPLING["temperature"], top_k=_SAMPLING["top_k"], top_p=_SAMPLING["top_p"],
-                 min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=_SAMPLING["seed"], stop=None):
-        """All prompts batched together; returns one dict per prompt (text, tokens, finish_reason),
-        or one dict for a single string prompt."""
+                 min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=None, stop=None):
+        """All prompts batched together; returns one dict per prompt (text, tokens, finish_reason,
+        seed), or one dict for a single string prompt. seed None: a fresh one (returned), as the
+        CLI and the server do; every prompt of one call shares it."""
         single = isinstance(prompts, str)
+        seed = _fresh_seed() if seed is None else seed
         ids = []
         try:
             for p in ([prompts] if single else prompts):
                 ids.append(self._submit(p, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop))
-            out = {i: {"text": b"", "tokens": [], "finish_reason": None} for i in ids}
+            out = {i: {"text": b"", "tokens": [], "finish_reason": None, "seed": seed} for i in ids}
             for i in ids:
                 while out[i]["finish_reason"] is None:
                     for _, token, text, finished in self._next_events(i):
@@ -141,8 +146,9 @@ class Generator:
         return results[0] if single else results
 
     def stream(self, prompt, max_tokens=128, temperature=_SAMPLING["temperature"], top_k=_SAMPLING["top_k"], top_p=_SAMPLING["top_p"],
-               min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=_SAMPLING["seed"], stop=None):
-        """Yields the text as it is made (whole UTF-8 characters); closing the iterator cancels the request."""
+               min_p=_SAMPLING["min_p"], repetition_penalty=_SAMPLING["repetition_penalty"], seed=None, stop=None):
+        """Yields the text as it is made (whole UTF-8 characters); closing the iterator cancels the
+        request. seed None: a fresh one."""
         request = self._submit(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         self.last_finish_reason = None
         finished = None

@@ -165,7 +165,7 @@ def test_a_refused_resume_writes_nothing_in_the_run_folder(cli, tmp_path):
     train(cli, run, "--set", "train.steps=2", "--set", "data.format=text", "--set", "data.sources=/usr/share/common-licenses/GPL-3")
     before = folder_state(run)
     r = train(cli, run, "--set", "train.steps=4", "--set", "data.sources=/usr/share/common-licenses/GPL-3", "--resume", "auto", check=False)
-    assert r.returncode == 1 and "data.format is text in the checkpoint but fortune in" in r.stderr, r.stderr
+    assert r.returncode == 1 and "data.format is text in the checkpoint but auto in" in r.stderr, r.stderr
     assert folder_state(run) == before
 
 

@@ -1,6 +1,7 @@
 """Inference: packed-weight logits against the training forward, batching invariance, sampling,
 the paged KV cache (prefix sharing, preemption), stop conditions and `hybrit generate`."""
 import os
+import re
 import subprocess
 import threading
 
@@ -269,12 +270,18 @@ def test_hybrit_generate_streams_text(cli, ternary, generator):
 
 
 def test_the_cli_and_python_share_their_sampling_defaults(cli, ternary, generator):
-    # No sampling option anywhere: the same defaults (SamplingParams') must give the same text.
+    # No sampling option anywhere: the same defaults (SamplingParams') and the one seed rule (none
+    # given: a fresh one, reported) must let Python make the CLI's text again.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
-    r = subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "The ", "--max-tokens", "20"],
-                       capture_output=True, text=True, env=env, check=True, timeout=120)
+    runs = [subprocess.run([cli, "generate", "--checkpoint", ternary[1], "--prompt", "The ", "--max-tokens", "20"],
+                           capture_output=True, text=True, env=env, check=True, timeout=120) for _ in range(2)]
+    seeds = [int(re.search(r"seed (\d+)", r.stderr).group(1)) for r in runs]
+    assert seeds[0] != seeds[1], "unseeded runs should draw fresh seeds"
     # The CLI prints control characters and broken UTF-8 as U+FFFD: compare what both print alike.
     plain = lambda text: "".join(ch for ch in text if ch.isprintable() and ch != "\ufffd")
-    assert plain(r.stdout) == plain("The " + generator.generate("The ", max_tokens=20)["text"])
+    for r, seed in zip(runs, seeds):
+        assert plain(r.stdout) == plain("The " + generator.generate("The ", max_tokens=20, seed=seed)["text"])
+    a, b = generator.generate("The ", max_tokens=20), generator.generate("The ", max_tokens=20)
+    assert a["seed"] != b["seed"] and generator.generate("The ", max_tokens=20, seed=a["seed"]) == a
     help_text = subprocess.run([cli, "generate", "--help"], capture_output=True, text=True, check=True).stdout
     assert f"--temperature FLOAT={hybrit._hybrit._sampling_defaults()['temperature']:g} " in help_text
