@@ -357,7 +357,7 @@ int CheckpointCommand::run(const GlobalOptions& g) const {
     std::printf("  %-40s %-14s %016llx %s\n", d.name.c_str(), shape_str(d.shape).c_str(), static_cast<unsigned long long>(d.checksum),
                 d.checksum_ok ? "ok" : "CHECKSUM MISMATCH");
   }
-  const std::vector<std::string> problems = checkpoint_layout_problems(cfg, datasets);
+  const std::vector<std::string> problems = checkpoint_layout_problems(cfg, datasets, meta.format_version);
   std::printf("\n%lld parameters; %zu datasets; %zu problems\n", static_cast<long long>(params), datasets.size(), problems.size());
   for (const auto& p : problems) std::printf("  %s\n", p.c_str());
   if (!problems.empty())

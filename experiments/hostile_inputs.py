@@ -191,7 +191,7 @@ def damaged_checkpoints(base, tmp, rng):
         "meta checksum deleted": lambda f: f.attrs.__delitem__("meta_fnv1a64") if "meta_fnv1a64" in f.attrs else None,
         "params deleted": lambda f: f.__delitem__("params"),
         "optim deleted": lambda f: f.__delitem__("optim"),
-        "one dataset deleted": lambda f: f.__delitem__("optim/adam_v/blocks.0.w_up"),
+        "one dataset deleted": lambda f: f.__delitem__("optim/muon_momentum/blocks.0.w_up"),
         "extra dataset": lambda f: f.create_dataset("params/extra", data=np.zeros(3, np.float32)),
         "dataset reshaped": lambda f: (f.__delitem__("params/final_norm"), f.create_dataset("params/final_norm", data=np.zeros(64, np.float32))),
         "dataset checksum changed": lambda f: f["params/tok_emb"].attrs.__setitem__("fnv1a64", np.uint64(1)),

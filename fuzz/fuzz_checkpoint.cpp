@@ -22,7 +22,6 @@ namespace {
 using namespace hybrit;
 namespace fs = std::filesystem;
 
-const char* const kBuffers[] = {"params", "optim/adam_m", "optim/adam_v", "optim/muon_momentum"};
 
 struct Base {
   fs::path dir = fs::temp_directory_path() / ("hybrit-fuzz-" + std::to_string(::getpid()));
@@ -41,12 +40,11 @@ struct Base {
     meta.config_yaml = config.to_yaml();
     meta.tokenizer_json = R"({"kind": "byte-v1", "vocab_size": 257, "end_of_record": 256})";
     checkpoint = (dir / "base.h5").string();
-    save_checkpoint(checkpoint, table, meta);
+    save_checkpoint(checkpoint, table, meta, config.optim.matrices);
     exported = (dir / "base.hyb").string();
     Dispatcher d;
     export_for_inference(d, checkpoint, exported);
-    for (const char* group : kBuffers)
-      for (const auto& s : table.slices()) dataset_names.push_back(std::string(group) + "/" + s.name);
+    dataset_names = checkpoint_dataset_names(table, config.optim.matrices);
   }
   ~Base() { fs::remove_all(dir); }
 };
@@ -124,7 +122,7 @@ void read_everything(const std::string& path) {
   try {
     std::vector<CheckpointDataset> datasets;
     const CheckpointMeta meta = inspect_checkpoint(path, &datasets);
-    checkpoint_layout_problems(checkpoint_config(meta, path), datasets);
+    checkpoint_layout_problems(checkpoint_config(meta, path), datasets, meta.format_version);
   } catch (const Error&) {
   }
   try {
@@ -160,7 +158,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (in.ConsumeBool()) meta.config_yaml = in.ConsumeRandomLengthString(2048);
     if (in.ConsumeBool()) meta.tokenizer_json = in.ConsumeRandomLengthString(256);
     if (in.ConsumeBool()) meta.tokenizer_model = in.ConsumeRandomLengthString(256);
-    save_checkpoint(path, base.table, meta);
+    save_checkpoint(path, base.table, meta, base.config.optim.matrices);
   }
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);

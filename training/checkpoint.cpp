@@ -202,6 +202,17 @@ void read_dataset(hid_t file, const std::string& name, const Shape& expect, floa
   std::memcpy(out, buf.data(), buf.size() * sizeof(float));
 }
 
+// (buffer, parameter) pairs a checkpoint of `version` holds, in file order.
+std::vector<std::pair<int, const ParamSlice*>> layout(const ParamTable& table, OptimizerConfig::Matrices matrices, int version) {
+  std::vector<std::pair<int, const ParamSlice*>> out;
+  for (int b = 0; b < 4; ++b)
+    for (const auto& s : table.slices()) {
+      const bool muon = steps_with_muon(s, matrices);
+      if (version < 3 || b == 0 || (b == 3) == muon) out.emplace_back(b, &s);
+    }
+  return out;
+}
+
 Tensor& buffer_of(ParamTable& t, int which) {
   switch (which) {
     case 0: return t.params();
@@ -232,9 +243,10 @@ CheckpointMeta read_meta(hid_t file, const std::string& path) {
   if (!has_attr(file, "format") || read_string_attr(file, "format", path) != kFormat)
     fail(ErrorKind::corrupt_data, path, ": not a hybrit checkpoint (attribute format is not '", kFormat, "')");
   const int version = read_scalar_attr<int>(file, "format_version", H5T_NATIVE_INT, path);
-  if (version != kCheckpointVersion && version != 1)
-    fail(ErrorKind::unsupported, path, ": checkpoint format version ", version, ", this hybrit reads versions 1 and ", kCheckpointVersion);
+  if (version < 1 || version > kCheckpointVersion)
+    fail(ErrorKind::unsupported, path, ": checkpoint format version ", version, ", this hybrit reads versions 1 to ", kCheckpointVersion);
   CheckpointMeta m;
+  m.format_version = version;
   m.step = read_scalar_attr<int64_t>(file, "step", H5T_NATIVE_INT64, path);
   m.tokens_seen = read_scalar_attr<int64_t>(file, "tokens_seen", H5T_NATIVE_INT64, path);
   m.seed = read_scalar_attr<uint64_t>(file, "seed", H5T_NATIVE_UINT64, path);
@@ -253,7 +265,13 @@ CheckpointMeta read_meta(hid_t file, const std::string& path) {
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta) {
+std::vector<std::string> checkpoint_dataset_names(const ParamTable& table, OptimizerConfig::Matrices matrices, int version) {
+  std::vector<std::string> names;
+  for (const auto& [b, s] : layout(table, matrices, version)) names.push_back(cat(kBuffers[b], "/", s->name));
+  return names;
+}
+
+void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta, OptimizerConfig::Matrices matrices) {
   quiet_hdf5();
   const std::string tmp = path + ".tmp";
   {
@@ -270,11 +288,8 @@ void save_checkpoint(const std::string& path, ParamTable& table, const Checkpoin
     write_string_attr(file, "muon_momentum_convention", kMomentumConvention, tmp);
     const uint64_t meta_sum = metadata_checksum(checkpoint_metadata(kFormat, version, meta, kMomentumConvention));
     write_scalar_attr(file, "meta_fnv1a64", H5T_NATIVE_UINT64, &meta_sum, tmp);
-    for (int b = 0; b < 4; ++b) {
-      float* base = buffer_of(table, b).data<float>();
-      for (const auto& s : table.slices())
-        write_dataset(file, cat(kBuffers[b], "/", s.name), base + s.offset, s.shape, tmp);
-    }
+    for (const auto& [b, s] : layout(table, matrices, kCheckpointVersion))
+      write_dataset(file, cat(kBuffers[b], "/", s->name), buffer_of(table, b).data<float>() + s->offset, s->shape, tmp);
     if (!meta.tokenizer_model.empty()) write_u8_dataset(file, "tokenizer_model", meta.tokenizer_model.data(), {meta.tokenizer_model.size()}, tmp);
     check(H5Fflush(file, H5F_SCOPE_GLOBAL), tmp, "flush");
   }
@@ -288,10 +303,12 @@ void save_checkpoint(const std::string& path, ParamTable& table, const Checkpoin
 CheckpointMeta load_checkpoint(const std::string& path, ParamTable& table) {
   Handle file(open_checkpoint(path), H5Fclose);
   const CheckpointMeta meta = read_meta(file, path);
-  // Everything is read and checked into scratch buffers first: a bad file changes nothing.
+  // Everything is read and checked into scratch buffers first: a bad file changes nothing. State
+  // a version-3 file does not keep is zero, as it is in a run (that optimizer never touched it).
+  const OptimizerConfig::Matrices matrices = meta.format_version >= 3 ? checkpoint_config(meta, path).optim.matrices : OptimizerConfig::Matrices::muon;
   std::vector<std::vector<float>> staged(4, std::vector<float>(size_t(table.numel()), 0.0f));
-  for (int b = 0; b < 4; ++b)
-    for (const auto& s : table.slices()) read_dataset(file, cat(kBuffers[b], "/", s.name), s.shape, staged[b].data() + s.offset, path);
+  for (const auto& [b, s] : layout(table, matrices, meta.format_version))
+    read_dataset(file, cat(kBuffers[b], "/", s->name), s->shape, staged[b].data() + s->offset, path);
   for (int b = 0; b < 4; ++b) std::memcpy(buffer_of(table, b).raw(), staged[b].data(), staged[b].size() * sizeof(float));
   return meta;
 }
@@ -351,21 +368,20 @@ TrainConfig checkpoint_config(const CheckpointMeta& meta, const std::string& pat
   return config;
 }
 
-std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets) {
+std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets, int version) {
   ParamTable table;  // declared, never allocated
   Model::declare_parameters(config.model, table);
   std::map<std::string, const CheckpointDataset*> found;
   for (const auto& d : datasets) found[d.name] = &d;
   std::vector<std::string> problems;
-  for (const char* group : kBuffers)
-    for (const auto& s : table.slices()) {
-      const std::string name = cat(group, "/", s.name);
-      auto it = found.find(name);
-      if (it == found.end()) problems.push_back(cat("dataset ", name, " is missing"));
-      else if (it->second->shape != s.shape)
-        problems.push_back(cat("dataset ", name, " has shape ", shape_str(it->second->shape), ", the model needs ", shape_str(s.shape)));
-      if (it != found.end()) found.erase(it);
-    }
+  for (const auto& [b, s] : layout(table, config.optim.matrices, version)) {
+    const std::string name = cat(kBuffers[b], "/", s->name);
+    auto it = found.find(name);
+    if (it == found.end()) problems.push_back(cat("dataset ", name, " is missing"));
+    else if (it->second->shape != s->shape)
+      problems.push_back(cat("dataset ", name, " has shape ", shape_str(it->second->shape), ", the model needs ", shape_str(s->shape)));
+    if (it != found.end()) found.erase(it);
+  }
   for (const auto& [name, d] : found) problems.push_back(cat("dataset ", name, " is not part of the config's model"));
   for (const auto& d : datasets)
     if (!d.checksum_ok) problems.push_back(cat("dataset ", d.name, " fails its checksum (the file is damaged)"));
@@ -374,8 +390,8 @@ std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, c
 
 namespace {
 // The layout check as an Error naming the first problem and how many more there are.
-void check_layout(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets, const std::string& path) {
-  const std::vector<std::string> problems = checkpoint_layout_problems(config, datasets);
+void check_layout(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets, int version, const std::string& path) {
+  const std::vector<std::string> problems = checkpoint_layout_problems(config, datasets, version);
   if (!problems.empty()) fail(ErrorKind::corrupt_data, path, ": ", problems.front(), problems.size() > 1 ? cat(" (and ", problems.size() - 1, " more problems)") : "");
 }
 
@@ -391,7 +407,7 @@ std::unique_ptr<Tokenizer> checked_tokenizer(const CheckpointMeta& meta, const T
 CheckpointMeta verify_checkpoint(const std::string& path) {
   std::vector<CheckpointDataset> datasets;
   const CheckpointMeta meta = inspect_checkpoint(path, &datasets);
-  check_layout(checkpoint_config(meta, path), datasets, path);
+  check_layout(checkpoint_config(meta, path), datasets, meta.format_version, path);
   return meta;
 }
 
@@ -458,7 +474,7 @@ std::vector<NamedArray> read_checkpoint_arrays(const std::string& path, Checkpoi
     found.push_back(std::move(d));
   });
   // A file whose index lost its datasets reads as "no datasets", not as an error: compare with the config.
-  check_layout(checkpoint_config(m, path), found, path);
+  check_layout(checkpoint_config(m, path), found, m.format_version, path);
   return out;
 }
 

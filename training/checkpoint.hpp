@@ -27,14 +27,23 @@ struct CheckpointMeta {
   std::string config_yaml;
   std::string tokenizer_json;
   std::string tokenizer_model;  // bytes; empty for the byte tokenizer
+  int format_version = 0;       // as read (0: not read from a file)
 };
 
-// Version 2 added meta_fnv1a64, one checksum over the root attributes; version 1 files still load.
-inline constexpr int kCheckpointVersion = 2;
+// Version 2 added meta_fnv1a64, one checksum over the root attributes. Version 3 keeps only the
+// optimizer state each parameter uses (Muon's momentum for the block matrices under Muon, AdamW's
+// moments for the rest), not all three slots for every parameter. Versions 1 and 2 still load.
+inline constexpr int kCheckpointVersion = 3;
+
+// The datasets a checkpoint of this version holds for the table: "params/<name>" for every
+// parameter, then its optimizer state ("optim/adam_m/<name>", "optim/adam_v/<name>" or
+// "optim/muon_momentum/<name>"). Versions 1 and 2 hold all three slots for every parameter.
+std::vector<std::string> checkpoint_dataset_names(const ParamTable& table, OptimizerConfig::Matrices matrices, int version = kCheckpointVersion);
 // Version 2 added meta_fnv1a64 on the root and attrs_fnv1a64 (scale and cols) on packed datasets.
 inline constexpr int kInferenceExportVersion = 2;
 
-void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta);
+// `matrices`: which optimizer the block matrices use (optim.matrices), so which state is kept.
+void save_checkpoint(const std::string& path, ParamTable& table, const CheckpointMeta& meta, OptimizerConfig::Matrices matrices);
 // Checks the format, version, every dataset's presence, shape and checksum against `table`'s
 // layout, then fills the table's buffers. Any problem: an Error naming the file and what is wrong,
 // and the table is left unchanged.
@@ -55,7 +64,7 @@ CheckpointMeta inspect_checkpoint(const std::string& path, std::vector<Checkpoin
 TrainConfig checkpoint_config(const CheckpointMeta& meta, const std::string& path);
 // What keeps `datasets` from being a checkpoint of `config`: missing, misshapen and unexpected
 // datasets in any of the four buffer groups, and checksum failures. Empty when all is well.
-std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets);
+std::vector<std::string> checkpoint_layout_problems(const TrainConfig& config, const std::vector<CheckpointDataset>& datasets, int version);
 // Reads and checks everything (metadata checksum, layout, every dataset's checksum) without
 // loading: an Error naming the first problem. Returns the metadata.
 CheckpointMeta verify_checkpoint(const std::string& path);

@@ -208,7 +208,7 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
   float* av = table.adam_v().data<float>();
   float* mm = table.muon_momentum().data<float>();
   for (const auto& s : table.slices()) {
-    if (s.group == ParamGroup::block_matrix && config.matrices == OptimizerConfig::Matrices::muon) {
+    if (steps_with_muon(s, config.matrices)) {
       const MuonConfig& mu = config.muon;
       const float beta = float(mu.momentum), lr = float(mu.lr * mult.lr);
       Tensor update = Tensor::empty(s.shape, DType::f32);

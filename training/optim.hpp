@@ -125,4 +125,10 @@ struct StepReport {
 // uses step + 1).
 StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step);
 
+// Whether Muon steps this parameter (its momentum is its state) rather than AdamW (two moments):
+// block matrices under optim.matrices: muon. Checkpoints keep only the state that is used.
+inline bool steps_with_muon(const ParamSlice& s, OptimizerConfig::Matrices matrices) {
+  return s.group == ParamGroup::block_matrix && matrices == OptimizerConfig::Matrices::muon;
+}
+
 }  // namespace hybrit

@@ -125,7 +125,7 @@ void Trainer::save(const std::string& path) {
   meta.config_yaml = config_.to_yaml();
   meta.tokenizer_json = tokenizer_json(*data_.tokenizer);
   if (!tokenizer_model_path_.empty()) meta.tokenizer_model = slurp(tokenizer_model_path_);
-  save_checkpoint(path, model_.params(), meta);
+  save_checkpoint(path, model_.params(), meta, config_.optim.matrices);
 }
 
 namespace {

@@ -58,7 +58,7 @@ def test_checkpoints_are_readable_with_h5py(cli, tmp_path):
     run = tmp_path / "run"
     train(cli, run, "--set", "train.steps=3", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=400")
     with h5py.File(run / "ckpt-00000003.h5", "r") as f:
-        assert f.attrs["format"] == "hybrit-checkpoint" and f.attrs["format_version"] == 2
+        assert f.attrs["format"] == "hybrit-checkpoint" and f.attrs["format_version"] == 3
         assert f.attrs["step"] == 3 and f.attrs["tokens_seen"] == 3 * 4 * 64
         assert "dim: 64" in f.attrs["config"]
         assert json.loads(f.attrs["tokenizer"])["kind"] == "bpe"
@@ -66,9 +66,52 @@ def test_checkpoints_are_readable_with_h5py(cli, tmp_path):
         w = f["params/blocks.0.wq"]
         assert w.shape == (64, 64) and w.dtype == np.float32
         assert set(f["optim"].keys()) == {"adam_m", "adam_v", "muon_momentum"}
+        # Only the state each parameter's optimizer keeps: Muon's momentum for the block matrices,
+        # AdamW's moments for the embedding, head and norm gains.
+        assert "blocks.0.wq" in f["optim/muon_momentum"] and "blocks.0.wq" not in f["optim/adam_m"]
+        assert "tok_emb" in f["optim/adam_m"] and "tok_emb" in f["optim/adam_v"] and "tok_emb" not in f["optim/muon_momentum"]
+        assert set(f["optim/adam_m"]) == set(f["optim/adam_v"]) and not set(f["optim/adam_m"]) & set(f["optim/muon_momentum"])
+        assert set(f["optim/adam_m"]) | set(f["optim/muon_momentum"]) == set(f["params"])
         assert f["tokenizer_model"].shape[0] > 1000
         assert int(w.attrs["fnv1a64"]) != 0
         assert int(f.attrs["meta_fnv1a64"]) == metadata_checksum(f)
+
+
+def as_version_2(path):
+    """Rewrites a checkpoint as format version 2 wrote it: every optimizer slot for every parameter
+    (the unused ones zero), each with its checksum, and the metadata checksum over version 2."""
+    with h5py.File(path, "r+") as f:
+        for slot in ("adam_m", "adam_v", "muon_momentum"):
+            for name, p in f["params"].items():
+                if name not in f["optim"][slot]:
+                    zeros = np.zeros(p.shape, dtype=np.float32)
+                    ds = f["optim"][slot].create_dataset(name, data=zeros)
+                    ds.attrs["fnv1a64"] = np.uint64(fnv1a64(zeros.tobytes()))
+        f.attrs["format_version"] = np.int32(2)
+        f.attrs["meta_fnv1a64"] = np.uint64(metadata_checksum(f))
+
+
+def fnv1a64(data):
+    h = 1469598103934665603
+    for byte in data:
+        h = ((h ^ byte) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def test_a_version_2_checkpoint_resumes_as_the_version_3_one_does(cli, tmp_path):
+    # A run saved by the previous format (all slots kept) continues bit for bit like the new file.
+    run = tmp_path / "run"
+    train(cli, run, "--set", "model.n_layers=1", "--set", "model.dim=32", "--set", "train.steps=2", "--set", "train.checkpoint_every=2")
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    as_version_2(old / "ckpt-00000002.h5")
+    with h5py.File(old / "ckpt-00000002.h5", "r") as f:
+        assert f.attrs["format_version"] == 2 and "blocks.0.wq" in f["optim/adam_m"]
+    for folder in (run, old):
+        train(cli, folder, "--set", "model.n_layers=1", "--set", "model.dim=32", "--set", "train.steps=4", "--resume", "auto")
+    same = lambda folder: [(m["step"], m["loss"], m["grad_norm"], m.get("val_loss")) for m in metrics(folder)]
+    assert same(run) == same(old)
+    assert (old / "ckpt-00000004.h5").stat().st_size < (old / "ckpt-00000002.h5").stat().st_size
 
 
 def metadata_checksum(f):
@@ -99,7 +142,7 @@ def damage(path, how):
             f.attrs["format_version"] = 99
     elif how == "missing dataset":
         with h5py.File(path, "r+") as f:
-            del f["optim/adam_v/blocks.1.w_up"]
+            del f["optim/muon_momentum/blocks.1.w_up"]
     elif how == "step attribute":
         with h5py.File(path, "r+") as f:
             f.attrs["step"] = np.int64(f.attrs["step"]) ^ (1 << 32)  # one flipped bit: "done after 4294967300 steps"
@@ -128,8 +171,8 @@ def damage(path, how):
 MESSAGES = {
     "truncated": "(truncated or damaged?)",
     "flipped byte": "dataset params/blocks.0.wq fails its checksum (the file is damaged)",
-    "wrong version": "checkpoint format version 99, this hybrit reads versions 1 and 2",
-    "missing dataset": "dataset optim/adam_v/blocks.1.w_up is missing",
+    "wrong version": "checkpoint format version 99, this hybrit reads versions 1 to 3",
+    "missing dataset": "dataset optim/muon_momentum/blocks.1.w_up is missing",
     "step attribute": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
     "config text": "the metadata (step, seed, config, tokenizer) fails its checksum (the file is damaged)",
     "config that does not parse": "its config does not parse",
@@ -228,14 +271,18 @@ def test_inspect_export_and_load_checkpoint(cli, tmp_path):
     ckpt = run / "ckpt-00000003.h5"
     out = subprocess.run([cli, "checkpoint", "inspect", str(ckpt)], capture_output=True, text=True, check=True).stdout
     assert "step        3 (768 tokens seen)" in out and "quant ternary" in out and "; 0 problems" in out
-    assert out.count(" ok\n") == 4 * len([line for line in out.splitlines() if line.strip().startswith("params/")])
+    params = [line.split()[0][len("params/"):] for line in out.splitlines() if line.strip().startswith("params/")]
+    matrices = [p for p in params if p.startswith("blocks.") and not p.endswith("_norm")]
+    # Each parameter, then its optimizer's state: Muon's one slot for block matrices, AdamW's two for the rest.
+    assert out.count(" ok\n") == len(params) + len(matrices) + 2 * (len(params) - len(matrices))
 
     c = hybrit.load_checkpoint(ckpt)
     assert c["step"] == 3 and c["config"]["model"]["dim"] == 64 and c["tokenizer"]["kind"] == "byte-v1"
     with h5py.File(ckpt, "r") as f:
         for name, value in c["params"].items():
             np.testing.assert_array_equal(value, f["params/" + name][...])
-    assert set(c["optimizer"]) == {f"{group}/{name}" for group in ("adam_m", "adam_v", "muon_momentum") for name in c["params"]}
+    muon = {n for n in c["params"] if n.startswith("blocks.") and c["params"][n].ndim == 2}
+    assert set(c["optimizer"]) == {f"muon_momentum/{n}" for n in muon} | {f"{g}/{n}" for g in ("adam_m", "adam_v") for n in c["params"] if n not in muon}
 
     # The export: block matrices as 2-bit codes that decode to the checkpoint's ternary weights.
     exported = tmp_path / "model.hyb"
