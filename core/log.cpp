@@ -25,6 +25,10 @@ bool verbose_from_env() {
 }
 std::atomic<LogLevel> g_level{level_from_env()};
 std::atomic<bool> g_verbose{verbose_from_env()};
+std::atomic<bool> g_verbose_all{[] {
+  const char* v = std::getenv("HYBRIT_VERBOSE");
+  return v && std::strcmp(v, "all") == 0;
+}()};
 std::atomic<LogSink> g_sink{nullptr};
 std::mutex g_stderr_mutex;
 }  // namespace
@@ -32,7 +36,11 @@ std::mutex g_stderr_mutex;
 LogLevel log_level() { return g_level; }
 void set_log_level(LogLevel level) { g_level = level; }
 bool verbose() { return g_verbose; }
-void set_verbose(bool on) { g_verbose = on; }
+bool verbose_every_call() { return g_verbose_all; }
+void set_verbose(bool on, bool every_call) {
+  g_verbose = on;
+  g_verbose_all = on && every_call;
+}
 void set_log_sink(LogSink sink) { g_sink = sink; }
 
 void log_line(LogLevel level, const std::string& message) {

@@ -1,5 +1,7 @@
 // Logging to stderr. HYBRIT_LOG=debug|info|warn|error sets the level (default info);
-// HYBRIT_VERBOSE=1 also turns on the dispatcher's per-decision lines.
+// HYBRIT_VERBOSE=1 also logs the dispatcher's decisions, once per distinct (op, size, place,
+// backend) so a training run prints a page, not thousands of lines; HYBRIT_VERBOSE=all logs
+// every call.
 #pragma once
 #include <chrono>
 #include <string>
@@ -13,7 +15,8 @@ enum class LogLevel { debug = 0, info = 1, warn = 2, error = 3 };
 LogLevel log_level();
 void set_log_level(LogLevel level);
 bool verbose();             // HYBRIT_VERBOSE is set to something other than 0
-void set_verbose(bool on);
+bool verbose_every_call();  // HYBRIT_VERBOSE=all
+void set_verbose(bool on, bool every_call = false);
 void log_line(LogLevel level, const std::string& message);
 // Where log lines go; tests capture them. nullptr restores stderr.
 using LogSink = void (*)(LogLevel, const std::string&);

@@ -536,7 +536,15 @@ template <class Run>
 auto Dispatcher::route(const OpSize& size, Device data, const Run& run) {
   const bool explain = verbose();
   const Decision d = policy_.choose(size, data, explain);
-  if (explain) log_info("dispatch ", to_string(size.op), " ", size.label(), " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
+  if (explain) {
+    const std::string line = cat("dispatch ", to_string(size.op), " ", size.label(), " (data on ", data.str(), ") -> ", to_string(d.backend), ": ", d.reason);
+    bool first = true;
+    if (!verbose_every_call()) {
+      std::lock_guard<std::mutex> lock(explained_mutex_);
+      first = explained_.insert(line).second;
+    }
+    if (first) log_info(line, verbose_every_call() ? "" : " (logged once; HYBRIT_VERBOSE=all logs every call)");
+  }
   Backend& b = *backends_[int(d.backend)];
   Timer timer;
   if constexpr (std::is_void_v<decltype(run(b))>) {

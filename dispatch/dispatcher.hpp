@@ -218,6 +218,8 @@ class Dispatcher {
   std::array<std::unique_ptr<Backend>, kBackendCount> backends_;
   Metrics metrics_;
   Backend* host_loops_ = nullptr;
+  std::mutex explained_mutex_;
+  std::set<std::string> explained_;  // decisions already logged (HYBRIT_VERBOSE=1 logs each once)
 };
 
 }  // namespace hybrit

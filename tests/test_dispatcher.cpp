@@ -329,16 +329,25 @@ TEST(Dispatcher, RoutesRecordsMetricsAndExplainsItself) {
   d.quantize_ternary(w, q);
   Tensor a = random_f32({64, 64}, 2), c = Tensor::empty({64, 64}, DType::f32);
   d.matmul(a, a, c);
+  d.quantize_ternary(w, q);  // the same decision again: logged once
+  const std::vector<std::string> summary = g_info;
+  set_verbose(true, true);
+  g_info.clear();
+  d.quantize_ternary(w, q);
+  d.quantize_ternary(w, q);
+  const size_t every_call = g_info.size();
+  g_info = summary;
   set_log_sink(nullptr);
   set_verbose(false);
+  EXPECT_EQ(every_call, 2u);
   ASSERT_EQ(g_info.size(), 2u);
   EXPECT_NE(g_info[0].find("dispatch quantize_ternary 1000 (data on cpu) -> c: forced by argument"), std::string::npos) << g_info[0];
   EXPECT_NE(g_info[1].find("dispatch matmul 64x64x64"), std::string::npos) << g_info[1];
   EXPECT_NE(g_info[1].find("predicted"), std::string::npos) << g_info[1];
   const MetricsRow r = d.metrics().get(Op::quantize_ternary, BackendKind::c);
-  EXPECT_EQ(r.calls, 1);
-  EXPECT_EQ(r.elements, 1000);
-  EXPECT_EQ(r.bytes, 9000);
+  EXPECT_EQ(r.calls, 4);  // every call is counted, logged or not: 1000 elements, 9000 bytes each
+  EXPECT_EQ(r.elements, 4 * 1000);
+  EXPECT_EQ(r.bytes, 4 * 9000);
   EXPECT_GT(r.seconds, 0);
   EXPECT_NE(d.metrics().table().find("quantize_ternary"), std::string::npos);
 }
