@@ -216,6 +216,8 @@ json measure_ceilings(Dispatcher& dispatcher, bool quick, const HardwareInfo& hw
           {"gemm_gflops", best_gflops}, {"gemm_size", n}, {"gemm_backend", gemm_backend}};
 }
 
+constexpr int kCeilingRuns = 4;  // ceiling measurements at most: the first, and up to three after the ops
+
 std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
@@ -226,6 +228,14 @@ std::string fmt(const char* f, double v) {
 }  // namespace
 
 std::vector<std::array<int64_t, 3>> report_ladder(Op op, bool quick) { return ladder(op, quick); }
+
+bool ceilings_agree(const json& a, const json& b) {
+  for (const char* key : {"memory_gbps", "gemm_gflops"}) {
+    const double x = a.at(key).get<double>(), y = b.at(key).get<double>();
+    if (!(x > 0 && y > 0) || std::max(x, y) > kCeilingTolerance * std::min(x, y)) return false;
+  }
+  return true;
+}
 
 nlohmann::json metrics_json(const Metrics& metrics) {
   nlohmann::json out = nlohmann::json::object();
@@ -286,8 +296,9 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   ProgressBar bar("dispatch-report", int64_t(cells) + 1);
   if (!options.progress) bar.finish();
   bar.update(0, "measuring ceilings");
-  const json ceilings = measure_ceilings(dispatcher, options.quick, hw);
-  report["ceilings"] = ceilings;
+  // The ceilings are measured before the ops and again after them (a busy machine can move them
+  // several-fold in minutes); see the stability check after the loop.
+  json ceiling_runs = json::array({measure_ceilings(dispatcher, options.quick, hw)});
   // Enough repeats that the median is stable on a noisy machine; the profile is built from these.
   const double cell_budget = options.quick ? 0.2 : 0.5;
 
@@ -295,11 +306,10 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
   json ops_json = json::array();
   for (Op op : ops) {
     const bool compute = is_compute_bound(op);
-    const double ceiling = compute ? ceilings["gemm_gflops"].get<double>() : ceilings["memory_gbps"].get<double>();
     json rows = json::array();
     for (const Dims& dims : ladder(op, options.quick)) {
       OpCase cs = make_op_case(op, dims[0], dims[1], dims[2]);
-      json times = json::object(), rates = json::object(), shares = json::object();
+      json times = json::object(), rates = json::object();
       double best = INFINITY;
       std::string winner;
       for (BackendKind kind : backends) {
@@ -309,13 +319,12 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
         const double rate = compute ? cs.size.flops / t / 1e9 : cs.size.touched_bytes / t / 1e9;
         times[to_string(kind)] = t;
         rates[to_string(kind)] = rate;
-        shares[to_string(kind)] = ceiling > 0 ? rate / ceiling : 0.0;
         if (t < best) best = t, winner = to_string(kind);
       }
       const Decision chosen = dispatcher.choose(cs.size, Device::cpu());
       // What auto's pick costs against the winner, by these measurements (1 when it is the winner).
       const double auto_loss = times.value(to_string(chosen.backend), INFINITY) / best;
-      rows.push_back({{"size", cs.size.label()}, {"work", cs.size.work}, {"seconds", times}, {"rate", rates}, {"share_of_ceiling", shares},
+      rows.push_back({{"size", cs.size.label()}, {"work", cs.size.work}, {"seconds", times}, {"rate", rates},
                       {"winner", winner}, {"auto", to_string(chosen.backend)}, {"auto_loss", auto_loss}});
     }
     // Crossovers: the first ladder size at which the winner changes.
@@ -326,6 +335,36 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
     ops_json.push_back({{"op", to_string(op)}, {"unit", compute ? "GFLOP/s" : "GB/s"}, {"rows", rows}, {"crossovers", crossovers}});
   }
   bar.finish();
+  // Stable ceilings: the runs so far agree within kCeilingTolerance, or up to kCeilingRuns runs are
+  // taken. The ceiling used is the best run (what the machine can do when nothing else runs).
+  auto spread = [&](const char* key) {
+    double lo = INFINITY, hi = 0;
+    for (const auto& c : ceiling_runs) lo = std::min(lo, c[key].get<double>()), hi = std::max(hi, c[key].get<double>());
+    return lo > 0 ? hi / lo : INFINITY;
+  };
+  auto stable = [&] { return ceilings_agree(ceiling_runs[ceiling_runs.size() - 2], ceiling_runs.back()); };
+  do ceiling_runs.push_back(measure_ceilings(dispatcher, options.quick, hw));
+  while (!stable() && ceiling_runs.size() < size_t(kCeilingRuns));
+  json ceilings = ceiling_runs[0];
+  for (const auto& c : ceiling_runs)
+    for (const char* key : {"read_gbps", "copy_gbps", "memory_gbps", "gemm_gflops"})
+      ceilings[key] = std::max(ceilings[key].get<double>(), c[key].get<double>());
+  report["ceilings"] = ceilings;
+  report["ceiling_runs"] = ceiling_runs;
+  const double memory_spread = spread("memory_gbps"), gemm_spread = spread("gemm_gflops");
+  report["too_noisy"] = !stable();
+  report["noise_note"] = stable() ? std::string()
+                                  : cat("the machine is too noisy to trust these timings: ", ceiling_runs.size(), " measurements of the ceilings disagree by up to ",
+                                        fmt("%.1f", memory_spread), "x (memory) and ", fmt("%.1f", gemm_spread),
+                                        "x (GEMM); run it again when the machine is idle");
+  for (auto& o : ops_json) {
+    const double ceiling = o["unit"] == "GFLOP/s" ? ceilings["gemm_gflops"].get<double>() : ceilings["memory_gbps"].get<double>();
+    for (auto& row : o["rows"]) {
+      json shares = json::object();
+      for (const auto& [name, rate] : row["rate"].items()) shares[name] = ceiling > 0 ? rate.get<double>() / ceiling : 0.0;
+      row["share_of_ceiling"] = shares;
+    }
+  }
   report["ops"] = ops_json;
 
   // ---- recommendations, in plain words
@@ -393,6 +432,7 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
                        "PCIe transfers included, data starting on the host): ", moves.empty() ? std::string("nothing measured here would move") : "would move " + moves.substr(0, moves.size() - 2),
                        "; memory-bound ops on host data stay on the CPU, because the trip over PCIe costs more than the work."));
   }
+  if (report["too_noisy"].get<bool>()) recs.insert(recs.begin(), cat("Warning: ", report["noise_note"].get<std::string>(), " (--save refuses to write this profile)."));
   report["recommendations"] = recs;
   return report;
 }
@@ -408,7 +448,8 @@ std::string format_report(const json& r) {
   const auto& c = r["ceilings"];
   out += cat("ceilings memory ", fmt("%.1f", c["memory_gbps"].get<double>()), " GB/s (read ", fmt("%.1f", c["read_gbps"].get<double>()), ", copy ",
              fmt("%.1f", c["copy_gbps"].get<double>()), ", all granted CPUs, ", format_bytes(c["buffer_bytes"].get<double>()), " buffer); GEMM ",
-             fmt("%.1f", c["gemm_gflops"].get<double>()), " GFLOP/s (", c["gemm_backend"].get<std::string>(), ", n = ", c["gemm_size"].get<int>(), ")\n");
+             fmt("%.1f", c["gemm_gflops"].get<double>()), " GFLOP/s (", c["gemm_backend"].get<std::string>(), ", n = ", c["gemm_size"].get<int>(), "); the best of ",
+             r["ceiling_runs"].size(), " measurements, before and after the ops", r["too_noisy"].get<bool>() ? " (THEY DISAGREE: see the warning below)" : "", "\n");
   out += cat("profile  ", r["profile_in_force"].get<std::string>(), "\n");
   out += cat("measured ", r["conditions"].get<std::string>(), "\n");
   for (const auto& o : r["ops"]) {

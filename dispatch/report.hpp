@@ -11,6 +11,13 @@
 
 namespace hybrit {
 
+// Two measurements of the machine's ceilings ({memory_gbps, gemm_gflops}) agree when each is
+// within kCeilingTolerance of the other. The report measures before and after the ops and repeats
+// until two in a row agree; when they never do, it says the machine is too noisy (too_noisy,
+// noise_note) and `--save` refuses to write a profile from it.
+inline constexpr double kCeilingTolerance = 1.25;
+bool ceilings_agree(const nlohmann::json& a, const nlohmann::json& b);
+
 struct ReportOptions {
   bool quick = true;          // about 30 s on 2 cores; otherwise larger ladders and longer timings
   std::vector<Op> ops;        // empty: all

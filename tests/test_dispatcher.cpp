@@ -352,6 +352,16 @@ TEST(Dispatcher, RoutesRecordsMetricsAndExplainsItself) {
   EXPECT_NE(d.metrics().table().find("quantize_ternary"), std::string::npos);
 }
 
+TEST(Report, CeilingsAgreeOnlyWithinTheTolerance) {
+  using nlohmann::json;
+  auto c = [](double gbps, double gflops) { return json{{"memory_gbps", gbps}, {"gemm_gflops", gflops}}; };
+  EXPECT_TRUE(ceilings_agree(c(20, 180), c(21, 170)));
+  EXPECT_TRUE(ceilings_agree(c(20, 180), c(20 * kCeilingTolerance, 180)));
+  EXPECT_FALSE(ceilings_agree(c(2.3, 180), c(17.5, 180)));  // the busy machine of issue 12: 2.3 then 17.5 GB/s
+  EXPECT_FALSE(ceilings_agree(c(20, 60), c(20, 180)));
+  EXPECT_FALSE(ceilings_agree(c(0, 180), c(0, 180)));
+}
+
 TEST(Report, MeasuresEveryBackendAndBecomesAProfile) {
   DispatcherOptions o;
   o.use_environment = false;
@@ -371,6 +381,14 @@ TEST(Report, MeasuresEveryBackendAndBecomesAProfile) {
   }
   EXPECT_GT(r["ceilings"]["memory_gbps"].get<double>(), 0.1);
   EXPECT_GT(r["ceilings"]["gemm_gflops"].get<double>(), 0.1);
+  // Measured before and after the ops; the ceiling is the best of them, and every share is taken
+  // against it.
+  ASSERT_GE(r["ceiling_runs"].size(), 2u);
+  for (const auto& c : r["ceiling_runs"]) EXPECT_LE(c["memory_gbps"].get<double>(), r["ceilings"]["memory_gbps"].get<double>());
+  for (const auto& row : rows)
+    for (const auto& [name, rate] : row["rate"].items())
+      EXPECT_DOUBLE_EQ(row["share_of_ceiling"][name].get<double>(), rate.get<double>() / r["ceilings"]["memory_gbps"].get<double>());
+  EXPECT_EQ(r["too_noisy"].get<bool>(), !ceilings_agree(r["ceiling_runs"][r["ceiling_runs"].size() - 2], r["ceiling_runs"].back()));
   EXPECT_FALSE(r["recommendations"].empty());
   const Profile p = profile_from_report(r, d);
   EXPECT_EQ(p.conditions.fingerprint, hardware().fingerprint());

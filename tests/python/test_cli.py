@@ -23,11 +23,16 @@ def test_info_prints_the_probe(cli):
 
 def test_dispatch_report_json_and_save(cli, tmp_path):
     path = tmp_path / "p.json"
-    r = run(cli, "dispatch-report", "--quick", "--json", "--ops", "pack_ternary", "--save", str(path), check=True)
+    r = run(cli, "dispatch-report", "--quick", "--json", "--ops", "pack_ternary", "--save", str(path))
     report = json.loads(r.stdout)
     assert [o["op"] for o in report["ops"]] == ["pack_ternary"]
-    assert "saved the measured dispatch profile" in r.stderr
-    assert json.loads(path.read_text())["format"] == "hybrit-dispatch-profile"
+    assert len(report["ceiling_runs"]) >= 2
+    if report["too_noisy"]:  # a busy machine (the suite runs files side by side): no profile from it
+        assert r.returncode == 1 and "too noisy" in r.stderr and not path.exists()
+        assert report["recommendations"][0].startswith("Warning: the machine is too noisy")
+    else:
+        assert r.returncode == 0 and "saved the measured dispatch profile" in r.stderr
+        assert json.loads(path.read_text())["format"] == "hybrit-dispatch-profile"
     text = run(cli, "dispatch-report", "--quick", "--ops", "pack_ternary", check=True).stdout
     assert "Recommendations" in text and "winner" in text
 
