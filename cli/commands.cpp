@@ -111,9 +111,7 @@ int ReportCommand::run(const GlobalOptions& g) const {
   if (json) std::cout << r.dump(2) << "\n";
   else std::cout << format_report(r);
   if (!save_path.empty()) {
-    if (r.contains("too_noisy") && r["too_noisy"].get<bool>())
-      fail(ErrorKind::unsupported, "not saving a profile to ", save_path, ": ", r["noise_note"].get<std::string>());
-    save_profile(profile_from_report(r, dispatcher), save_path);
+    save_profile_from_report(r, dispatcher, save_path);
     std::cerr << "hybrit: saved the measured dispatch profile to " << save_path
               << (save_path == default_profile_path() ? " (loaded automatically from now on)\n" : " (use it with HYBRIT_PROFILE or dispatch.profile)\n");
   }

@@ -497,4 +497,10 @@ Profile profile_from_report(const json& report, const Dispatcher& dispatcher) {
   return p;
 }
 
+void save_profile_from_report(const json& report, const Dispatcher& dispatcher, const std::string& path) {
+  if (report.value("too_noisy", false))
+    fail(ErrorKind::unsupported, "not saving a profile to ", path, ": ", report["noise_note"].get<std::string>());
+  save_profile(profile_from_report(report, dispatcher), path);
+}
+
 }  // namespace hybrit

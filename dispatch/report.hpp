@@ -46,6 +46,9 @@ nlohmann::json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& 
 std::string format_report(const nlohmann::json& report);
 // The measured profile inside a report (run with `dispatcher`), ready for save_profile: the
 // dispatcher's profile overlaid with the measurements, under the dispatcher's conditions.
+// Saves the report's measurements as the dispatch profile at `path`; refuses (ErrorKind::unsupported)
+// a report whose ceilings never agreed (too_noisy), so a busy machine writes no profile.
+void save_profile_from_report(const nlohmann::json& report, const Dispatcher& dispatcher, const std::string& path);
 Profile profile_from_report(const nlohmann::json& report, const Dispatcher& dispatcher);
 
 }  // namespace hybrit

@@ -548,7 +548,7 @@ Arguments win over the environment, which wins over the config file.)doc")
           py::gil_scoped_release release;
           Dispatcher d(o);
           r = run_dispatch_report(d, ro);
-          if (save) save_profile(profile_from_report(r, d), *save);
+          if (save) save_profile_from_report(r, d, *save);
         }
         return json_to_python(r);
       },
