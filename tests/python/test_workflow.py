@@ -214,3 +214,17 @@ def test_global_flags_work_after_the_subcommand(cli, trained_run):
     assert before.stdout == after.stdout
     bad = run(cli, "generate", "-m", str(trained_run), "-p", "x", "--backend", "gpu", check=False)
     assert bad.returncode == 1 and "--backend: expected c, tbb or cuda" in bad.stderr
+
+
+def test_the_reduce_hint_trains_on_a_reduced_text_file(cli, own_text, tmp_path):
+    # `hybrit reduce` on the user's own text, then the command it prints, as printed.
+    out = tmp_path / "half"
+    r = run(cli, "reduce", os.path.join(ROOT, "configs", "reduce.yaml"), "-o", str(out), "--set", f"data.sources=[{own_text / 'apache-lines.txt'}]",
+            "--set", "clustering.k=8")
+    hint = re.search(r"train on it with: hybrit (train \S+ --set \S+)", r.stdout)
+    assert hint, r.stdout
+    args = hint.group(1).split()
+    args[1] = TINY  # the hint names configs/tiny.yaml relative to the repository
+    trained = run(cli, *args, "--out", str(tmp_path / "run"), *QUICK, "--set", "train.steps=2")
+    assert "done after 2 steps" in trained.stdout
+    assert (out / "corpus.lines.txt").exists()
