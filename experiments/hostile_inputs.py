@@ -269,7 +269,11 @@ def http_cases():
     for value in ("5", "[1]", "{}", "true"):
         cases.append((f"user={value}", "POST", "/v1/completions", '{"prompt": "a", "user": %s}' % value))
         cases.append((f"model={value}", "POST", "/v1/completions", '{"prompt": "a", "model": %s}' % value))
-    for prompt in ('""', "[]", "[-1]", "[300]", "[1.5]", "[[]]", '[["a"]]', "5", "null", "[" + ",".join(["1"] * 5000) + "]"):
+    for messages in ("[]", "null", '"hi"', "[1]", '[{"role": "robot", "content": "a"}]', '[{"role": "user", "content": 5}]',
+                     '[{"role": "user", "content": [{"type": "image_url"}]}]', '[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]',
+                     "[" + ",".join(['{"role": "user", "content": "a"}'] * 3) + "]] "):
+        cases.append((f"chat messages={messages[:24]}", "POST", "/v1/chat/completions", '{"messages": %s, "max_tokens": 2}' % messages))
+    for prompt in ('""', "[]", "[-1]", "[300]", "[1.5]", "[[]]", '[["a"]]', "5", "null"):
         cases.append((f"prompt={prompt[:20]}", "POST", "/v1/completions", '{"prompt": %s, "max_tokens": 2}' % prompt))
     for body in ("", "{", "[1, 2]", "null", '"a"', "\xff\xfe", '{"prompt": "a",}', '{"prompt": "a"} trailing', '{"prompt": "\\ud800"}',
                  '{"prompt": "a", "stream": "yes"}', '{"prompt": "a", "stream_options": {"include_usage": true}}', '{"prompt": "a", "n": 2}',
