@@ -3,11 +3,14 @@
 #pragma once
 #include <sstream>
 #include <stdexcept>
+#include <iterator>
 #include <string>
 
 namespace hybrit {
 
-enum class ErrorKind { invalid_argument, io, corrupt_data, unsupported, out_of_memory };
+enum class ErrorKind { invalid_argument, io, corrupt_data, unsupported, out_of_memory, count };
+// In enum order; the count is checked where to_string is defined (core/tensor.cpp).
+inline constexpr const char* kErrorKindNames[] = {"invalid argument", "I/O error", "corrupt data", "unsupported", "out of memory"};
 
 const char* to_string(ErrorKind kind);
 

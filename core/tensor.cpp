@@ -6,16 +6,8 @@
 
 namespace hybrit {
 
-const char* to_string(ErrorKind kind) {
-  switch (kind) {
-    case ErrorKind::invalid_argument: return "invalid argument";
-    case ErrorKind::io: return "I/O error";
-    case ErrorKind::corrupt_data: return "corrupt data";
-    case ErrorKind::unsupported: return "unsupported";
-    case ErrorKind::out_of_memory: return "out of memory";
-  }
-  return "error";
-}
+static_assert(std::size(kErrorKindNames) == size_t(ErrorKind::count), "one name per ErrorKind");
+const char* to_string(ErrorKind kind) { return size_t(kind) < std::size(kErrorKindNames) ? kErrorKindNames[size_t(kind)] : "error"; }
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {

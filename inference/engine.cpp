@@ -64,18 +64,7 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
   return probs[keep - 1].second;
 }
 
-const char* to_string(FinishReason r) {
-  switch (r) {
-    case FinishReason::none: return "none";
-    case FinishReason::eos: return "eos";
-    case FinishReason::length: return "length";
-    case FinishReason::stop: return "stop";
-    case FinishReason::context: return "context";
-    case FinishReason::cancelled: return "cancelled";
-    case FinishReason::error: return "error";
-  }
-  return "?";
-}
+const char* to_string(FinishReason r) { return size_t(r) < std::size(kFinishReasonNames) ? kFinishReasonNames[size_t(r)] : "?"; }
 
 namespace {
 

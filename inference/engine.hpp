@@ -8,6 +8,7 @@
 // positions the model was trained on), so max_tokens means what it says at any length.
 #pragma once
 #include <cstdint>
+#include <iterator>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -49,7 +50,9 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
 
 // error: the engine failed (the message went to the log); every request then in it ends so.
 // context is no longer produced (windows slide); it stays so saved outputs still parse.
-enum class FinishReason { none, eos, length, stop, context, cancelled, error };
+enum class FinishReason { none, eos, length, stop, context, cancelled, error, count };
+inline constexpr const char* kFinishReasonNames[] = {"none", "eos", "length", "stop", "context", "cancelled", "error"};
+static_assert(std::size(kFinishReasonNames) == size_t(FinishReason::count), "one name per FinishReason");
 const char* to_string(FinishReason r);
 
 struct GenerationEvent {

@@ -486,7 +486,8 @@ PYBIND11_MODULE(_hybrit, m) {
         case ErrorKind::io: PyErr_SetString(PyExc_OSError, e.what()); return;
         case ErrorKind::out_of_memory: PyErr_SetString(PyExc_MemoryError, e.what()); return;
         case ErrorKind::corrupt_data:
-        case ErrorKind::unsupported: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
+        case ErrorKind::unsupported:
+        case ErrorKind::count: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
       }
     }
   });

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <set>
 
 #include "core/hardware.hpp"
 #include "core/log.hpp"
@@ -138,6 +139,17 @@ TEST(ProgressBar, DrawsOnlyOnATerminal) {
   EXPECT_EQ(bar.drawing(), isatty(STDERR_FILENO) == 1);
   bar.update(5, "half");
   bar.finish();
+}
+
+TEST(Names, ErrorKindsHaveOneDistinctNameEach) {
+  std::set<std::string> seen;
+  for (int k = 0; k < int(ErrorKind::count); ++k) {
+    const std::string name = to_string(ErrorKind(k));
+    EXPECT_FALSE(name.empty());
+    EXPECT_TRUE(seen.insert(name).second) << name;
+  }
+  EXPECT_EQ(std::string(to_string(ErrorKind::io)), "I/O error");
+  EXPECT_EQ(std::string(to_string(ErrorKind::count)), "error");  // past the table: a generic word, never out of bounds
 }
 
 }  // namespace

@@ -8,15 +8,7 @@
 
 namespace hybrit {
 
-const char* to_string(ParamGroup group) {
-  switch (group) {
-    case ParamGroup::block_matrix: return "block_matrix";
-    case ParamGroup::embedding: return "embedding";
-    case ParamGroup::head: return "head";
-    case ParamGroup::norm: return "norm";
-  }
-  return "?";
-}
+const char* to_string(ParamGroup group) { return size_t(group) < std::size(kParamGroupNames) ? kParamGroupNames[size_t(group)] : "?"; }
 
 // ------------------------------------------------------------------ parameter table
 

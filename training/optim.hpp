@@ -3,6 +3,7 @@
 // Muon updates the 2-D matrices inside blocks; AdamW the embedding, head and norm gains.
 #pragma once
 #include <string>
+#include <iterator>
 #include <vector>
 
 #include "core/tensor.hpp"
@@ -11,7 +12,9 @@
 namespace hybrit {
 
 // Which optimizer (and learning-rate group) a parameter belongs to.
-enum class ParamGroup { block_matrix, embedding, head, norm };
+enum class ParamGroup { block_matrix, embedding, head, norm, count };
+inline constexpr const char* kParamGroupNames[] = {"block_matrix", "embedding", "head", "norm"};
+static_assert(std::size(kParamGroupNames) == size_t(ParamGroup::count), "one name per ParamGroup");
 const char* to_string(ParamGroup group);
 
 struct ParamSlice {
