@@ -277,7 +277,17 @@ def test_verbose_logs_every_decision(tmp_path):
 
 def test_dispatch_report_returns_a_dict_and_saves_a_profile(tmp_path):
     path = tmp_path / "profile.json"
-    r = hybrit.dispatch_report(quick=True, ops=["quantize_int8_rows"], save=str(path))
+    # A busy machine (the suite runs files side by side) may make the ceilings disagree: then
+    # save= must refuse and write nothing. Up to three tries for a quiet moment.
+    for _ in range(3):
+        try:
+            r = hybrit.dispatch_report(quick=True, ops=["quantize_int8_rows"], save=str(path))
+            break
+        except RuntimeError as e:
+            assert "too noisy" in str(e) and not path.exists(), e
+    else:
+        return  # noisy three times: the refusal is what could be checked
+    assert not r["too_noisy"] and len(r["ceiling_runs"]) >= 2
     assert r["ops"][0]["op"] == "quantize_int8_rows"
     assert {"memory_gbps", "gemm_gflops"} <= set(r["ceilings"])
     saved = json.loads(path.read_text())
