@@ -274,7 +274,11 @@ int GenerateCommand::run(const GlobalOptions& g) {
       text = chat_prompt(history);
     }
     std::string reply = answer(text, stops, request.sampling.seed + turn, false);
-    if (chat) history.push_back({"assistant", reply.rfind(' ', 0) == 0 ? reply.substr(1) : reply});
+    if (chat) {
+      bool at_start = true;
+      drop_reply_space(reply, at_start);
+      history.push_back({"assistant", reply});
+    }
   }
   if (terminal) std::printf("\n");
   return 0;

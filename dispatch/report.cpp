@@ -351,12 +351,12 @@ json run_dispatch_report(Dispatcher& dispatcher, const ReportOptions& options) {
       ceilings[key] = std::max(ceilings[key].get<double>(), c[key].get<double>());
   report["ceilings"] = ceilings;
   report["ceiling_runs"] = ceiling_runs;
-  const double memory_spread = spread("memory_gbps"), gemm_spread = spread("gemm_gflops");
-  report["too_noisy"] = !stable();
-  report["noise_note"] = stable() ? std::string()
-                                  : cat("the machine is too noisy to trust these timings: ", ceiling_runs.size(), " measurements of the ceilings disagree by up to ",
-                                        fmt("%.1f", memory_spread), "x (memory) and ", fmt("%.1f", gemm_spread),
-                                        "x (GEMM); run it again when the machine is idle");
+  const bool noisy = !stable();
+  report["too_noisy"] = noisy;
+  report["noise_note"] = !noisy ? std::string()
+                                : cat("the machine is too noisy to trust these timings: ", ceiling_runs.size(), " measurements of the ceilings disagree by up to ",
+                                      fmt("%.1f", spread("memory_gbps")), "x (memory) and ", fmt("%.1f", spread("gemm_gflops")),
+                                      "x (GEMM); run it again when the machine is idle");
   for (auto& o : ops_json) {
     const double ceiling = o["unit"] == "GFLOP/s" ? ceilings["gemm_gflops"].get<double>() : ceilings["memory_gbps"].get<double>();
     for (auto& row : o["rows"]) {

@@ -4,6 +4,12 @@
 
 namespace hybrit {
 
+void drop_reply_space(std::string& text, bool& at_start) {
+  if (!at_start || text.empty()) return;
+  if (text[0] == ' ') text.erase(0, 1);
+  at_start = text.empty();
+}
+
 std::string chat_prompt(const std::vector<ChatMessage>& messages) {
   if (messages.empty()) fail_field("messages", "empty (give at least one message)");
   std::string prompt;

@@ -27,6 +27,11 @@ inline const std::vector<std::string>& chat_stop_strings() {
   return stops;
 }
 
+// The template ends with "Assistant:"; the model's reply starts with the space after it, which the
+// reply drops. For text arriving in pieces: `at_start` says no character has been kept yet, and is
+// updated.
+void drop_reply_space(std::string& text, bool& at_start);
+
 // The prompt for the assistant's next reply. Errors (ErrorKind::invalid_argument, field
 // "messages"): no messages, an unknown role, a system message after the first.
 std::string chat_prompt(const std::vector<ChatMessage>& messages);

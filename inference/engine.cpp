@@ -95,7 +95,7 @@ Engine::Engine(InferenceModel& model, const EngineOptions& o)
          " tokens need ", one_sequence, ")");
 }
 
-int64_t Engine::submit(GenerationRequest r, int64_t* truncated) {
+int64_t Engine::submit(GenerationRequest r) {
   const int64_t context = model_.config().context, vocab = model_.config().vocab_size;
   if (r.prompt.empty()) fail_field("prompt", "empty (give at least one token)");
   for (int32_t t : r.prompt)
@@ -111,11 +111,10 @@ int64_t Engine::submit(GenerationRequest r, int64_t* truncated) {
   s->tokens = r.prompt;
   s->prompt_len = int64_t(r.prompt.size());
   if (s->prompt_len > context) {
-    s->window_start = s->prompt_len - (context - context_shift(context));
+    s->window_start = s->prompt_len - window_kept(context);
     log_warn("request ", s->id, ": the prompt's ", s->prompt_len, " tokens exceed the model's context of ", context, "; it keeps its last ",
              s->prompt_len - s->window_start, " tokens");
   }
-  if (truncated) *truncated = s->window_start;
   s->request = std::move(r);
   const int64_t id = s->id;
   waiting_.push_back(std::move(s));
@@ -186,7 +185,7 @@ void Engine::preempt_newest() {
 void Engine::slide(Sequence& s) {
   const int64_t context = model_.config().context;
   release(s);
-  s.window_start = int64_t(s.tokens.size()) - (context - context_shift(context));
+  s.window_start = int64_t(s.tokens.size()) - window_kept(context);
   ++stats_.window_slides;
   reuse_cached_prefix(s);
 }
@@ -355,10 +354,10 @@ BackgroundEngine::Turn BackgroundEngine::take_turn() {
   return Turn{std::move(lock), &wake_};
 }
 
-int64_t BackgroundEngine::submit(GenerationRequest request, int64_t* truncated) {
+int64_t BackgroundEngine::submit(GenerationRequest request) {
   Turn turn = take_turn();
   if (stopping_) fail(ErrorKind::unsupported, "the engine is shutting down");
-  return engine_.submit(std::move(request), truncated);
+  return engine_.submit(std::move(request));
 }
 
 void BackgroundEngine::cancel(int64_t request) {

@@ -4,7 +4,7 @@
 // preempted (its blocks freed) and later recomputed from its tokens. Sequences stop at the
 // end-of-record token, max_tokens, a stop string or cancellation; tokens stream out through a
 // callback as they are made. A sequence that outgrows the model's context slides its window: it
-// keeps its last context - context_shift(context) tokens, recomputed at positions from 0 (the
+// keeps its last window_kept(context) tokens, recomputed at positions from 0 (the
 // positions the model was trained on), so max_tokens means what it says at any length.
 #pragma once
 #include <cstdint>
@@ -73,6 +73,8 @@ struct GenerationRequest {
 // Tokens a full window drops when it slides: a quarter of the context (at least 1), so the
 // recomputation costs about 3 prompt tokens per generated token past the context, batched.
 inline int64_t context_shift(int64_t context) { return std::max<int64_t>(1, context / 4); }
+// What a slid window (or a prompt longer than the context) keeps: its last this many tokens.
+inline int64_t window_kept(int64_t context) { return context - context_shift(context); }
 
 struct EngineOptions {
   int64_t kv_blocks = 0;         // 0: enough for max_running sequences of the full context
@@ -95,9 +97,8 @@ class Engine {
 
   // Queues a request; returns its id. Errors: empty prompt, bad token ids, bad sampling values,
   // a full queue (ErrorKind::unsupported, so servers can answer 429). A prompt longer than the
-  // context keeps its end (the window's worth), with a warning; `truncated` then says how many
-  // tokens were dropped from its start.
-  int64_t submit(GenerationRequest request, int64_t* truncated = nullptr);
+  // context keeps its last window_kept(context) tokens, with a warning.
+  int64_t submit(GenerationRequest request);
   // Ends a request at the next step (its final event says cancelled). Unknown ids are ignored.
   void cancel(int64_t request);
   // One step: admission, one forward pass over every running sequence, sampling, events.
@@ -155,7 +156,7 @@ class BackgroundEngine {
   BackgroundEngine(InferenceModel& model, const EngineOptions& options = {});
   ~BackgroundEngine();  // cancels what is left (its requests get their final events) and joins
 
-  int64_t submit(GenerationRequest request, int64_t* truncated = nullptr);  // Engine::submit's errors, or `shutting down`
+  int64_t submit(GenerationRequest request);  // Engine::submit's errors, or `shutting down`
   void cancel(int64_t request);
   // Cancels everything, waits until the final events are out, and stops taking requests.
   void shutdown();

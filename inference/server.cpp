@@ -14,7 +14,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <random>
 
 #include "core/log.hpp"
 #include "inference/chat.hpp"
@@ -187,7 +186,6 @@ CompletionRequest parse_chat_request(const json& body, const Tokenizer& tokenize
     messages.push_back(std::move(msg));
   }
   CompletionRequest r;
-  r.chat = true;
   std::string prompt;
   try {
     prompt = chat_prompt(messages);
@@ -283,12 +281,6 @@ json chat_delta_json(size_t index, const std::string& text, FinishReason why, bo
   return {{"index", index}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", finish_json(why)}};
 }
 
-// The template ends with "Assistant:"; the model's reply starts with the space after it.
-void drop_leading_space(std::string& text, bool& at_start) {
-  if (!at_start || text.empty()) return;
-  if (text[0] == ' ') text.erase(0, 1);
-  at_start = text.empty();
-}
 
 json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
   return {{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens}, {"total_tokens", prompt_tokens + completion_tokens}};
@@ -471,7 +463,7 @@ class CompletionHandler {
     out["choices"] = json::array();
     for (size_t i = 0; i < n; ++i) {
       bool at_start = true;
-      if (chat_) drop_leading_space(texts[i], at_start);
+      if (chat_) drop_reply_space(texts[i], at_start);
       out["choices"].push_back(chat_ ? chat_choice_json(i, texts[i], reasons[i]) : choice_json(i, texts[i], reasons[i]));
     }
     out["usage"] = usage_json(prompt_tokens, completion_tokens);
@@ -510,7 +502,7 @@ class CompletionHandler {
             std::string text = e.text;
             if (chat) {
               bool start = (*at_start)[choice];
-              drop_leading_space(text, start);
+              drop_reply_space(text, start);
               (*at_start)[choice] = start;
             }
             if (text.empty() && e.finished == FinishReason::none) continue;

@@ -50,7 +50,6 @@ struct CompletionRequest {
   GenerationRequest generation;               // everything but the prompt and the callback
   bool seeded = false;                        // false: a fresh random seed per request
   bool stream = false, include_usage = false;
-  bool chat = false;                          // from /v1/chat/completions: answered as chat.completion
 };
 // A request body as JSON: at most kMaxRequestDepth levels of nesting, numbers within double's
 // range. Throws RequestError (param "") for anything else.

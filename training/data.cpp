@@ -10,8 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
-#include <tuple>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -195,9 +195,16 @@ std::vector<std::string> expand(const std::string& source) {
 
 Corpus read_corpus(const std::vector<std::string>& sources, const std::string& format) {
   if (sources.empty()) fail(ErrorKind::invalid_argument, "corpus: no source files given");
-  const std::vector<std::string> choices = corpus_format_choices();
-  if (std::find(choices.begin(), choices.end(), format) == choices.end())
-    fail(ErrorKind::invalid_argument, "corpus format: expected auto, text, fortune, jsonl or lines, got '", format, "'");
+  std::optional<CorpusFormat> pinned;  // none: auto, decided per file
+  if (format != "auto") {
+    const std::vector<std::string> choices = corpus_format_choices();
+    if (std::find(choices.begin(), choices.end(), format) == choices.end()) {
+      std::string all;
+      for (size_t i = 0; i < choices.size(); ++i) all += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
+      fail(ErrorKind::invalid_argument, "corpus format: expected ", all, ", got '", format, "'");
+    }
+    pinned = parse_name<CorpusFormat>(kCorpusFormatNames, format, "corpus format");
+  }
   Corpus corpus;
   std::set<std::string> seen;  // canonical paths: a link to a file already read is skipped
   for (const auto& source : sources)
@@ -206,10 +213,7 @@ Corpus read_corpus(const std::vector<std::string>& sources, const std::string& f
       const std::string canonical = fs::canonical(file, ec).string();
       if (!seen.insert(ec ? file : canonical).second) continue;
       const std::string contents = read_file(file);
-      CorpusFormat f = CorpusFormat::text;
-      std::string why;
-      if (format == "auto") std::tie(f, why) = detect_format(file, contents);
-      else f = parse_name<CorpusFormat>(kCorpusFormatNames, format, "corpus format"), why = cat("format: ", format, " in the config");
+      auto [f, why] = pinned ? std::pair{*pinned, cat("format: ", format, " in the config")} : detect_format(file, contents);
       const size_t before = corpus.records.size();
       switch (f) {
         case CorpusFormat::jsonl: read_jsonl(file, contents, corpus.records); break;

@@ -326,12 +326,14 @@ std::vector<nlohmann::json> read_metrics(const fs::path& file) {
   return lines;
 }
 
-// metrics.jsonl without the lines past `step` (or torn), rewritten atomically.
-void truncate_metrics(const fs::path& file, int64_t step) {
-  std::string kept;
-  for (const auto& j : read_metrics(file))
-    if (j["step"].get<int64_t>() <= step) kept += j.dump() + "\n";
-  write_file_atomically(file.string(), kept);
+// metrics.jsonl without the lines past `step` (or torn), rewritten atomically; returns the lines kept.
+std::vector<nlohmann::json> truncate_metrics(const fs::path& file, int64_t step) {
+  std::vector<nlohmann::json> kept;
+  std::string text;
+  for (auto& j : read_metrics(file))
+    if (j["step"].get<int64_t>() <= step) text += j.dump() + "\n", kept.push_back(std::move(j));
+  write_file_atomically(file.string(), text);
+  return kept;
 }
 }  // namespace
 
@@ -403,9 +405,10 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     write_file_atomically(tokenizer_model, meta.tokenizer_model);
   }
   Trainer trainer(config, run_dir, tokenizer_model);
+  std::vector<nlohmann::json> earlier;  // a resumed run's metrics up to its checkpoint, read once
   if (!checkpoint.empty()) {
     trainer.restore(checkpoint);
-    if (fs::exists(metrics_path)) truncate_metrics(metrics_path, trainer.steps_done());
+    if (fs::exists(metrics_path)) earlier = truncate_metrics(metrics_path, trainer.steps_done());
     log_info("resumed from ", checkpoint, " at step ", trainer.steps_done());
   }
   write_file_atomically((fs::path(run_dir) / "config.yaml").string(), cat("# resolved from ", config.source, "\n", trainer.config().to_yaml()));
@@ -424,7 +427,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   if (t.keep_best && fs::exists(fs::path(run_dir) / "best.h5")) {  // a resumed run keeps beating its old best
     try {
       const CheckpointMeta best = inspect_checkpoint((fs::path(run_dir) / "best.h5").string(), nullptr);
-      for (const auto& j : read_metrics(metrics_path))
+      for (const auto& j : earlier)
         if (j["step"].get<int64_t>() == best.step && j.contains("val_loss") && j["val_loss"].is_number()) best_val = j["val_loss"].get<double>();
     } catch (const Error& e) {
       log_warn("best.h5: ", e.what(), "; the next evaluation replaces it");
@@ -443,9 +446,8 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   // A resumed run's clock and token count go on from where the metrics stop.
   double elapsed_before = 0;
   const int64_t steps_before = trainer.steps_done();
-  if (!checkpoint.empty())
-    for (const auto& j : read_metrics(metrics_path))
-      if (j.contains("elapsed_s") && j["elapsed_s"].is_number()) elapsed_before = std::max(elapsed_before, j["elapsed_s"].get<double>());
+  for (const auto& j : earlier)
+    if (j.contains("elapsed_s") && j["elapsed_s"].is_number()) elapsed_before = std::max(elapsed_before, j["elapsed_s"].get<double>());
   const int64_t tokens_per_step = t.batch * config.model.context;
   try {
     while (trainer.steps_done() < t.steps && !g_stop) {
