@@ -86,14 +86,24 @@ TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
       model.backward(1.0f / float(batch / micro));
     }
     EXPECT_NEAR(summed, whole, 1e-6 * whole);
+    // Full precision: only the summation order differs. Ternary: a last-bit difference before an
+    // int8 activation quantizer can move a value by one quantization step (1/127 of its row's
+    // largest), and the straight-through gradient carries that on; over 150 seeds the largest
+    // per-parameter difference was 3e-3 of the largest gradient and the relative L2 error 1.1e-3.
+    // A wrong micro-batch scale or a lost micro-batch is off by 25% or more.
+    const bool ternary = quant == ModelConfig::Quant::ternary;
+    const double max_tolerance = ternary ? 2e-2 : 1e-4, l2_tolerance = ternary ? 1e-2 : 1e-4;
     const float* g = model.params().grads().data<float>();
     for (const auto& slice : model.params().slices()) {
-      double worst = 0, scale = 1e-12;
+      double worst = 0, scale = 1e-12, diff_sq = 0, norm_sq = 1e-30;
       for (int64_t i = slice.offset; i < slice.offset + slice.numel; ++i) {
-        worst = std::max(worst, std::abs(double(g[i]) - g_whole[size_t(i)]));
+        const double diff = double(g[i]) - g_whole[size_t(i)];
+        worst = std::max(worst, std::abs(diff));
         scale = std::max(scale, std::abs(double(g_whole[size_t(i)])));
+        diff_sq += diff * diff, norm_sq += double(g_whole[size_t(i)]) * g_whole[size_t(i)];
       }
-      EXPECT_LE(worst, 1e-4 * scale) << slice.name << ": largest difference " << worst << " against a largest gradient of " << scale;
+      EXPECT_LE(worst, max_tolerance * scale) << slice.name << ": largest difference " << worst << " against a largest gradient of " << scale;
+      EXPECT_LE(std::sqrt(diff_sq / norm_sq), l2_tolerance) << slice.name << ": relative L2 difference";
     }
   }
 }

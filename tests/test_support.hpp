@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -17,8 +18,12 @@
 namespace hybrit::test {
 
 // A new seed per process, so every run draws new inputs; reported by SCOPED_TRACE in tests.
+// HYBRIT_TEST_SEED=<the reported seed> draws a failed run's inputs again.
 inline uint64_t run_seed() {
-  static const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  static const uint64_t seed = [] {
+    if (const char* pinned = std::getenv("HYBRIT_TEST_SEED"); pinned && *pinned) return uint64_t(std::strtoull(pinned, nullptr, 10));
+    return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  }();
   return seed;
 }
 
