@@ -15,6 +15,7 @@ mode=${1:-demo}
 packages=(build-essential cmake ninja-build pkg-config
           libeigen3-dev libtbb-dev libhdf5-dev libyaml-cpp-dev pybind11-dev python3-dev
           libgtest-dev libgmock-dev libbenchmark-dev libcpuinfo-dev libcli11-dev nlohmann-json3-dev libsentencepiece-dev libcpp-httplib-dev
+          libopenmpi-dev openmpi-bin
           python3-numpy python3-pytest python3-torch python3-h5py python3-yaml python3-sklearn fortunes qemu-user
           libopenblas0-pthread python3-matplotlib clang libclang-rt-14-dev)
 

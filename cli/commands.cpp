@@ -1,4 +1,5 @@
 #include "cli/commands.hpp"
+#include "core/comm.hpp"
 
 #include <unistd.h>
 
@@ -45,6 +46,18 @@ void print_info(const HardwareInfo& hw) {
     std::printf("CUDA           cuda:%d %s, compute %d.%d, %s, %d SMs\n", d.index, d.name.c_str(), d.compute_major, d.compute_minor,
                 format_bytes(double(d.memory_bytes)).c_str(), d.multiprocessors);
   std::printf("fingerprint    %s\n", hw.fingerprint().c_str());
+  const Comm& comm = Comm::world();
+  if (!Comm::built_with_mpi()) std::printf("MPI            none: built without MPI (apt-get install libopenmpi-dev openmpi-bin, then rebuild)\n");
+  else if (!comm.distributed()) std::printf("MPI            %s; one process (mpirun -np N hybrit train ... runs N data-parallel ranks)\n", Comm::library_version().c_str());
+  else
+    std::printf("MPI            %s; %s, %d of the job's ranks on this machine, each with %d of its CPUs\n", Comm::library_version().c_str(), comm.where().c_str(),
+                comm.local_size(), hw.granted_cpus);
+}
+
+nlohmann::json mpi_json() {
+  const Comm& comm = Comm::world();
+  return {{"built", Comm::built_with_mpi()}, {"library", Comm::library_version()}, {"rank", comm.rank()}, {"size", comm.size()},
+          {"local_size", comm.local_size()}, {"host", comm.host()}};
 }
 
 // A checkpoint option: a file, or a run folder (its newest valid checkpoint).
@@ -88,8 +101,13 @@ CLI::App* InfoCommand::add(CLI::App& app) {
 
 int InfoCommand::run(const GlobalOptions&) const {
   const HardwareInfo& hw = hardware();
-  if (json) std::cout << hardware_json(hw).dump(2) << "\n";
-  else print_info(hw);
+  if (json) {
+    nlohmann::json j = hardware_json(hw);
+    j["mpi"] = mpi_json();
+    std::cout << j.dump(2) << "\n";
+  } else {
+    print_info(hw);
+  }
   return 0;
 }
 
@@ -150,8 +168,10 @@ int TrainCommand::run(const GlobalOptions& g) {
   if (resume == "auto" && out.empty()) fail(ErrorKind::invalid_argument, "--resume auto: name the run folder with --out (or give --resume RUN_DIR)");
   TrainConfig cfg = load_train_config(config, sets);
   cfg.dispatch_sources = g.dispatcher();
-  if (out.empty()) out = default_run_folder(fs::path(config).stem().string());
+  Comm& comm = Comm::world();
+  if (out.empty()) out = comm.broadcast(default_run_folder(fs::path(config).stem().string()), 0);  // rank 0's clock names the folder
   const RunResult r = run_training(cfg, out, resume_from);
+  if (!comm.root()) return 0;  // rank 0 reports for the job
   std::printf("%s after %lld steps: loss %.4f%s; %s (%s tokens/s on average); run folder %s\n", r.interrupted ? "stopped" : "done",
               static_cast<long long>(r.steps_done), r.last_loss, r.val_loss ? cat(", validation loss ", *r.val_loss).c_str() : "",
               format_seconds(r.total_seconds).c_str(), cat(int64_t(r.tokens_per_s)).c_str(), out.c_str());

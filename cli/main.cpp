@@ -7,6 +7,7 @@
 #include <set>
 
 #include "cli/commands.hpp"
+#include "core/comm.hpp"
 #include "core/error.hpp"
 
 namespace {
@@ -101,6 +102,16 @@ std::string typo_message(CLI::App& app, int argc, char** argv) {
   return "";
 }
 
+// One line on stderr and the exit code. In a job of several processes that has started MPI the
+// rank is named and the whole job ends with it, so no other rank waits for this one in a
+// collective (or in MPI_Finalize); before MPI starts, the launcher ends the job on the exit code.
+int failed(const char* what, const char* message, int code) {
+  if (Comm::started() && Comm::world().distributed()) Comm::world().abort_job(cat(what, ": ", message), code);
+  if (launched_job_size() > 1) std::fprintf(stderr, "hybrit: [rank %d] %s: %s\n", launched_rank(), what, message);
+  else std::fprintf(stderr, "hybrit: %s: %s\n", what, message);
+  return code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -147,6 +158,11 @@ int main(int argc, char** argv) {
   }
 
   try {
+    // Under mpirun only training runs across ranks (and info shows each rank's layout); the
+    // other commands would run N copies of one job.
+    if (launched_job_size() > 1 && !*info_app && !*train_app)
+      fail(ErrorKind::unsupported, "hybrit ", app.get_subcommands().front()->get_name(), " runs in one process; under mpirun only hybrit train (and hybrit info) run across ",
+           launched_job_size(), " ranks: run it without mpirun");
     if (*info_app) return info.run(global);
     if (*report_app) return report.run(global);
     if (*train_app) return train.run(global);
@@ -157,11 +173,9 @@ int main(int argc, char** argv) {
     if (*checkpoint_app) return checkpoint.run(global);
     if (*plot_app) return plot.run(global);
   } catch (const Error& e) {
-    std::fprintf(stderr, "hybrit: error: %s\n", e.what());
-    return 1;
+    return failed("error", e.what(), 1);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "hybrit: internal error: %s\n", e.what());
-    return 3;
+    return failed("internal error", e.what(), 3);
   }
   return 0;
 }

@@ -1,4 +1,5 @@
 #include "core/hardware.hpp"
+#include "core/comm.hpp"
 #include "core/names.hpp"
 
 #include <cpuid.h>
@@ -126,6 +127,11 @@ HardwareInfo probe_cpu() {
   int affinity = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : hw.logical_cpus;
   hw.granted_cpus = std::max(1, affinity);
   if (int quota = cgroup_cpu_limit(); quota > 0) hw.granted_cpus = std::min(hw.granted_cpus, quota);
+  // Processes of one job on this machine share it: each takes at most its share of the CPUs, so
+  // unbound ones (--bind-to none, --oversubscribe) or ones bound to a whole socket do not each
+  // start a thread per CPU; one bound to a core keeps its one.
+  hw.ranks_on_node = launched_local_size();
+  if (hw.ranks_on_node > 1) hw.granted_cpus = std::min(hw.granted_cpus, std::max(1, hw.logical_cpus / hw.ranks_on_node));
 
   hw.memory_total_bytes = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
   hw.memory_available_bytes = meminfo_kib("MemAvailable");
@@ -133,6 +139,7 @@ HardwareInfo probe_cpu() {
     hw.memory_total_bytes = std::min(hw.memory_total_bytes, limit);
     hw.memory_available_bytes = std::min(hw.memory_available_bytes, limit);
   }
+  hw.memory_available_bytes /= size_t(hw.ranks_on_node);
   return hw;
 }
 

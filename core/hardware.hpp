@@ -27,9 +27,12 @@ struct HardwareInfo {
        avx512dq = false, avx512vnni = false, avxvnni = false;
   int logical_cpus = 1;   // what the OS reports
   int physical_cores = 1;
-  int granted_cpus = 1;   // affinity mask, further capped by a cgroup CPU quota
+  // The affinity mask, capped by a cgroup CPU quota; when an MPI launcher started several of a
+  // job's processes here without binding them, this process's share of them.
+  int granted_cpus = 1;
+  int ranks_on_node = 1;  // the job's processes on this machine (1 without a launcher)
   size_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
-  size_t memory_total_bytes = 0, memory_available_bytes = 0;
+  size_t memory_total_bytes = 0, memory_available_bytes = 0;  // available: this process's share, like granted_cpus
   std::vector<CudaDeviceInfo> cuda_devices;
   std::string cuda_status = "CUDA backend not probed";  // why there is no GPU, when there is none
 

@@ -1,4 +1,5 @@
 #include "core/log.hpp"
+#include "core/comm.hpp"
 
 #include <unistd.h>
 
@@ -11,9 +12,14 @@
 namespace hybrit {
 
 namespace {
+// In a job of several processes (mpirun -np N), rank 0 reports progress; the others only warn
+// and fail unless HYBRIT_LOG asks for more. Every line of theirs names its rank.
+bool quiet_rank() { return launched_job_size() > 1 && launched_rank() != 0; }
+const std::string g_rank_prefix = launched_job_size() > 1 ? cat("[rank ", launched_rank(), "] ") : std::string();
+
 LogLevel level_from_env() {
   const char* v = std::getenv("HYBRIT_LOG");
-  if (!v || !*v) return LogLevel::info;
+  if (!v || !*v) return quiet_rank() ? LogLevel::warn : LogLevel::info;
   if (!std::strcmp(v, "debug")) return LogLevel::debug;
   if (!std::strcmp(v, "warn")) return LogLevel::warn;
   if (!std::strcmp(v, "error")) return LogLevel::error;
@@ -47,7 +53,7 @@ void log_line(LogLevel level, const std::string& message) {
   if (LogSink sink = g_sink.load()) return sink(level, message);
   static const char* tags[] = {"debug", "info", "warning", "error"};
   std::lock_guard lock(g_stderr_mutex);
-  std::fprintf(stderr, "hybrit: %s: %s\n", tags[static_cast<int>(level)], message.c_str());
+  std::fprintf(stderr, "hybrit: %s%s: %s\n", g_rank_prefix.c_str(), tags[static_cast<int>(level)], message.c_str());
 }
 
 ProgressBar::ProgressBar(std::string label, int64_t total)

@@ -282,8 +282,7 @@ double Model::activation_bytes(const ModelConfig& config, Recompute recompute, i
 double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
   if (batch <= 0 || seq <= 0) fail(ErrorKind::invalid_argument, "forward: batch and sequence length must be positive, got ", batch, " and ", seq);
   if (seq > config_.context) fail(ErrorKind::invalid_argument, "forward: sequence length ", seq, " exceeds model.context (", config_.context, ")");
-  const int64_t N = batch * seq, D = config_.dim, V = config_.vocab_size, H = config_.n_heads, KV = config_.kv_heads();
-  const int64_t hd = config_.head_dim(), F = config_.hidden();
+  const int64_t N = batch * seq, D = config_.dim, V = config_.vocab_size;
   for (int64_t i = 0; i < N; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V) fail(ErrorKind::invalid_argument, "forward: token ", tokens[i], " at position ", i, " is outside [0, ", V, ")");
     if (targets[i] < 0 || targets[i] >= V) fail(ErrorKind::invalid_argument, "forward: target ", targets[i], " at position ", i, " is outside [0, ", V, ")");
@@ -329,7 +328,17 @@ double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t bat
   return loss / double(N);
 }
 
-void Model::backward(float loss_scale) {
+std::vector<std::pair<int64_t, int64_t>> Model::gradient_ranges() const {
+  std::vector<std::pair<int64_t, int64_t>> ranges{{final_norm_->offset, table_.numel() - final_norm_->offset}};
+  for (size_t l = blocks_.size(); l-- > 0;) {
+    const int64_t end = l + 1 == blocks_.size() ? final_norm_->offset : blocks_[l + 1].attn_norm->offset;
+    ranges.push_back({blocks_[l].attn_norm->offset, end - blocks_[l].attn_norm->offset});
+  }
+  ranges.push_back({0, blocks_.empty() ? final_norm_->offset : blocks_.front().attn_norm->offset});
+  return ranges;
+}
+
+void Model::backward(float loss_scale, const GradientsReady& ready) {
   if (tokens_.empty()) fail(ErrorKind::invalid_argument, "backward() before forward()");
   const int64_t N = batch_ * seq_, D = config_.dim, V = config_.vocab_size, H = config_.n_heads, KV = config_.kv_heads();
   const int64_t hd = config_.head_dim(), F = config_.hidden();
@@ -351,6 +360,9 @@ void Model::backward(float loss_scale) {
   d_.matmul(dlogits, table_.param(*head_), s.dxf, {false, false, 1.0f, 0.0f});
   const Tensor& x_last = blocks_.empty() ? x_embed : blocks_.back().x_out;
   rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
+  // The buffer runs embedding, blocks in order, final norm, head: each range ends where the next begins.
+  const int64_t first_block = blocks_.empty() ? final_norm_->offset : blocks_.front().attn_norm->offset;
+  if (ready) ready(final_norm_->offset, table_.numel() - final_norm_->offset);
 
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = *it;
@@ -401,11 +413,16 @@ void Model::backward(float loss_scale) {
     linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
     // dx_in = norm backward of dh1, plus the residual path's dx_mid; it is the next block's dx.
     rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
+    if (ready) {
+      const int64_t end = it == blocks_.rbegin() ? final_norm_->offset : (it - 1)->attn_norm->offset;
+      ready(b.attn_norm->offset, end - b.attn_norm->offset);
+    }
   }
   // Embedding rows, in token order per column slice (deterministic accumulation).
   float* demb = table_.grad(*tok_emb_).data<float>();
   const float* dx = s.dx.data<float>();
   kernels::for_columns(d_, D, [&](int64_t j0, int64_t j1) { kernels::embedding_grad_cols(dx, tokens_.data(), demb, N, D, j0, j1); });
+  if (ready) ready(0, first_block);
 }
 
 }  // namespace hybrit

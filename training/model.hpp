@@ -7,6 +7,7 @@
 // training/kernels.hpp, all routed by the dispatcher. Activation buffers live as long as the
 // model and are reused by every step of the same shape (no per-step allocation or page faults).
 #pragma once
+#include <functional>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -79,7 +80,14 @@ class Model {
   const Tensor& final_hidden() const { return xf; }
   // Adds the gradients of loss_scale * (the last forward's loss) to params().grads(); gradient
   // accumulation passes 1 / micro-batches, so the sum is the gradient of the mean.
-  void backward(float loss_scale = 1.0f);
+  // `ready`, when given, is called with [offset, offset + numel) of the gradient buffer each time
+  // a range of it is final for this backward: the final norm (and an untied head), then each
+  // block, last first, then the embedding; the ranges cover the buffer once. Data-parallel
+  // training starts each range's all-reduce there, while the backward goes on.
+  using GradientsReady = std::function<void(int64_t offset, int64_t numel)>;
+  void backward(float loss_scale = 1.0f, const GradientsReady& ready = {});
+  // The (offset, numel) ranges backward() hands `ready`, in that order.
+  std::vector<std::pair<int64_t, int64_t>> gradient_ranges() const;
 
  private:
   struct Linear {

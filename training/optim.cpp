@@ -165,7 +165,26 @@ const ParamSlice& slice_holding(const ParamTable& table, int64_t index) {
 }
 }  // namespace
 
-StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step) {
+std::vector<int> muon_owners(const ParamTable& table, OptimizerConfig::Matrices matrices, int ranks) {
+  const auto& slices = table.slices();
+  std::vector<int> owners(slices.size(), -1);
+  // Longest first to the least loaded rank (ties: the lower index, the lower rank): within one
+  // matrix's work of an even share, and the same on every rank.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < slices.size(); ++i)
+    if (steps_with_muon(slices[i], matrices)) order.push_back(i);
+  auto cost = [&](size_t i) { return double(slices[i].shape[0]) * double(slices[i].shape[1]) * double(std::min(slices[i].shape[0], slices[i].shape[1])); };
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost(a) > cost(b); });
+  std::vector<double> load(size_t(std::max(1, ranks)), 0.0);
+  for (size_t i : order) {
+    const size_t r = size_t(std::min_element(load.begin(), load.end()) - load.begin());
+    owners[i] = int(r);
+    load[r] += cost(i);
+  }
+  return owners;
+}
+
+StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step, Comm* comm) {
   StepReport report;
   float* params = table.params().data<float>();
   float* grads = table.grads().data<float>();
@@ -199,25 +218,46 @@ StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfi
   float* am = table.adam_m().data<float>();
   float* av = table.adam_v().data<float>();
   float* mm = table.muon_momentum().data<float>();
-  for (const auto& s : table.slices()) {
-    if (steps_with_muon(s, config.matrices)) {
-      const MuonConfig& mu = config.muon;
-      const float beta = float(mu.momentum), lr = float(mu.lr * mult.lr);
-      Tensor update = Tensor::empty(s.shape, DType::f32);
-      float* u = update.data<float>();
-      d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t k = s.offset + i;
-          mm[k] = beta * mm[k] + (1.0f - beta) * grads[k];
-          u[i] = mu.nesterov ? beta * mm[k] + (1.0f - beta) * grads[k] : mm[k];
-        }
-      });
-      newton_schulz5(d, update, mu.ns_steps);
-      const float decay = float(1.0 - mu.lr * mult.lr * mu.weight_decay * mult.weight_decay);
-      const float step_size = float(lr * muon_scale(s.shape[0], s.shape[1]));
-      d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
-      });
+  // Muon: the momentum on every rank (it is replicated state), the Newton-Schulz direction on the
+  // matrix's owner only, then sent to the others (the distributed Muon of the Moonlight report).
+  const int ranks = comm ? comm->size() : 1, me = comm ? comm->rank() : 0;
+  const std::vector<int> owners = muon_owners(table, config.matrices, ranks);
+  auto muon_direction = [&](const ParamSlice& s, bool owner) {
+    const MuonConfig& mu = config.muon;
+    const float beta = float(mu.momentum);
+    Tensor update = Tensor::empty(s.shape, DType::f32);
+    float* u = update.data<float>();
+    d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t k = s.offset + i;
+        mm[k] = beta * mm[k] + (1.0f - beta) * grads[k];
+        if (owner) u[i] = mu.nesterov ? beta * mm[k] + (1.0f - beta) * grads[k] : mm[k];
+      }
+    });
+    if (owner) newton_schulz5(d, update, mu.ns_steps);
+    return update;
+  };
+  auto muon_apply = [&](const ParamSlice& s, const Tensor& update) {
+    const MuonConfig& mu = config.muon;
+    const float lr = float(mu.lr * mult.lr);
+    const float decay = float(1.0 - mu.lr * mult.lr * mu.weight_decay * mult.weight_decay);
+    const float step_size = float(lr * muon_scale(s.shape[0], s.shape[1]));
+    const float* u = update.data<float>();
+    d.parallel_for(s.numel, kPiece, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) params[s.offset + i] = params[s.offset + i] * decay - step_size * u[i];
+    });
+  };
+  std::vector<Tensor> directions(ranks > 1 ? table.slices().size() : 0);
+  if (ranks > 1) {
+    for (size_t i = 0; i < table.slices().size(); ++i)
+      if (owners[i] >= 0) directions[i] = muon_direction(table.slices()[i], owners[i] == me);
+    for (size_t i = 0; i < table.slices().size(); ++i)
+      if (owners[i] >= 0) comm->broadcast(directions[i].data<float>(), directions[i].numel() * int64_t(sizeof(float)), owners[i]);
+  }
+  for (size_t index = 0; index < table.slices().size(); ++index) {
+    const ParamSlice& s = table.slices()[index];
+    if (owners[index] >= 0) {
+      muon_apply(s, ranks > 1 ? directions[index] : muon_direction(s, true));
     } else {
       // PyTorch's AdamW, in its order: decay, moments, bias-corrected step; per-group values.
       auto pick = [](double group_value, double fallback) { return group_value >= 0 ? group_value : fallback; };

@@ -6,6 +6,7 @@
 #include <iterator>
 #include <vector>
 
+#include "core/comm.hpp"
 #include "core/tensor.hpp"
 #include "dispatch/dispatcher.hpp"
 
@@ -126,7 +127,15 @@ struct StepReport {
 // naming the first bad parameter otherwise, and nothing is changed), clips by global norm, then
 // Muon for block matrices (unless config.matrices is adamw) and AdamW for the rest. `step` counts from 0 (AdamW's bias correction
 // uses step + 1).
-StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step);
+// `comm` (data-parallel training; the gradients already summed): every rank holds the same
+// gradients and state, each computes Newton-Schulz only for the matrices muon_owners gives it and
+// broadcasts them, so N ranks share that work and end with the same parameters.
+StepReport optimizer_step(Dispatcher& d, ParamTable& table, const OptimizerConfig& config, int64_t step, Comm* comm = nullptr);
+
+// Which rank orthogonalizes each slice's Muon update (-1: not a Muon slice), by index into
+// table.slices(): largest Newton-Schulz work (rows x cols x min(rows, cols)) first, each to the
+// least loaded rank.
+std::vector<int> muon_owners(const ParamTable& table, OptimizerConfig::Matrices matrices, int ranks);
 
 // Whether Muon steps this parameter (its momentum is its state) rather than AdamW (two moments):
 // block matrices under optim.matrices: muon. Checkpoints keep only the state that is used.

@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include "core/hash.hpp"
 #include "core/log.hpp"
 #include "training/plot.hpp"
 #include "core/rng.hpp"
@@ -93,7 +94,8 @@ const TrainConfig& memory_checked(const TrainConfig& config) {
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model)
-    : config_(memory_checked(config)),
+    : comm_(Comm::world()),
+      config_(memory_checked(config)),
       dispatcher_(dispatcher_options(config)),
       data_(prepare(config, cache_dir, tokenizer_model)),
       model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
@@ -117,7 +119,24 @@ std::string slurp(const std::string& path) {
 }
 }  // namespace
 
+void Trainer::check_ranks_agree() {
+  if (!comm_.distributed()) return;
+  const Tensor& p = model_.params().params();
+  uint64_t mine = fnv1a64(p.data<float>(), size_t(p.numel()) * sizeof(float)), root = mine;
+  comm_.broadcast(&root, sizeof root, 0);
+  std::vector<double> differs(size_t(comm_.size()), 0.0);
+  differs[size_t(comm_.rank())] = mine != root ? 1.0 : 0.0;
+  comm_.allreduce_sum(differs.data(), int64_t(differs.size()));
+  std::string ranks;
+  for (int r = 0; r < comm_.size(); ++r)
+    if (differs[size_t(r)] != 0) ranks += cat(ranks.empty() ? "" : ", ", r);
+  if (!ranks.empty())
+    fail(ErrorKind::corrupt_data, "step ", step_, ": the parameters on rank ", ranks, " differ from rank 0's (the ranks diverged; nothing was saved)");
+}
+
 void Trainer::save(const std::string& path) {
+  check_ranks_agree();
+  if (!comm_.root()) return;  // rank 0 writes for the job
   CheckpointMeta meta;
   meta.step = step_;
   meta.tokens_seen = step_ * config_.train.batch * config_.model.context;
@@ -171,39 +190,96 @@ void Trainer::batch(int64_t step, int32_t* inputs, int32_t* targets) const {
   draw_batch(data_.split.train, step, int(config_.train.batch), int(config_.model.context), config_.seed, inputs, targets);
 }
 
+namespace {
+// Sums the gradient buffer over the ranks, a range at a time as the backward finalises it (the
+// model's gradient_ranges, in that order), so the sums overlap the rest of the backward. A rank
+// whose pass failed starts the ranges it did not reach at finish(), so every rank makes the same
+// calls.
+class GradientSum {
+ public:
+  GradientSum(Comm& comm, Model& model) : comm_(comm), model_(model), ranges_(model.gradient_ranges()) {}
+  void ready(int64_t offset, int64_t numel) {
+    if (next_ >= ranges_.size() || ranges_[next_] != std::pair{offset, numel})
+      fail(ErrorKind::invalid_argument, "gradient range [", offset, ", +", numel, ") is not the model's next one");  // a model bug, never input
+    comm_.start_allreduce_sum(model_.params().grads().data<float>() + offset, numel);
+    ++next_;
+    comm_.progress();
+  }
+  void finish() {
+    for (; next_ < ranges_.size(); ++next_) comm_.start_allreduce_sum(model_.params().grads().data<float>() + ranges_[next_].first, ranges_[next_].second);
+    comm_.wait_all();
+  }
+
+ private:
+  Comm& comm_;
+  Model& model_;
+  std::vector<std::pair<int64_t, int64_t>> ranges_;
+  size_t next_ = 0;
+};
+}  // namespace
+
+std::vector<std::pair<int64_t, int64_t>> Trainer::local_chunks() const {
+  // This rank's rows of the global batch, [B r / N, B (r + 1) / N), in micro-batches of at most
+  // train.batch / train.grad_accum rows (the memory a micro-batch takes does not depend on N).
+  const int64_t B = config_.train.batch, N = comm_.size(), r = comm_.rank();
+  const int64_t begin = B * r / N, end = B * (r + 1) / N, micro = B / config_.train.grad_accum;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t row = begin; row < end; row += micro) chunks.push_back({row, std::min(micro, end - row)});
+  return chunks;
+}
+
 StepMetrics Trainer::step() {
   const TrainLoopConfig& t = config_.train;
   const int64_t context = config_.model.context;
   StepMetrics m;
   m.step = step_ + 1;
   Timer timer;
-  batch(step_, inputs_.data(), targets_.data());
+  batch(step_, inputs_.data(), targets_.data());  // the whole batch: a function of (seed, step)
   model_.params().zero_grads();
   const Schedule::Multipliers mult = config_.optim.schedule.at(step_);
   m.lr = config_.optim.muon.lr * mult.lr;
   std::string failure;
+  const std::vector<std::pair<int64_t, int64_t>> chunks = local_chunks();
+  GradientSum sum(comm_, model_);
+  double loss = 0;
   try {
     // Activations that overflowed are refused by the quantizers; say which step it was.
     // Micro-batches are consecutive rows of the step's batch, so the step sees the same data for
-    // any train.grad_accum; each adds 1 / grad_accum of its mean loss's gradient.
-    const int64_t micro = t.batch / t.grad_accum;
-    m.loss = 0;
-    for (int64_t i = 0; i < t.grad_accum && failure.empty(); ++i) {
-      const double loss = model_.forward(inputs_.data() + i * micro * context, targets_.data() + i * micro * context, micro, context);
-      if (!std::isfinite(loss)) failure = cat("the loss is ", std::isnan(loss) ? "NaN" : "Inf");
-      else model_.backward(float(1.0 / double(t.grad_accum)));
-      m.loss += loss / double(t.grad_accum);
+    // any train.grad_accum and any number of ranks; each adds rows / batch of its mean loss's
+    // gradient, so the sum over micro-batches and ranks is the gradient of the batch's mean loss.
+    for (size_t i = 0; i < chunks.size() && failure.empty(); ++i) {
+      const auto [row, rows] = chunks[i];
+      const double weight = double(rows) / double(t.batch);
+      const double chunk_loss = model_.forward(inputs_.data() + row * context, targets_.data() + row * context, rows, context);
+      if (!std::isfinite(chunk_loss)) failure = cat("the loss is ", std::isnan(chunk_loss) ? "NaN" : "Inf");
+      else if (comm_.distributed() && i + 1 == chunks.size()) model_.backward(float(weight), [&](int64_t offset, int64_t n) { sum.ready(offset, n); });
+      else model_.backward(float(weight));
+      loss += chunk_loss * weight;
     }
   } catch (const Error& e) {
     failure = cat("the forward or backward pass failed (", e.what(), ")");
   }
+  if (comm_.distributed()) {
+    // Every rank takes part in every sum, whatever its own pass did; then all know who failed.
+    sum.finish();
+    std::vector<double> shared(size_t(comm_.size()) + 1, 0.0);
+    shared[0] = loss;
+    shared[size_t(comm_.rank()) + 1] = failure.empty() ? 0.0 : 1.0;
+    comm_.allreduce_sum(shared.data(), int64_t(shared.size()));
+    loss = shared[0];
+    std::string failed_ranks;
+    for (int r = 0; r < comm_.size(); ++r)
+      if (shared[size_t(r) + 1] != 0) failed_ranks += cat(failed_ranks.empty() ? "" : ", ", r);
+    if (failure.empty() && !failed_ranks.empty()) failure = cat("the pass failed on rank ", failed_ranks, " (its message is in its log)");
+  }
+  m.loss = loss;
   if (!failure.empty()) {
     if (t.on_nonfinite == "stop")
       fail(ErrorKind::corrupt_data, "step ", m.step, ": ", failure, "; stopping before any update (train.on_nonfinite: skip would skip such steps)");
     m.skipped = true;
   } else {
     try {
-      const StepReport r = optimizer_step(dispatcher_, model_.params(), config_.optim, step_);
+      const StepReport r = optimizer_step(dispatcher_, model_.params(), config_.optim, step_, &comm_);
       m.grad_norm = r.grad_norm;
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::corrupt_data || t.on_nonfinite == "stop") throw;
@@ -222,10 +298,10 @@ double Trainer::evaluate() {
   double sum = 0;
   for (int64_t i = 0; i < t.eval_batches; ++i) {
     draw_batch(data_.split.val, i, int(t.batch), int(context), config_.seed ^ kEvalStream, inputs_.data(), targets_.data());
-    const int64_t micro = t.batch / t.grad_accum;  // the training step's micro-batches: the same memory
-    for (int64_t j = 0; j < t.grad_accum; ++j)
-      sum += model_.forward(inputs_.data() + j * micro * context, targets_.data() + j * micro * context, micro, context) / double(t.grad_accum);
+    for (const auto& [row, rows] : local_chunks())  // the training step's micro-batches and rows: the same memory
+      sum += model_.forward(inputs_.data() + row * context, targets_.data() + row * context, rows, context) * (double(rows) / double(t.batch));
   }
+  comm_.allreduce_sum(&sum, 1);
   return sum / double(t.eval_batches);
 }
 
@@ -365,8 +441,14 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   // (a bad HYBRIT_THREADS is an error here, not after the folder exists).
   check_step_memory(config);
   resolve_overrides(dispatcher_options(config));
+  // Several ranks (mpirun -np N): each checks what follows, rank 0 alone writes the run folder.
+  Comm& comm = Comm::world();
+  const bool root = comm.root();
+  if (config.train.batch < comm.size())
+    fail(ErrorKind::invalid_argument, "train.batch is ", config.train.batch, " but the job has ", comm.size(),
+         " ranks, and each trains on its share of the batch's sequences: raise train.batch or run at most ", config.train.batch, " ranks");
   std::error_code ec;
-  fs::create_directories(run_dir, ec);
+  if (root) fs::create_directories(run_dir, ec);
   if (ec) fail(ErrorKind::io, run_dir, ": cannot create the run folder (", ec.message(), ")");
   const fs::path metrics_path = fs::path(run_dir) / "metrics.jsonl";
   // Resuming: `resume` names one checkpoint, or "auto" tries the run's newest first and falls back
@@ -399,29 +481,45 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     break;
   }
   if (!candidates.empty() && checkpoint.empty()) fail(ErrorKind::io, run_dir, ": no valid checkpoint to resume from");
+  comm.barrier();  // every rank has checked before rank 0 writes anything
   std::string tokenizer_model;  // the tokens must be the checkpoint's
   if (!meta.tokenizer_model.empty()) {
     tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
-    write_file_atomically(tokenizer_model, meta.tokenizer_model);
+    if (root) write_file_atomically(tokenizer_model, meta.tokenizer_model);
   }
-  Trainer trainer(config, run_dir, tokenizer_model);
+  // Rank 0 tokenizes into the run folder's cache (and trains a BPE tokenizer there); the others
+  // then read both.
+  auto make_trainer = [&] {
+    if (!root && config.data.tokenizer == "bpe" && tokenizer_model.empty()) tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
+    return std::make_unique<Trainer>(config, run_dir, tokenizer_model);
+  };
+  std::unique_ptr<Trainer> made = root ? make_trainer() : nullptr;
+  comm.barrier();
+  if (!root) made = make_trainer();
+  Trainer& trainer = *made;
   std::vector<nlohmann::json> earlier;  // a resumed run's metrics up to its checkpoint, read once
   if (!checkpoint.empty()) {
     trainer.restore(checkpoint);
-    if (fs::exists(metrics_path)) earlier = truncate_metrics(metrics_path, trainer.steps_done());
+    if (root && fs::exists(metrics_path)) earlier = truncate_metrics(metrics_path, trainer.steps_done());
     log_info("resumed from ", checkpoint, " at step ", trainer.steps_done());
   }
-  write_file_atomically((fs::path(run_dir) / "config.yaml").string(), cat("# resolved from ", config.source, "\n", trainer.config().to_yaml()));
-  write_file_atomically((fs::path(run_dir) / "tokenizer.json").string(), tokenizer_json(trainer.tokenizer()) + "\n");
+  if (root) {
+    write_file_atomically((fs::path(run_dir) / "config.yaml").string(), cat("# resolved from ", config.source, "\n", trainer.config().to_yaml()));
+    write_file_atomically((fs::path(run_dir) / "tokenizer.json").string(), tokenizer_json(trainer.tokenizer()) + "\n");
+  }
   const TrainLoopConfig& t = config.train;
   int64_t n_params = 0;
   for (const auto& s : trainer.model().params().slices()) n_params += s.numel;
   log_info("run ", run_dir, ": ", n_params, " parameters (", config.model.quant == ModelConfig::Quant::ternary ? "ternary" : "full precision",
            "), ", trainer.split().train_records, " training and ", trainer.split().val_records, " validation records (", trainer.split().train.size(),
-           " and ", trainer.split().val.size(), " tokens), ", t.steps, " steps of ", t.batch, " x ", config.model.context, " tokens");
+           " and ", trainer.split().val.size(), " tokens), ", t.steps, " steps of ", t.batch, " x ", config.model.context, " tokens",
+           comm.distributed() ? cat(", data-parallel over ", comm.size(), " ranks (", Comm::library_version(), ")") : "");
 
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot open for writing (", std::strerror(errno), ")");
+  std::ofstream metrics;
+  if (root) {
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot open for writing (", std::strerror(errno), ")");
+  }
   int64_t last_saved = checkpoint.empty() ? -1 : trainer.steps_done();
   double best_val = INFINITY;
   if (t.keep_best && fs::exists(fs::path(run_dir) / "best.h5")) {  // a resumed run keeps beating its old best
@@ -433,10 +531,11 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
       log_warn("best.h5: ", e.what(), "; the next evaluation replaces it");
     }
   }
-  auto save = [&] {
+  comm.broadcast(&best_val, sizeof best_val, 0);  // every rank decides alike when best.h5 is saved
+  auto save = [&] {  // every rank calls it (trainer.save checks they agree); rank 0 writes
     trainer.save(checkpoint_name(run_dir, trainer.steps_done()));
     last_saved = trainer.steps_done();
-    prune_checkpoints(run_dir, t.keep_checkpoints);
+    if (root) prune_checkpoints(run_dir, t.keep_checkpoints);
   };
   g_stop = false;
   auto old_int = std::signal(SIGINT, on_signal), old_term = std::signal(SIGTERM, on_signal);
@@ -450,7 +549,8 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
     if (j.contains("elapsed_s") && j["elapsed_s"].is_number()) elapsed_before = std::max(elapsed_before, j["elapsed_s"].get<double>());
   const int64_t tokens_per_step = t.batch * config.model.context;
   try {
-    while (trainer.steps_done() < t.steps && !g_stop) {
+    // A signal on any rank stops every rank after the same step.
+    while (trainer.steps_done() < t.steps && !comm.any(g_stop)) {
       StepMetrics m = trainer.step();
       const bool last = m.step == t.steps;
       if ((t.eval_every > 0 && m.step % t.eval_every == 0) || last) m.val_loss = trainer.evaluate();
@@ -458,8 +558,10 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
                              {"tokens_per_s", m.tokens_per_s}, {"elapsed_s", elapsed_before + total.seconds()}, {"peak_rss_bytes", m.peak_rss_bytes}};
       if (m.skipped) line["skipped"] = true;
       if (m.val_loss) line["val_loss"] = *m.val_loss;
-      metrics << line.dump() << "\n" << std::flush;
-      if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot write step ", m.step, " (disk full?); the last checkpoint is intact");
+      if (root) {
+        metrics << line.dump() << "\n" << std::flush;
+        if (!metrics) fail(ErrorKind::io, metrics_path.string(), ": cannot write step ", m.step, " (disk full?); the last checkpoint is intact");
+      }
       result.last_loss = m.loss;
       if (m.val_loss) result.val_loss = m.val_loss;
       if (m.val_loss && t.keep_best && *m.val_loss < best_val) {
@@ -490,7 +592,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   // Which backend ran what, and for how long (DESIGN: printed at the end of a run).
   log_info("dispatcher metrics (also in ", (fs::path(run_dir) / "dispatch_metrics.txt").string(), "):");
   const std::string table = trainer.dispatcher().metrics().table();
-  write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), table);
+  if (root) write_file_atomically((fs::path(run_dir) / "dispatch_metrics.txt").string(), table);
   std::string line_buffer;
   for (std::istringstream lines(table); std::getline(lines, line_buffer);) log_info("  ", line_buffer);
   result.seconds = total.seconds();
@@ -499,6 +601,7 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   log_info(trainer.steps_done() - steps_before, " steps in ", format_seconds(result.seconds), " (", human_rate(result.tokens_per_s), " tokens/s on average)",
            steps_before > 0 ? cat("; ", format_seconds(result.total_seconds), " for the whole run since step 0") : "");
   // loss.png: an extra, so a missing matplotlib is a note, not an error.
+  if (!root) return result;  // the files and the sample are rank 0's
   std::string why_not;
   const std::string png = (fs::path(run_dir) / "loss.png").string();
   if (plot_runs({run_dir}, png, &why_not)) log_info("loss curves: ", png);

@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 
+#include "core/comm.hpp"
 #include "training/checkpoint.hpp"
 #include "training/config.hpp"
 #include "training/data.hpp"
@@ -22,6 +23,9 @@ struct StepMetrics {
   std::optional<double> val_loss;
 };
 
+// Data-parallel across the processes of an MPI job (mpirun -np N): every rank draws the same
+// batch, trains on its rows, and the gradients are summed before one optimizer step, so N ranks
+// train the model one process would (the sums' order aside).
 class Trainer {
  public:
   // Reads and tokenizes the corpus (through a token cache in `cache_dir` when it is not empty),
@@ -40,7 +44,8 @@ class Trainer {
   // The training batch of a step (what step() uses at that step): inputs and targets, batch x context each.
   void batch(int64_t step, int32_t* inputs, int32_t* targets) const;
 
-  // Checkpoints: everything needed to continue bit for bit (see checkpoint.hpp).
+  // Checkpoints: everything needed to continue bit for bit (see checkpoint.hpp). With several
+  // ranks every rank calls it (they check they hold the same parameters) and rank 0 writes.
   void save(const std::string& path);
   // Loads a checkpoint's parameters, optimizer state and step. Refuses one whose architecture,
   // tokenizer, data or seed differ from this trainer's configuration, naming the key; settings
@@ -60,7 +65,12 @@ class Trainer {
     Split split;
   };
   static Data prepare(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model);
+  // This rank's share of the batch as (first row, rows) micro-batches.
+  std::vector<std::pair<int64_t, int64_t>> local_chunks() const;
+  // An Error naming the ranks whose parameters differ from rank 0's.
+  void check_ranks_agree();
 
+  Comm& comm_;  // the job's processes (data-parallel training); this one alone without a launcher
   TrainConfig config_;
   Dispatcher dispatcher_;
   Data data_;
