@@ -2,6 +2,8 @@
 // learns, and is bit-for-bit repeatable (what exact resume will rest on). Gradients themselves are
 // checked against PyTorch in tests/python/test_model_torch.py.
 #include <cstdio>
+#include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -105,6 +107,41 @@ TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
       EXPECT_LE(worst, max_tolerance * scale) << slice.name << ": largest difference " << worst << " against a largest gradient of " << scale;
       EXPECT_LE(std::sqrt(diff_sq / norm_sq), l2_tolerance) << slice.name << ": relative L2 difference";
     }
+  }
+}
+
+// Data-parallel training sums each range of the gradient buffer as soon as backward() hands it
+// over: the ranges must cover the buffer once, arrive in gradient_ranges() order, and hold their
+// final values at that moment (nothing later in the backward may add to them).
+TEST(Training, BackwardHandsOverEachGradientRangeOnceItIsFinal) {
+  SCOPED_TRACE(cat("seed ", run_seed()));
+  DispatcherOptions o;
+  o.use_environment = false;
+  Dispatcher d(o);
+  for (const bool tied : {true, false}) {
+    SCOPED_TRACE(tied ? "tied embeddings" : "separate head");
+    ModelConfig cfg;
+    cfg.dim = 64, cfg.n_layers = 3, cfg.n_heads = 4, cfg.context = 16, cfg.tied_embeddings = tied;
+    Model model(cfg, d, 7);
+    const std::vector<int32_t> in = random_tokens(2 * 16, cfg.vocab_size, 5), tg = random_tokens(2 * 16, cfg.vocab_size, 6);
+    model.params().zero_grads();
+    model.forward(in.data(), tg.data(), 2, 16);
+    std::vector<std::pair<int64_t, int64_t>> seen;
+    std::vector<std::vector<float>> at_hand_over;
+    const float* g = model.params().grads().data<float>();
+    model.backward(1.0f, [&](int64_t offset, int64_t n) {
+      seen.push_back({offset, n});
+      at_hand_over.emplace_back(g + offset, g + offset + n);
+    });
+    EXPECT_EQ(seen, model.gradient_ranges());
+    std::vector<int> covered(size_t(model.params().numel()), 0);
+    for (size_t i = 0; i < seen.size(); ++i) {
+      for (int64_t j = 0; j < seen[i].second; ++j) ++covered[size_t(seen[i].first + j)];
+      EXPECT_EQ(std::memcmp(at_hand_over[i].data(), g + seen[i].first, size_t(seen[i].second) * sizeof(float)), 0)
+          << "range at " << seen[i].first << " changed after it was handed over";
+    }
+    EXPECT_EQ(std::count(covered.begin(), covered.end(), 1), int64_t(covered.size())) << "every gradient in exactly one range";
+    EXPECT_EQ(seen.size(), size_t(cfg.n_layers) + 2);  // the tail (final norm, head), each block, the embedding
   }
 }
 

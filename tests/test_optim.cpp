@@ -1,10 +1,12 @@
 // Optimizers against independent double-precision references written plainly here, on fresh
 // random inputs; schedules at their defining points; the parameter table's layout.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numbers>
 
 #include "test_support.hpp"
+#include "training/model.hpp"
 #include "training/optim.hpp"
 
 namespace hybrit::test {
@@ -234,6 +236,35 @@ TEST(Optimizer, ClipsByGlobalNormAndRefusesNonFiniteGradients) {
     EXPECT_EQ(std::string(e.what()), "step 41: the gradient of b is not finite (element 2 is NaN); no parameter was changed");
   }
   EXPECT_EQ(bytes_of(before), bytes_of(t.params()));
+}
+
+// Distributed Muon: every matrix has exactly one owner, and no rank carries more than an even
+// share plus one matrix of Newton-Schulz work, for any rank count.
+TEST(Muon, OwnersSplitTheNewtonSchulzWorkEvenly) {
+  ParamTable table;
+  ModelConfig cfg;
+  cfg.dim = 96, cfg.n_layers = 3, cfg.n_heads = 4, cfg.n_kv_heads = 2;
+  Model::declare_parameters(cfg, table);
+  auto cost = [](const ParamSlice& s) { return double(s.shape[0]) * double(s.shape[1]) * double(std::min(s.shape[0], s.shape[1])); };
+  for (int ranks = 1; ranks <= 7; ++ranks) {
+    SCOPED_TRACE(cat(ranks, " ranks"));
+    const std::vector<int> owners = muon_owners(table, OptimizerConfig::Matrices::muon, ranks);
+    ASSERT_EQ(owners.size(), table.slices().size());
+    std::vector<double> load(size_t(ranks), 0.0);
+    double total = 0, largest = 0;
+    for (size_t i = 0; i < owners.size(); ++i) {
+      const ParamSlice& s = table.slices()[i];
+      if (s.group != ParamGroup::block_matrix) {
+        EXPECT_EQ(owners[i], -1) << s.name;
+        continue;
+      }
+      ASSERT_GE(owners[i], 0) << s.name;
+      ASSERT_LT(owners[i], ranks) << s.name;
+      load[size_t(owners[i])] += cost(s), total += cost(s), largest = std::max(largest, cost(s));
+    }
+    for (double l : load) EXPECT_LE(l, total / ranks + largest);
+    EXPECT_EQ(muon_owners(table, OptimizerConfig::Matrices::adamw, ranks), std::vector<int>(owners.size(), -1));
+  }
 }
 
 TEST(Schedule, DefiningPoints) {
