@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "distributed.md"))
     a = ap.parse_args()
     lines = [machine_header("Data-parallel training over MPI (mpirun -np N hybrit train)",
-                            f"/usr/bin/python3 experiments/bench_distributed.py --rounds {a.rounds}"), ""]
+                            f"/usr/bin/python3 experiments/bench_distributed.py --rounds {a.rounds}")]
     version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     lines += [f"- MPI: {version}; ranks on one machine talk through shared memory (Open MPI's vader BTL)", ""]
     model_inputs = None
