@@ -122,9 +122,14 @@ def test_a_run_saved_with_n_ranks_resumes_with_m(cli, mpirun, tmp_path):
 
 
 def rank_pids(job):
-    # mpirun's children are the ranks (Open MPI starts them directly on the local machine).
-    out = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    # {rank: pid}: mpirun's children are the ranks (Open MPI starts them directly on the local
+    # machine), each with its rank in OMPI_COMM_WORLD_RANK.
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        ranks[int(variables[b"OMPI_COMM_WORLD_RANK"])] = int(pid)
+    return ranks
 
 
 def start_long_run(cli, mpirun, run):
@@ -149,8 +154,8 @@ def test_sigterm_on_one_rank_saves_and_stops_every_rank(cli, mpirun, tmp_path):
     job = start_long_run(cli, mpirun, run)
     wait_for_steps(job, run, 3)
     pids = rank_pids(job)
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGTERM)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGTERM)
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, out + err
     assert out.count("stopped after") == 1, out
@@ -165,7 +170,7 @@ def test_a_killed_rank_ends_the_job_naming_it(cli, mpirun, tmp_path):
     job = start_long_run(cli, mpirun, run)
     wait_for_steps(job, run, 2)
     pids = rank_pids(job)
-    os.kill(pids[-1], signal.SIGKILL)
+    os.kill(pids[1], signal.SIGKILL)
     out, err = job.communicate(timeout=300)  # never a hang: mpirun ends the other rank
     assert job.returncode != 0
     assert "rank 1" in out + err and "signal 9" in out + err, out + err
