@@ -55,8 +55,19 @@ void finalize_at_exit() {
 
 // The largest piece one MPI call takes (its counts are int).
 constexpr int64_t kMaxPiece = INT_MAX / 2;
+
+template <class T>
+void allreduce_in_place(T* data, int64_t n, MPI_Datatype type, MPI_Op op) {
+  for (int64_t i = 0; i < n; i += kMaxPiece)
+    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), type, op, MPI_COMM_WORLD), "MPI_Allreduce");
+}
 #endif
 }  // namespace
+
+// Whether an MPI launcher started this process (it sets these even for one process).
+bool launched_by_mpi() {
+  return env_int("OMPI_COMM_WORLD_SIZE") >= 0 || env_int("PMI_SIZE") >= 0 || env_int("PMIX_RANK") >= 0 || launched_job_size() > 1;
+}
 
 int launched_job_size() {
   for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"})
@@ -100,9 +111,8 @@ std::string Comm::library_version() {
 }
 
 Comm::Comm() : host_(hostname()) {
-  const int launched = launched_job_size();
 #ifdef HYBRIT_HAVE_MPI
-  if (env_int("OMPI_COMM_WORLD_SIZE") < 0 && env_int("PMI_SIZE") < 0 && env_int("PMIX_RANK") < 0 && launched <= 1) return;  // no launcher
+  if (!launched_by_mpi()) return;
   int initialised = 0;
   MPI_Initialized(&initialised);
   if (!initialised) {
@@ -121,7 +131,7 @@ Comm::Comm() : host_(hostname()) {
   check(MPI_Comm_size(local, &local_size_), "MPI_Comm_size");
   MPI_Comm_free(&local);
 #else
-  if (launched > 1)
+  if (const int launched = launched_job_size(); launched > 1)
     fail(ErrorKind::unsupported, "this process is one of ", launched,
          " started by an MPI launcher, but this hybrit was built without MPI: install libopenmpi-dev and openmpi-bin, configure again "
          "(cmake --preset release), and rebuild; or run one process");
@@ -143,30 +153,24 @@ bool Comm::started() { return g_started; }
 std::string Comm::where() const { return size_ > 1 ? cat("rank ", rank_, " of ", size_, " on ", host_) : std::string(); }
 
 void Comm::allreduce_sum(float* data, int64_t n) {
-  if (size_ == 1) return;
 #ifdef HYBRIT_HAVE_MPI
-  for (int64_t i = 0; i < n; i += kMaxPiece)
-    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (size_ > 1) allreduce_in_place(data, n, MPI_FLOAT, MPI_SUM);
 #else
   (void)data, (void)n;
 #endif
 }
 
 void Comm::allreduce_sum(double* data, int64_t n) {
-  if (size_ == 1) return;
 #ifdef HYBRIT_HAVE_MPI
-  for (int64_t i = 0; i < n; i += kMaxPiece)
-    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (size_ > 1) allreduce_in_place(data, n, MPI_DOUBLE, MPI_SUM);
 #else
   (void)data, (void)n;
 #endif
 }
 
 void Comm::allreduce_max(int64_t* data, int64_t n) {
-  if (size_ == 1) return;
 #ifdef HYBRIT_HAVE_MPI
-  for (int64_t i = 0; i < n; i += kMaxPiece)
-    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (size_ > 1) allreduce_in_place(data, n, MPI_INT64_T, MPI_MAX);
 #else
   (void)data, (void)n;
 #endif
@@ -176,6 +180,16 @@ bool Comm::any(bool flag) {
   int64_t v = flag ? 1 : 0;
   allreduce_max(&v, 1);
   return v != 0;
+}
+
+std::vector<int> Comm::ranks_where(bool flag) {
+  std::vector<int64_t> flags(size_t(size_), 0);
+  flags[size_t(rank_)] = flag ? 1 : 0;
+  allreduce_max(flags.data(), int64_t(flags.size()));
+  std::vector<int> ranks;
+  for (int r = 0; r < size_; ++r)
+    if (flags[size_t(r)]) ranks.push_back(r);
+  return ranks;
 }
 
 void Comm::broadcast(void* data, int64_t bytes, int root) {

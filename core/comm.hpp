@@ -39,6 +39,8 @@ class Comm {
   void allreduce_max(int64_t* data, int64_t n);
   // True on every rank when `flag` is true on any.
   bool any(bool flag);
+  // On every rank: the ranks whose `flag` is true, in order.
+  std::vector<int> ranks_where(bool flag);
   void broadcast(void* data, int64_t bytes, int root);
   // `text` as rank `root` has it, on every rank.
   std::string broadcast(std::string text, int root);

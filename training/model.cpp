@@ -360,9 +360,15 @@ void Model::backward(float loss_scale, const GradientsReady& ready) {
   d_.matmul(dlogits, table_.param(*head_), s.dxf, {false, false, 1.0f, 0.0f});
   const Tensor& x_last = blocks_.empty() ? x_embed : blocks_.back().x_out;
   rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
-  // The buffer runs embedding, blocks in order, final norm, head: each range ends where the next begins.
-  const int64_t first_block = blocks_.empty() ? final_norm_->offset : blocks_.front().attn_norm->offset;
-  if (ready) ready(final_norm_->offset, table_.numel() - final_norm_->offset);
+  // gradient_ranges() in order: the tail (final norm, head) now, each block after its backward, the embedding last.
+  const std::vector<std::pair<int64_t, int64_t>> ranges = ready ? gradient_ranges() : std::vector<std::pair<int64_t, int64_t>>{};
+  size_t handed_over = 0;
+  auto hand_over = [&] {
+    if (!ready) return;
+    ready(ranges[handed_over].first, ranges[handed_over].second);
+    ++handed_over;
+  };
+  hand_over();
 
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = *it;
@@ -413,16 +419,13 @@ void Model::backward(float loss_scale, const GradientsReady& ready) {
     linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
     // dx_in = norm backward of dh1, plus the residual path's dx_mid; it is the next block's dx.
     rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
-    if (ready) {
-      const int64_t end = it == blocks_.rbegin() ? final_norm_->offset : (it - 1)->attn_norm->offset;
-      ready(b.attn_norm->offset, end - b.attn_norm->offset);
-    }
+    hand_over();
   }
   // Embedding rows, in token order per column slice (deterministic accumulation).
   float* demb = table_.grad(*tok_emb_).data<float>();
   const float* dx = s.dx.data<float>();
   kernels::for_columns(d_, D, [&](int64_t j0, int64_t j1) { kernels::embedding_grad_cols(dx, tokens_.data(), demb, N, D, j0, j1); });
-  if (ready) ready(0, first_block);
+  hand_over();
 }
 
 }  // namespace hybrit

@@ -119,19 +119,22 @@ std::string slurp(const std::string& path) {
 }
 }  // namespace
 
+namespace {
+// "1, 3": ranks for a message.
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string text;
+  for (int r : ranks) text += cat(text.empty() ? "" : ", ", r);
+  return text;
+}
+}  // namespace
+
 void Trainer::check_ranks_agree() {
   if (!comm_.distributed()) return;
   const Tensor& p = model_.params().params();
   uint64_t mine = fnv1a64(p.data<float>(), size_t(p.numel()) * sizeof(float)), root = mine;
   comm_.broadcast(&root, sizeof root, 0);
-  std::vector<double> differs(size_t(comm_.size()), 0.0);
-  differs[size_t(comm_.rank())] = mine != root ? 1.0 : 0.0;
-  comm_.allreduce_sum(differs.data(), int64_t(differs.size()));
-  std::string ranks;
-  for (int r = 0; r < comm_.size(); ++r)
-    if (differs[size_t(r)] != 0) ranks += cat(ranks.empty() ? "" : ", ", r);
-  if (!ranks.empty())
-    fail(ErrorKind::corrupt_data, "step ", step_, ": the parameters on rank ", ranks, " differ from rank 0's (the ranks diverged; nothing was saved)");
+  if (const std::vector<int> differ = comm_.ranks_where(mine != root); !differ.empty())
+    fail(ErrorKind::corrupt_data, "step ", step_, ": the parameters on rank ", rank_list(differ), " differ from rank 0's (the ranks diverged; nothing was saved)");
 }
 
 void Trainer::save(const std::string& path) {
@@ -198,9 +201,7 @@ namespace {
 class GradientSum {
  public:
   GradientSum(Comm& comm, Model& model) : comm_(comm), model_(model), ranges_(model.gradient_ranges()) {}
-  void ready(int64_t offset, int64_t numel) {
-    if (next_ >= ranges_.size() || ranges_[next_] != std::pair{offset, numel})
-      fail(ErrorKind::invalid_argument, "gradient range [", offset, ", +", numel, ") is not the model's next one");  // a model bug, never input
+  void ready(int64_t offset, int64_t numel) {  // backward hands over ranges_[next_]
     comm_.start_allreduce_sum(model_.params().grads().data<float>() + offset, numel);
     ++next_;
     comm_.progress();
@@ -262,15 +263,9 @@ StepMetrics Trainer::step() {
   if (comm_.distributed()) {
     // Every rank takes part in every sum, whatever its own pass did; then all know who failed.
     sum.finish();
-    std::vector<double> shared(size_t(comm_.size()) + 1, 0.0);
-    shared[0] = loss;
-    shared[size_t(comm_.rank()) + 1] = failure.empty() ? 0.0 : 1.0;
-    comm_.allreduce_sum(shared.data(), int64_t(shared.size()));
-    loss = shared[0];
-    std::string failed_ranks;
-    for (int r = 0; r < comm_.size(); ++r)
-      if (shared[size_t(r) + 1] != 0) failed_ranks += cat(failed_ranks.empty() ? "" : ", ", r);
-    if (failure.empty() && !failed_ranks.empty()) failure = cat("the pass failed on rank ", failed_ranks, " (its message is in its log)");
+    comm_.allreduce_sum(&loss, 1);
+    const std::vector<int> failed = comm_.ranks_where(!failure.empty());
+    if (failure.empty() && !failed.empty()) failure = cat("the pass failed on rank ", rank_list(failed), " (its message is in its log)");
   }
   m.loss = loss;
   if (!failure.empty()) {
@@ -489,13 +484,13 @@ RunResult run_training(const TrainConfig& config, const std::string& run_dir, co
   }
   // Rank 0 tokenizes into the run folder's cache (and trains a BPE tokenizer there); the others
   // then read both.
-  auto make_trainer = [&] {
-    if (!root && config.data.tokenizer == "bpe" && tokenizer_model.empty()) tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();
-    return std::make_unique<Trainer>(config, run_dir, tokenizer_model);
-  };
-  std::unique_ptr<Trainer> made = root ? make_trainer() : nullptr;
+  std::unique_ptr<Trainer> made;
+  if (root) made = std::make_unique<Trainer>(config, run_dir, tokenizer_model);
   comm.barrier();
-  if (!root) made = make_trainer();
+  if (!root) {
+    if (config.data.tokenizer == "bpe" && tokenizer_model.empty()) tokenizer_model = (fs::path(run_dir) / "tokenizer.model").string();  // rank 0's
+    made = std::make_unique<Trainer>(config, run_dir, tokenizer_model);
+  }
   Trainer& trainer = *made;
   std::vector<nlohmann::json> earlier;  // a resumed run's metrics up to its checkpoint, read once
   if (!checkpoint.empty()) {
