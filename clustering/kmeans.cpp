@@ -17,7 +17,9 @@ constexpr uint64_t kStream = 0x4b4d45414e53ull;  // "KMEANS"
 Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& rows) {
   const int64_t d = x.dim(1);
   Tensor out = Tensor::empty({int64_t(rows.size()), d}, DType::f32);
-  for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out.data<float>() + int64_t(i) * d, x.data<float>() + rows[i] * d, size_t(d) * sizeof(float));
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+  for (size_t i = 0; i < rows.size(); ++i) std::memcpy(op + int64_t(i) * d, xp + rows[i] * d, size_t(d) * sizeof(float));
   return out;
 }
 
@@ -46,6 +48,7 @@ std::vector<double> row_norms(const Tensor& x) {
 // through the dispatcher.
 std::vector<double> distances_to(Dispatcher& disp, const Tensor& x, const std::vector<double>& xn, const Tensor& cand) {
   const int64_t n = x.dim(0), c = cand.dim(0);
+  if (n == 0) return {};
   Tensor dots = Tensor::empty({n, c}, DType::f32);
   disp.matmul(x, cand, dots, {false, true, 1.0f, 0.0f});
   const std::vector<double> cn = row_norms(cand);
@@ -56,36 +59,117 @@ std::vector<double> distances_to(Dispatcher& disp, const Tensor& x, const std::v
   return out;
 }
 
+// The training points of a k-means, which the ranks of a job hold in consecutive pieces (one
+// process holds them all): this rank's rows, where they start in the whole, and the sums that
+// make every rank see the whole. Every member returns the same on every rank.
+struct Points {
+  Comm* comm;            // null: one process
+  Tensor local;          // (rows here, d)
+  int64_t begin = 0;     // the first local row's position in the whole
+  int64_t total = 0;     // rows in the whole
+  std::vector<int64_t> offsets;  // where each rank's rows start (size + 1)
+
+  Points(Comm* c, Tensor rows) : comm(c), local(std::move(rows)) {
+    offsets = row_offsets(comm, local.dim(0));
+    begin = offsets[size_t(comm ? comm->rank() : 0)];
+    total = offsets.back();
+  }
+  int64_t rows() const { return local.dim(0); }
+  bool mine(int64_t position) const { return position >= begin && position < begin + rows(); }
+  void sum(double* p, int64_t n) const { if (comm) comm->allreduce_sum(p, n); }
+  void sum(int64_t* p, int64_t n) const { if (comm) comm->allreduce_sum(p, n); }
+  double sum(double v) const { sum(&v, 1); return v; }
+  // The rows at `positions` of the whole, on every rank: the rank holding each fills it in and
+  // the others add zeros (exact).
+  Tensor rows_at(const std::vector<int64_t>& positions) const {
+    const int64_t d = local.dim(1);
+    Tensor out = Tensor::zeros({int64_t(positions.size()), d}, DType::f32);
+    float* op = out.data<float>();
+    const float* lp = local.data<float>();
+    for (size_t i = 0; i < positions.size(); ++i)
+      if (mine(positions[i])) std::memcpy(op + int64_t(i) * d, lp + (positions[i] - begin) * d, size_t(d) * sizeof(float));
+    if (comm) comm->allreduce_sum(op, out.numel());
+    return out;
+  }
+};
+
 // Greedy k-means++ (Arthur and Vassilvitskii; the greedy variant of scikit-learn): each new
-// centroid is the best of 2 + floor(ln k) candidates drawn in proportion to D^2.
-Tensor kmeanspp(Dispatcher& disp, const Tensor& x, int64_t k, Rng& rng) {
-  const int64_t n = x.dim(0);
+// centroid is the best of 2 + floor(ln k) candidates drawn in proportion to D^2. Over ranks the
+// draw is the one a single process makes: the cumulative D^2 runs over the whole in order, each
+// rank holding a consecutive piece of it.
+Tensor kmeanspp(Dispatcher& disp, const Points& pts, int64_t k, Rng& rng) {
+  const Tensor& x = pts.local;
+  const int64_t n = pts.rows(), m = pts.total;
+  const int size = pts.comm ? pts.comm->size() : 1, rank = pts.comm ? pts.comm->rank() : 0;
   const int trials = 2 + int(std::log(double(k)));
   const std::vector<double> xn = row_norms(x);
-  std::vector<int64_t> chosen = {int64_t(rng.below(uint64_t(n)))};
-  std::vector<double> closest = distances_to(disp, x, xn, gather_rows(x, chosen));
-  double potential = std::accumulate(closest.begin(), closest.end(), 0.0);
+  std::vector<int64_t> chosen = {int64_t(rng.below(uint64_t(m)))};
+  std::vector<double> closest = distances_to(disp, x, xn, pts.rows_at(chosen));
+  double potential = pts.sum(std::accumulate(closest.begin(), closest.end(), 0.0));
   std::vector<double> cumulative(static_cast<size_t>(n));
+  std::vector<double> rank_end(static_cast<size_t>(size));
   for (int64_t c = 1; c < k; ++c) {
     std::partial_sum(closest.begin(), closest.end(), cumulative.begin());
-    std::vector<int64_t> cand(static_cast<size_t>(trials));
+    // Where each rank's piece of the cumulative sum ends.
+    std::fill(rank_end.begin(), rank_end.end(), 0.0);
+    rank_end[size_t(rank)] = n ? cumulative.back() : 0.0;
+    pts.sum(rank_end.data(), size);
+    std::partial_sum(rank_end.begin(), rank_end.end(), rank_end.begin());
+    std::vector<int64_t> cand(static_cast<size_t>(trials), 0);
     for (auto& id : cand) {
       const double r = double(rng.uniform()) * potential;
-      id = std::min<int64_t>(n - 1, std::upper_bound(cumulative.begin(), cumulative.end(), r) - cumulative.begin());
+      const int owner = int(std::upper_bound(rank_end.begin(), rank_end.end(), r) - rank_end.begin());
+      if (owner == size) {
+        if (rank == 0) id = m - 1;  // r at the very end (rounding): the last point, as one process takes it
+      } else if (owner == rank) {
+        const double start = rank == 0 ? 0.0 : rank_end[size_t(rank) - 1];
+        id = pts.begin + std::min<int64_t>(n - 1, std::upper_bound(cumulative.begin(), cumulative.end(), r - start) - cumulative.begin());
+      }
     }
-    const std::vector<double> dist = distances_to(disp, x, xn, gather_rows(x, cand));
+    pts.sum(cand.data(), trials);  // each position came from one rank, the others gave 0
+    const std::vector<double> dist = distances_to(disp, x, xn, pts.rows_at(cand));
+    std::vector<double> pot(static_cast<size_t>(trials), 0.0);
+    for (int t = 0; t < trials; ++t)
+      for (int64_t i = 0; i < n; ++i) pot[size_t(t)] += std::min(closest[size_t(i)], dist[size_t(i * trials + t)]);
+    pts.sum(pot.data(), trials);
     int best = 0;
     double best_pot = INFINITY;
-    for (int t = 0; t < trials; ++t) {
-      double pot = 0;
-      for (int64_t i = 0; i < n; ++i) pot += std::min(closest[size_t(i)], dist[size_t(i * trials + t)]);
-      if (pot < best_pot) best_pot = pot, best = t;
-    }
+    for (int t = 0; t < trials; ++t)
+      if (pot[size_t(t)] < best_pot) best_pot = pot[size_t(t)], best = t;
     for (int64_t i = 0; i < n; ++i) closest[size_t(i)] = std::min(closest[size_t(i)], dist[size_t(i * trials + best)]);
     potential = best_pot;
     chosen.push_back(cand[size_t(best)]);
   }
-  return gather_rows(x, chosen);
+  return pts.rows_at(chosen);
+}
+
+// The `count` points of the whole farthest from their centroids (ties: the earlier point), for
+// the empty clusters: each rank offers its own farthest, and every rank picks from all offers.
+std::vector<int64_t> farthest_points(const Points& pts, const Tensor& dist, int64_t count) {
+  const int size = pts.comm ? pts.comm->size() : 1, rank = pts.comm ? pts.comm->rank() : 0;
+  const int64_t n = pts.rows();
+  auto farther = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  };
+  std::vector<std::pair<double, int64_t>> own;
+  const float* dp = dist.data<float>();
+  for (int64_t i = 0; i < n; ++i) own.push_back({dp[i], pts.begin + i});
+  const int64_t offered = std::min(count, n);
+  std::partial_sort(own.begin(), own.begin() + offered, own.end(), farther);
+  std::vector<double> offer_dist(size_t(size * count), 0.0);
+  std::vector<int64_t> offer_pos(size_t(size * count), 0), offer_count(size_t(size), 0);
+  for (int64_t i = 0; i < offered; ++i) offer_dist[size_t(rank * count + i)] = own[size_t(i)].first, offer_pos[size_t(rank * count + i)] = own[size_t(i)].second;
+  offer_count[size_t(rank)] = offered;
+  pts.sum(offer_dist.data(), int64_t(offer_dist.size()));
+  pts.sum(offer_pos.data(), int64_t(offer_pos.size()));
+  pts.sum(offer_count.data(), size);
+  std::vector<std::pair<double, int64_t>> all;
+  for (int r = 0; r < size; ++r)
+    for (int64_t i = 0; i < offer_count[size_t(r)]; ++i) all.push_back({offer_dist[size_t(r * count + i)], offer_pos[size_t(r * count + i)]});
+  std::sort(all.begin(), all.end(), farther);
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < count; ++i) out.push_back(all[size_t(i)].second);
+  return out;
 }
 
 void normalise_rows(Tensor& c) {
@@ -101,9 +185,12 @@ void normalise_rows(Tensor& c) {
 
 }  // namespace
 
-KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
+KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o, Comm* comm) {
+  if (comm && !comm->distributed()) comm = nullptr;
   if (x.dtype() != DType::f32 || x.ndim() != 2) fail(ErrorKind::invalid_argument, "kmeans: points must be a 2-D f32 matrix, got ", dtype_name(x.dtype()), " ", shape_str(x.shape()));
-  const int64_t n = x.dim(0), d = x.dim(1), k = o.k;
+  const int64_t d = x.dim(1), k = o.k;
+  const std::vector<int64_t> offsets = row_offsets(comm, x.dim(0));
+  const int64_t n = offsets.back(), first = offsets[size_t(comm ? comm->rank() : 0)];
   if (n == 0) fail(ErrorKind::invalid_argument, "kmeans: no points");
   if (d == 0) fail(ErrorKind::invalid_argument, "kmeans: the points have 0 dimensions");
   if (k < 1) fail(ErrorKind::invalid_argument, "kmeans: k must be at least 1, got ", k);
@@ -111,67 +198,80 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
   if (o.max_iter < 1 || o.n_init < 1 || !(o.tol >= 0) || o.max_points_per_centroid < 0)
     fail(ErrorKind::invalid_argument, "kmeans: max_iter and n_init must be at least 1, tol and max_points_per_centroid at least 0");
   const float* xp = x.data<float>();
-  for (int64_t i = 0; i < n * d; ++i)
-    if (!std::isfinite(xp[i])) fail(ErrorKind::invalid_argument, "kmeans: point ", i / d, " contains NaN or Inf");
+  for (int64_t i = 0; i < x.numel(); ++i)
+    if (!std::isfinite(xp[i])) fail(ErrorKind::invalid_argument, "kmeans: point ", first + i / d, " contains NaN or Inf");
   if (o.init == KMeansOptions::Init::given &&
       (o.initial_centroids.dtype() != DType::f32 || o.initial_centroids.shape() != Shape{k, d}))
     fail(ErrorKind::invalid_argument, "kmeans: given centroids must be f32 ", shape_str({k, d}), ", got ", dtype_name(o.initial_centroids.dtype()), " ",
          shape_str(o.initial_centroids.shape()));
 
   Rng rng(o.seed, kStream);
-  // Training sample (faiss): at most k * max_points_per_centroid points. Compared as n / k so a
-  // huge cap (no sampling) cannot overflow the product.
+  // Training sample (faiss): at most k * max_points_per_centroid points, in the order of the
+  // whole (so over ranks each holds a consecutive piece of the sample, the piece of its rows).
+  // Compared as n / k so a huge cap (no sampling) cannot overflow the product.
   const bool sample = o.max_points_per_centroid > 0 && o.max_points_per_centroid <= (n - 1) / k;
-  const Tensor train = sample
-                           ? gather_rows(x, sample_indices(n, k * o.max_points_per_centroid, rng))
-                           : x;
-  const int64_t m = train.dim(0);
+  Tensor train_rows = x;
+  if (sample) {
+    std::vector<int64_t> picked = sample_indices(n, k * o.max_points_per_centroid, rng), local;
+    std::sort(picked.begin(), picked.end());
+    for (int64_t i : picked)
+      if (i >= first && i < first + x.dim(0)) local.push_back(i - first);
+    train_rows = gather_rows(x, local);
+  }
+  const Points train(comm, train_rows);
+  const int64_t m = train.total, ml = train.rows();
   // scikit-learn's tolerance: tol times the mean variance of the features.
-  double mean_var = 0;
-  const float* tp = train.data<float>();
-  for (int64_t t = 0; t < d; ++t) {
-    double s = 0, s2 = 0;
-    for (int64_t i = 0; i < m; ++i) {
+  std::vector<double> moments(size_t(2 * d), 0.0);  // per feature: sum, sum of squares
+  const float* tp = train.local.data<float>();
+  for (int64_t t = 0; t < d; ++t)
+    for (int64_t i = 0; i < ml; ++i) {
       const double v = tp[i * d + t];
-      s += v, s2 += v * v;
+      moments[size_t(t)] += v, moments[size_t(d + t)] += v * v;
     }
+  train.sum(moments.data(), 2 * d);
+  double mean_var = 0;
+  for (int64_t t = 0; t < d; ++t) {
+    const double s = moments[size_t(t)], s2 = moments[size_t(d + t)];
     mean_var += s2 / double(m) - (s / double(m)) * (s / double(m));
   }
   const double tol = o.tol * mean_var / double(d);
 
   KMeansResult best;
   best.inertia = INFINITY;
-  Tensor labels = Tensor::empty({m}, DType::i32), dist = Tensor::empty({m}, DType::f32);
-  Tensor sums = Tensor::empty({k, d}, DType::f64), counts = Tensor::empty({k}, DType::i64);
+  Tensor labels = Tensor::empty({ml}, DType::i32), dist = Tensor::empty({ml}, DType::f32);
+  Tensor sums = Tensor::zeros({k, d}, DType::f64), counts = Tensor::zeros({k}, DType::i64);
   for (int init = 0; init < o.n_init; ++init) {
     Tensor centroids = o.init == KMeansOptions::Init::given ? o.initial_centroids.clone()
-                     : o.init == KMeansOptions::Init::random ? gather_rows(train, sample_indices(m, k, rng))
+                     : o.init == KMeansOptions::Init::random ? train.rows_at(sample_indices(m, k, rng))
                                                             : kmeanspp(disp, train, k, rng);
     if (o.spherical) normalise_rows(centroids);
     KMeansResult r;
     for (int it = 1; it <= o.max_iter; ++it) {
-      disp.kmeans_assign(train, centroids, labels, dist);
-      disp.kmeans_update(train, labels, sums, counts);
-      // Empty clusters move to the points farthest from their centroids (scikit-learn's repair).
-      std::vector<int64_t> empty;
-      for (int64_t j = 0; j < k; ++j)
-        if (counts.data<int64_t>()[j] == 0) empty.push_back(j);
-      std::vector<int64_t> far;
-      if (!empty.empty()) {
-        std::vector<int64_t> order(static_cast<size_t>(m));
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + int64_t(empty.size()), order.end(),
-                          [dp = dist.data<float>()](int64_t a, int64_t b) { return dp[a] > dp[b]; });
-        far.assign(order.begin(), order.begin() + int64_t(empty.size()));
+      if (ml > 0) {
+        disp.kmeans_assign(train.local, centroids, labels, dist);
+        disp.kmeans_update(train.local, labels, sums, counts);  // this rank's sums, from zero
+      } else {
+        std::fill(sums.data<double>(), sums.data<double>() + k * d, 0.0);
+        std::fill(counts.data<int64_t>(), counts.data<int64_t>() + k, int64_t(0));
       }
+      train.sum(sums.data<double>(), k * d);
+      train.sum(counts.data<int64_t>(), k);
+      // Empty clusters move to the points farthest from their centroids (scikit-learn's repair).
+      int64_t empty = 0;
+      for (int64_t j = 0; j < k; ++j) empty += counts.data<int64_t>()[j] == 0;
+      const Tensor far = empty ? train.rows_at(farthest_points(train, dist, empty)) : Tensor();
       Tensor next = Tensor::empty({k, d}, DType::f32);
       float* np_ = next.data<float>();
       const double* sp = sums.data<double>();
       const int64_t* cntp = counts.data<int64_t>();
       for (int64_t j = 0, e = 0; j < k; ++j) {
         const int64_t c = cntp[j];
-        for (int64_t t = 0; t < d; ++t) np_[j * d + t] = c > 0 ? float(sp[j * d + t] / double(c)) : tp[far[size_t(e)] * d + t];
-        if (c == 0) ++e;
+        if (c > 0) {
+          for (int64_t t = 0; t < d; ++t) np_[j * d + t] = float(sp[j * d + t] / double(c));
+        } else {
+          std::memcpy(np_ + j * d, far.data<float>() + e * d, size_t(d) * sizeof(float));
+          ++e;
+        }
       }
       if (o.spherical) normalise_rows(next);
       double shift = 0;
@@ -188,11 +288,12 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o) {
       }
     }
     // Labels and inertia over every point, not only the training sample.
-    Tensor all_labels = Tensor::empty({n}, DType::i32), all_dist = Tensor::empty({n}, DType::f32);
-    disp.kmeans_assign(x, centroids, all_labels, all_dist);
+    Tensor all_labels = Tensor::empty({x.dim(0)}, DType::i32), all_dist = Tensor::empty({x.dim(0)}, DType::f32);
+    if (x.dim(0) > 0) disp.kmeans_assign(x, centroids, all_labels, all_dist);
     double inertia = 0;
     const float* adp = all_dist.data<float>();
-    for (int64_t i = 0; i < n; ++i) inertia += adp[i];
+    for (int64_t i = 0; i < x.dim(0); ++i) inertia += adp[i];
+    inertia = train.sum(inertia);
     if (inertia < best.inertia) {
       best = r;
       best.inertia = inertia;

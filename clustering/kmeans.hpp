@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "core/comm.hpp"
 #include "dispatch/dispatcher.hpp"
 
 namespace hybrit {
@@ -27,7 +28,7 @@ struct KMeansOptions {
 
 struct KMeansResult {
   Tensor centroids;  // (k, d) f32
-  Tensor labels;     // (n,) i32, for every point
+  Tensor labels;     // (n,) i32, for every point (over ranks: this rank's points)
   double inertia = 0;  // sum of squared distances of every point to its centroid
   int iterations = 0;  // of the winning initialisation
   bool converged = false;
@@ -35,6 +36,14 @@ struct KMeansResult {
 
 // Errors (one line each): k > n, d = 0, empty input, NaN or Inf in the data (naming the point),
 // given centroids of the wrong shape.
-KMeansResult kmeans(Dispatcher& dispatcher, const Tensor& points, const KMeansOptions& options);
+//
+// Over the ranks of a job (`comm` with several processes; mpirun hybrit reduce): `points` are this
+// rank's rows of the whole, the ranks holding consecutive pieces in rank order (any sizes, empty
+// ones too). The training sample, the k-means++ draws and the empty-cluster repair are those one
+// process makes over the whole; each Lloyd iteration assigns the local points and all-reduces the
+// per-cluster sums and counts. Centroids, iterations and inertia come out the same on every rank
+// and, within float rounding of the sums' order, as one process computes them; labels are the
+// local rows'.
+KMeansResult kmeans(Dispatcher& dispatcher, const Tensor& points, const KMeansOptions& options, Comm* comm = nullptr);
 
 }  // namespace hybrit

@@ -168,6 +168,14 @@ void Comm::allreduce_sum(double* data, int64_t n) {
 #endif
 }
 
+void Comm::allreduce_sum(int64_t* data, int64_t n) {
+#ifdef HYBRIT_HAVE_MPI
+  if (size_ > 1) allreduce_in_place(data, n, MPI_INT64_T, MPI_SUM);
+#else
+  (void)data, (void)n;
+#endif
+}
+
 void Comm::allreduce_max(int64_t* data, int64_t n) {
 #ifdef HYBRIT_HAVE_MPI
   if (size_ > 1) allreduce_in_place(data, n, MPI_INT64_T, MPI_MAX);
@@ -217,6 +225,54 @@ void Comm::barrier() {
 #ifdef HYBRIT_HAVE_MPI
   check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
 #endif
+}
+
+std::vector<float> Comm::exchange(const std::vector<std::vector<float>>& to, std::vector<int64_t>& from) {
+  if (int(to.size()) != size_) fail(ErrorKind::invalid_argument, "Comm::exchange: ", to.size(), " pieces for ", size_, " ranks");
+  from.assign(size_t(size_) + 1, 0);
+  if (size_ == 1) {
+    from[1] = int64_t(to[0].size());
+    return to[0];
+  }
+#ifdef HYBRIT_HAVE_MPI
+  // Every rank learns every piece's length first (one int64 all-to-all), then the floats move in
+  // one MPI_Alltoallv, whose int counts and displacements bound each rank's share.
+  std::vector<int64_t> send_counts(static_cast<size_t>(size_)), recv_counts(static_cast<size_t>(size_));
+  for (int q = 0; q < size_; ++q) send_counts[size_t(q)] = int64_t(to[size_t(q)].size());
+  check(MPI_Alltoall(send_counts.data(), 1, MPI_INT64_T, recv_counts.data(), 1, MPI_INT64_T, MPI_COMM_WORLD), "MPI_Alltoall");
+  const size_t ranks = static_cast<size_t>(size_);
+  std::vector<int> sc(ranks), sd(ranks), rc(ranks), rd(ranks);
+  int64_t sent = 0;
+  for (int q = 0; q < size_; ++q) {
+    from[size_t(q) + 1] = from[size_t(q)] + recv_counts[size_t(q)];
+    sent += send_counts[size_t(q)];
+  }
+  if (sent > INT_MAX || from.back() > INT_MAX)
+    fail(ErrorKind::unsupported, "Comm::exchange: ", std::max(sent, from.back()), " values to or from rank ", rank_, ", more than one MPI_Alltoallv moves (", INT_MAX,
+         "): run more ranks");
+  std::vector<float> send;
+  send.reserve(size_t(sent));
+  for (int q = 0; q < size_; ++q) {
+    sc[size_t(q)] = int(send_counts[size_t(q)]), sd[size_t(q)] = int(send.size());
+    send.insert(send.end(), to[size_t(q)].begin(), to[size_t(q)].end());
+    rc[size_t(q)] = int(recv_counts[size_t(q)]), rd[size_t(q)] = int(from[size_t(q)]);
+  }
+  std::vector<float> received(size_t(from.back()));
+  check(MPI_Alltoallv(send.data(), sc.data(), sd.data(), MPI_FLOAT, received.data(), rc.data(), rd.data(), MPI_FLOAT, MPI_COMM_WORLD), "MPI_Alltoallv");
+  return received;
+#else
+  return {};
+#endif
+}
+
+std::vector<int64_t> row_offsets(Comm* comm, int64_t local_rows) {
+  const int size = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  std::vector<int64_t> counts(size_t(size), 0);
+  counts[size_t(rank)] = local_rows;
+  if (comm) comm->allreduce_sum(counts.data(), size);
+  std::vector<int64_t> offsets(size_t(size) + 1, 0);
+  for (int r = 0; r < size; ++r) offsets[size_t(r) + 1] = offsets[size_t(r)] + counts[size_t(r)];
+  return offsets;
 }
 
 void Comm::start_allreduce_sum(float* data, int64_t n) {

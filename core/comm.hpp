@@ -36,6 +36,7 @@ class Comm {
   // In place, the same result on every rank. Sizes beyond INT_MAX are sent in pieces.
   void allreduce_sum(float* data, int64_t n);
   void allreduce_sum(double* data, int64_t n);
+  void allreduce_sum(int64_t* data, int64_t n);
   void allreduce_max(int64_t* data, int64_t n);
   // True on every rank when `flag` is true on any.
   bool any(bool flag);
@@ -45,6 +46,20 @@ class Comm {
   // `text` as rank `root` has it, on every rank.
   std::string broadcast(std::string text, int root);
   void barrier();
+  // All-to-all: `to[q]` goes to rank q; returns what every rank sent this one, concatenated in
+  // rank order (`from` gets where each rank's piece starts: size() + 1 offsets). One process:
+  // `to[0]` comes back.
+  std::vector<float> exchange(const std::vector<std::vector<float>>& to, std::vector<int64_t>& from);
+
+  // The rows [begin, end) of `n` that rank `rank` of `size` takes when the ranks split a set in
+  // consecutive pieces in rank order: [n r / N, n (r + 1) / N), sizes differing by at most one.
+  // Training splits a batch this way, reduce its records.
+  struct Share {
+    int64_t begin, end;
+    int64_t size() const { return end - begin; }
+  };
+  static Share share_of(int64_t n, int rank, int size) { return {n * rank / size, n * (rank + 1) / size}; }
+  Share share(int64_t n) const { return share_of(n, rank_, size_); }
 
   // A sum in place that may still be in flight when it returns; progress() lets MPI move it on,
   // wait_all() finishes every one started. Data must not be touched until wait_all().
@@ -63,6 +78,11 @@ class Comm {
   int rank_ = 0, size_ = 1, local_size_ = 1;
   std::string host_;
 };
+
+// Where each rank's rows start in a set the ranks hold in consecutive pieces in rank order, each
+// rank giving how many it holds: size() + 1 offsets, the last the total, the same on every rank.
+// `comm` null: this process alone ({0, local_rows}).
+std::vector<int64_t> row_offsets(Comm* comm, int64_t local_rows);
 
 // Whether a launcher (mpirun, mpiexec, srun) started this process as part of a job, by the
 // environment it sets, and how many processes the job has (1 when none did).

@@ -222,10 +222,10 @@ class GradientSum {
 std::vector<std::pair<int64_t, int64_t>> Trainer::local_chunks() const {
   // This rank's rows of the global batch, [B r / N, B (r + 1) / N), in micro-batches of at most
   // train.batch / train.grad_accum rows (the memory a micro-batch takes does not depend on N).
-  const int64_t B = config_.train.batch, N = comm_.size(), r = comm_.rank();
-  const int64_t begin = B * r / N, end = B * (r + 1) / N, micro = B / config_.train.grad_accum;
+  const Comm::Share rows = comm_.share(config_.train.batch);
+  const int64_t micro = config_.train.batch / config_.train.grad_accum;
   std::vector<std::pair<int64_t, int64_t>> chunks;
-  for (int64_t row = begin; row < end; row += micro) chunks.push_back({row, std::min(micro, end - row)});
+  for (int64_t row = rows.begin; row < rows.end; row += micro) chunks.push_back({row, std::min(micro, rows.end - row)});
   return chunks;
 }
 
