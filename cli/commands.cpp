@@ -190,8 +190,10 @@ CLI::App* ReduceCommand::add(CLI::App& app) {
 int ReduceCommand::run(const GlobalOptions& g) {
   ReduceConfig cfg = load_reduce_config(config, sets);
   cfg.dispatch_sources = g.dispatcher();
-  if (out.empty()) out = default_run_folder(fs::path(config).stem().string());
+  Comm& comm = Comm::world();
+  if (out.empty()) out = comm.broadcast(default_run_folder(fs::path(config).stem().string()), 0);  // rank 0's clock names the folder
   const nlohmann::json r = run_reduce(cfg, out);
+  if (!comm.root()) return 0;  // rank 0 reports for the job
   std::cout << format_reduce_report(r);
   std::printf("report: %s/report.json; train on it with: hybrit train configs/tiny.yaml --set data.sources=%s\n", out.c_str(),
               r["output"].get<std::string>().c_str());

@@ -158,10 +158,10 @@ int main(int argc, char** argv) {
   }
 
   try {
-    // Under mpirun only training runs across ranks (and info shows each rank's layout); the
-    // other commands would run N copies of one job.
-    if (launched_job_size() > 1 && !*info_app && !*train_app)
-      fail(ErrorKind::unsupported, "hybrit ", app.get_subcommands().front()->get_name(), " runs in one process; under mpirun only hybrit train (and hybrit info) run across ",
+    // Under mpirun training and reduction run across ranks (and info shows each rank's layout);
+    // the other commands would run N copies of one job.
+    if (launched_job_size() > 1 && !*info_app && !*train_app && !*reduce_app)
+      fail(ErrorKind::unsupported, "hybrit ", app.get_subcommands().front()->get_name(), " runs in one process; under mpirun only hybrit train and hybrit reduce (and hybrit info) run across ",
            launched_job_size(), " ranks: run it without mpirun");
     if (*info_app) return info.run(global);
     if (*report_app) return report.run(global);

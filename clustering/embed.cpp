@@ -88,8 +88,9 @@ void l2_normalise(float* row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) row[j] *= inv;
 }
 
-Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& records, const NgramEmbeddingOptions& o) {
-  if (records.empty()) fail(ErrorKind::invalid_argument, "embedding: no records");
+Tensor embed_ngrams(Dispatcher& dispatcher, std::span<const std::string> records, const NgramEmbeddingOptions& o, Comm* comm) {
+  if (comm && !comm->distributed()) comm = nullptr;
+  if (records.empty() && !comm) fail(ErrorKind::invalid_argument, "embedding: no records");
   if (o.dim < 1 || o.dim > (int64_t(1) << 24)) fail(ErrorKind::invalid_argument, "embedding.dim: expected 1 to 16777216, got ", o.dim);
   auto check_range = [](const char* key, int lo, int hi) {
     if (lo == 0 && hi == 0) return;
@@ -113,8 +114,15 @@ Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& reco
     for (size_t i = 0; i < s.buckets.size(); ++i)
       if (i == 0 || s.buckets[i] != s.buckets[i - 1]) df[s.buckets[i]].fetch_add(1, std::memory_order_relaxed);
   });
+  // Over ranks, the whole corpus's frequencies and record count.
+  std::vector<int64_t> df_all(static_cast<size_t>(d) + 1);
+  for (int64_t j = 0; j < d; ++j) df_all[size_t(j)] = df[size_t(j)].load();
+  df_all[size_t(d)] = n;
+  if (comm) comm->allreduce_sum(df_all.data(), d + 1);
+  const int64_t records_all = df_all[size_t(d)];
+  if (records_all == 0) fail(ErrorKind::invalid_argument, "embedding: no records");
   std::vector<float> idf(static_cast<size_t>(d));
-  for (int64_t j = 0; j < d; ++j) idf[size_t(j)] = float(std::log((1.0 + double(n)) / (1.0 + double(df[size_t(j)].load()))) + 1.0);
+  for (int64_t j = 0; j < d; ++j) idf[size_t(j)] = float(std::log((1.0 + double(records_all)) / (1.0 + double(df_all[size_t(j)]))) + 1.0);
 
   // Pass 2: the rows (hashing again costs less than keeping every record's n-grams).
   Tensor out = Tensor::zeros({n, d}, DType::f32);
@@ -134,7 +142,7 @@ Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& reco
   return out;
 }
 
-Tensor embed_with_model(Dispatcher& dispatcher, const std::vector<std::string>& records, const ModelEmbeddingOptions& o) {
+Tensor embed_with_model(Dispatcher& dispatcher, std::span<const std::string> records, const ModelEmbeddingOptions& o) {
   if (records.empty()) fail(ErrorKind::invalid_argument, "embedding: no records");
   if (o.checkpoint.empty()) fail(ErrorKind::invalid_argument, "embedding.checkpoint: the model embedding needs a training checkpoint (.h5)");
   if (o.max_tokens < 0) fail(ErrorKind::invalid_argument, "embedding.max_tokens: expected >= 0, got ", o.max_tokens);

@@ -2,9 +2,11 @@
 // TF-IDF weighted) or from a trained checkpoint (mean-pooled final hidden states). Both are
 // L2-normalised, so squared distances and cosine similarities rank records alike.
 #pragma once
+#include <span>
 #include <string>
 #include <vector>
 
+#include "core/comm.hpp"
 #include "dispatch/dispatcher.hpp"
 
 namespace hybrit {
@@ -26,7 +28,10 @@ struct NgramEmbeddingOptions {
 // L2-normalised (a record with no n-gram at all gets a zero row). The same records give the same
 // rows on any thread count.
 // The per-record loops run on `dispatcher`'s threads (Dispatcher::parallel_for).
-Tensor embed_ngrams(Dispatcher& dispatcher, const std::vector<std::string>& records, const NgramEmbeddingOptions& options);
+// Over the ranks of a job (`comm` with several processes) `records` are this rank's share: the
+// document frequencies are summed over the ranks (integers: exact), so each rank's rows are the
+// rows one process gives those records, bit for bit.
+Tensor embed_ngrams(Dispatcher& dispatcher, std::span<const std::string> records, const NgramEmbeddingOptions& options, Comm* comm = nullptr);
 
 struct ModelEmbeddingOptions {
   std::string checkpoint;   // a training checkpoint (.h5)
@@ -37,6 +42,7 @@ struct ModelEmbeddingOptions {
 // (records, model dim) f32: each record is tokenized with the checkpoint's tokenizer, cut into
 // windows of the model's context, run through the model (matmuls through `dispatcher`), and the
 // final hidden states of all its tokens averaged, then L2-normalised.
-Tensor embed_with_model(Dispatcher& dispatcher, const std::vector<std::string>& records, const ModelEmbeddingOptions& options);
+// Each record's vector depends on that record alone, so ranks embed their shares independently.
+Tensor embed_with_model(Dispatcher& dispatcher, std::span<const std::string> records, const ModelEmbeddingOptions& options);
 
 }  // namespace hybrit

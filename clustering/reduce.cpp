@@ -8,8 +8,10 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <span>
 #include <sstream>
 
+#include "core/comm.hpp"
 #include "core/log.hpp"
 #include "core/rng.hpp"
 #include "dispatch/report.hpp"
@@ -115,10 +117,33 @@ std::vector<int64_t> balanced_quota(const std::vector<int64_t>& sizes, int64_t t
 
 }  // namespace
 
-Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansResult& clusters, const SelectOptions& o) {
+namespace {
+
+// Which rank scores each cluster's near-duplicates: the largest pieces of work (size^2) first,
+// each to the rank with the least so far (ties to the lower rank).
+std::vector<int> duplicate_score_owners(const std::vector<std::vector<int64_t>>& members, int ranks) {
+  std::vector<size_t> order(members.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return members[a].size() > members[b].size(); });
+  std::vector<double> load(static_cast<size_t>(ranks), 0.0);
+  std::vector<int> owner(members.size(), 0);
+  for (size_t c : order) {
+    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[c] = r;
+    load[size_t(r)] += double(members[c].size()) * double(members[c].size());
+  }
+  return owner;
+}
+
+}  // namespace
+
+Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansResult& clusters, const SelectOptions& o, Comm* comm) {
+  if (comm && !comm->distributed()) comm = nullptr;
   if (x.dtype() != DType::f32 || x.shape().size() != 2) fail(ErrorKind::invalid_argument, "select_records: embeddings must be a 2-d f32 array, got ", shape_str(x.shape()));
-  const int64_t n = x.shape()[0], d = x.shape()[1];
-  if (n < 1 || d < 1) fail(ErrorKind::invalid_argument, "select_records: no records or no features (", shape_str(x.shape()), ")");
+  const int ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  const std::vector<int64_t> offsets = row_offsets(comm, x.shape()[0]);
+  const int64_t n = offsets.back(), d = x.shape()[1], first = offsets[size_t(rank)], local = x.shape()[0];
+  if (n < 1 || d < 1) fail(ErrorKind::invalid_argument, "select_records: no records or no features (", shape_str({n, d}), ")");
   const int64_t target = target_count(o, n);
   Selection s;
   s.distance.assign(size_t(n), 0.0f);
@@ -136,43 +161,78 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   }
 
   const int64_t k = clusters.centroids.shape().empty() ? 0 : clusters.centroids.shape()[0];
-  if (k < 1 || clusters.centroids.shape().size() != 2 || clusters.centroids.shape()[1] != d || clusters.labels.numel() != n)
+  if (k < 1 || clusters.centroids.shape().size() != 2 || clusters.centroids.shape()[1] != d || clusters.labels.numel() != local)
     fail(ErrorKind::invalid_argument, "select_records: the clustering (centroids ", shape_str(clusters.centroids.shape()), ", ", clusters.labels.numel(),
          " labels) does not match the embeddings ", shape_str(x.shape()));
   const float* xp = x.data<float>();
   const float* cp = clusters.centroids.data<float>();
-  const int32_t* labels = clusters.labels.data<int32_t>();
-  std::vector<std::vector<int64_t>> members(static_cast<size_t>(k));
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t c = labels[i];
-    if (c < 0 || c >= k) fail(ErrorKind::invalid_argument, "select_records: label ", c, " of record ", i, " is outside [0, ", k, ")");
-    members[size_t(c)].push_back(i);
+  // Every record's cluster and distance to its centroid, on every rank (each rank fills in its
+  // own records and adds zeros to the others': exact).
+  std::vector<int64_t> label_of(static_cast<size_t>(n), 0);
+  std::fill(s.distance.begin(), s.distance.end(), 0.0f);
+  for (int64_t i = 0; i < local; ++i) {
+    const int32_t c = clusters.labels.data<int32_t>()[i];
+    if (c < 0 || c >= k) fail(ErrorKind::invalid_argument, "select_records: label ", c, " of record ", first + i, " is outside [0, ", k, ")");
+    label_of[size_t(first + i)] = c;
     double dist = 0;
     for (int64_t j = 0; j < d; ++j) {
       const double diff = double(xp[i * d + j]) - cp[c * d + j];
       dist += diff * diff;
     }
-    s.distance[size_t(i)] = float(dist);
+    s.distance[size_t(first + i)] = float(dist);
   }
+  if (comm) {
+    comm->allreduce_sum(label_of.data(), n);
+    comm->allreduce_sum(s.distance.data(), n);
+  }
+  std::vector<std::vector<int64_t>> members(static_cast<size_t>(k));
+  for (int64_t i = 0; i < n; ++i) members[size_t(label_of[size_t(i)])].push_back(i);
   // Within each cluster: farthest from the centroid first (ties by record index).
   for (auto& m : members)
     std::stable_sort(m.begin(), m.end(), [&](int64_t a, int64_t b) { return s.distance[size_t(a)] > s.distance[size_t(b)]; });
 
   // Duplicate scores: cosine similarities of unit rows, a block of rows against every row before
-  // it in the cluster's order, through the dispatcher's matmul.
-  constexpr int64_t kBlock = 512;
-  ProgressBar bar("near-duplicates", n);
-  int64_t scored = 0;
-  for (const auto& m : members) {
-    const int64_t size = int64_t(m.size());
-    if (size < 2) {
-      scored += size;
-      continue;
+  // it in the cluster's order, through the dispatcher's matmul. Over ranks each cluster is scored
+  // by one rank (duplicate_score_owners), which first receives its members' rows from the ranks
+  // holding them: each rank sends, per destination, its rows of that rank's clusters in cluster
+  // order and member order, and the receiver walks the same order to place them.
+  const std::vector<int> owner = duplicate_score_owners(members, ranks);
+  auto holder = [&](int64_t record) { return int(std::upper_bound(offsets.begin(), offsets.end(), record) - offsets.begin()) - 1; };
+  std::vector<float> received;
+  std::vector<int64_t> received_from;
+  if (comm) {
+    std::vector<std::vector<float>> to(static_cast<size_t>(ranks));
+    for (int64_t c = 0; c < k; ++c) {
+      if (members[size_t(c)].size() < 2) continue;
+      auto& piece = to[size_t(owner[size_t(c)])];
+      for (int64_t i : members[size_t(c)])
+        if (i >= first && i < first + local) piece.insert(piece.end(), xp + (i - first) * d, xp + (i - first + 1) * d);
     }
+    received = comm->exchange(to, received_from);
+  }
+  std::vector<int64_t> next_from(received_from.begin(), received_from.end());  // the next row each rank sent, in floats
+  constexpr int64_t kBlock = 512;
+  int64_t mine = 0;
+  for (int64_t c = 0; c < k; ++c)
+    if (owner[size_t(c)] == rank && members[size_t(c)].size() >= 2) mine += int64_t(members[size_t(c)].size());
+  ProgressBar bar("near-duplicates", mine);
+  int64_t scored = 0;
+  std::vector<float> dup_mine(static_cast<size_t>(n), 0.0f);  // this rank's scores; zeros elsewhere
+  for (int64_t c = 0; c < k; ++c) {
+    const auto& m = members[size_t(c)];
+    const int64_t size = int64_t(m.size());
+    if (size < 2 || owner[size_t(c)] != rank) continue;
     Tensor unit = Tensor::empty({size, d}, DType::f32);
     for (int64_t r = 0; r < size; ++r) {
       float* row = unit.data<float>() + r * d;
-      std::memcpy(row, xp + m[size_t(r)] * d, size_t(d) * sizeof(float));
+      const int64_t i = m[size_t(r)];
+      if (!comm) {
+        std::memcpy(row, xp + i * d, size_t(d) * sizeof(float));
+      } else {
+        int64_t& at = next_from[size_t(holder(i))];
+        std::memcpy(row, received.data() + at, size_t(d) * sizeof(float));
+        at += d;
+      }
       l2_normalise(row, d);
     }
     for (int64_t b0 = 0; b0 < size; b0 += kBlock) {
@@ -183,13 +243,17 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
         const float* row = sims.data<float>() + (r - b0) * b1;
         float best = -1.0f;
         for (int64_t i = 0; i < r; ++i) best = std::max(best, row[i]);
-        s.dup_score[size_t(m[size_t(r)])] = std::min(best, 1.0f);
+        dup_mine[size_t(m[size_t(r)])] = std::min(best, 1.0f);
       }
       bar.update(scored + b1);
     }
     scored += size;
   }
   bar.finish();
+  if (comm) comm->allreduce_sum(dup_mine.data(), n);
+  for (int64_t c = 0; c < k; ++c)
+    if (members[size_t(c)].size() >= 2)
+      for (int64_t i : members[size_t(c)]) s.dup_score[size_t(i)] = dup_mine[size_t(i)];
 
   std::vector<int64_t> sizes(static_cast<size_t>(k));
   for (int64_t c = 0; c < k; ++c) sizes[size_t(c)] = int64_t(members[size_t(c)].size());
@@ -240,10 +304,10 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   for (int64_t i = 0; i < n; ++i) {
     const bool dup = s.dup_score[size_t(i)] > float(1.0 - dup_eps);
     s.near_duplicates += dup;
-    s.cluster_near_duplicates[size_t(labels[i])] += dup;
+    s.cluster_near_duplicates[size_t(label_of[size_t(i)])] += dup;
     if (keep[size_t(i)]) {
       s.kept.push_back(i);
-      ++s.cluster_kept[size_t(labels[i])];
+      ++s.cluster_kept[size_t(label_of[size_t(i)])];
     } else {
       s.near_duplicates_removed += dup;
     }
@@ -390,27 +454,38 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   DispatcherOptions dopt = c.dispatch_sources;
   dopt.config_section = c.dispatch;
   resolve_overrides(dopt);  // every dispatch source parsed before the output folder exists
+  // Under mpirun every rank runs this: each embeds and clusters its share of the records, and
+  // rank 0 alone touches the output folder (a refusal there ends the whole job).
+  Comm& job = Comm::world();
+  Comm* comm = job.distributed() ? &job : nullptr;
   std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  if (ec) fail(ErrorKind::io, out_dir, ": cannot create the output folder (", ec.message(), ")");
-  if (fs::exists(fs::path(out_dir) / "report.json"))
-    fail(ErrorKind::invalid_argument, out_dir, ": already holds a reduction (report.json); choose another --out or remove it");
+  if (job.root()) {
+    fs::create_directories(out_dir, ec);
+    if (ec) fail(ErrorKind::io, out_dir, ": cannot create the output folder (", ec.message(), ")");
+    if (fs::exists(fs::path(out_dir) / "report.json"))
+      fail(ErrorKind::invalid_argument, out_dir, ": already holds a reduction (report.json); choose another --out or remove it");
+  }
 
   nlohmann::json report;
   nlohmann::json& stages = report["seconds"];
   Timer total, t;
   const Corpus corpus = read_corpus(c.sources, c.format);
   const int64_t n = int64_t(corpus.records.size());
+  if (n < job.size())
+    fail(ErrorKind::invalid_argument, "reduce: ", n, " records for ", job.size(), " ranks: each rank needs at least one record; run at most ", n, " ranks");
+  const Comm::Share share = job.share(n);  // this rank's records
+  const std::span<const std::string> records(corpus.records.data() + share.begin, size_t(share.size()));
   stages["read"] = t.seconds();
-  log_info("read ", n, " records (", to_string(corpus.format), ") from ", corpus.files.size(), " files");
+  log_info("read ", n, " records (", to_string(corpus.format), ") from ", corpus.files.size(), " files",
+           comm ? cat("; ", job.size(), " ranks embed and cluster ", share.size(), " or so each") : std::string());
 
   Dispatcher dispatcher(dopt);
   KMeansResult clusters;
   Tensor embeddings;
   if (c.select.strategy != ReduceStrategy::random) {
     t.reset();
-    if (c.embedding == ReduceConfig::Embedding::ngram) embeddings = embed_ngrams(dispatcher, corpus.records, c.ngram);
-    else embeddings = embed_with_model(dispatcher, corpus.records, c.model);
+    if (c.embedding == ReduceConfig::Embedding::ngram) embeddings = embed_ngrams(dispatcher, records, c.ngram, comm);
+    else embeddings = embed_with_model(dispatcher, records, c.model);
     stages["embed"] = t.seconds();
     log_info("embedded ", n, " records as ", embeddings.shape()[1], "-d vectors (", c.embedding == ReduceConfig::Embedding::ngram ? "n-gram TF-IDF" : "model", ") in ",
              format_seconds(stages["embed"].get<double>()));
@@ -418,7 +493,7 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
     KMeansOptions ko = c.kmeans;
     ko.k = c.k > 0 ? c.k : default_cluster_count(n);
     if (ko.k > n) fail(ErrorKind::invalid_argument, c.source, ": clustering.k: ", ko.k, " clusters for ", n, " records");
-    clusters = kmeans(dispatcher, embeddings, ko);
+    clusters = kmeans(dispatcher, embeddings, ko, comm);
     stages["kmeans"] = t.seconds();
     log_info("k-means: k ", ko.k, ", ", clusters.iterations, " iterations", clusters.converged ? " (converged)" : " (max_iter reached)", ", inertia ",
              clusters.inertia, " in ", format_seconds(stages["kmeans"].get<double>()));
@@ -426,8 +501,14 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
                         {"spherical", ko.spherical}};
   }
   t.reset();
-  const Selection s = select_records(dispatcher, embeddings.numel() > 0 ? embeddings : Tensor::zeros({n, 1}, DType::f32), clusters, c.select);
+  const Selection s = select_records(dispatcher, embeddings.numel() > 0 ? embeddings : Tensor::zeros({share.size(), 1}, DType::f32), clusters, c.select, comm);
   stages["select"] = t.seconds();
+  // Every record's cluster, for selection.tsv (each rank fills in its own).
+  std::vector<int64_t> label_of(static_cast<size_t>(n), 0);
+  if (clusters.labels.numel() == share.size())
+    for (int64_t i = 0; i < share.size(); ++i) label_of[size_t(share.begin + i)] = clusters.labels.data<int32_t>()[i];
+  job.allreduce_sum(label_of.data(), n);
+  if (!job.root()) return report;  // rank 0 writes for the job
 
   t.reset();
   const std::string corpus_path = (fs::path(out_dir) / corpus_file_name(corpus.format)).string();
@@ -438,14 +519,14 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
     std::vector<char> kept(size_t(n), 0);
     for (int64_t i : s.kept) kept[size_t(i)] = 1;
     for (int64_t i = 0; i < n; ++i)
-      tsv << i << '\t' << (clusters.labels.numel() == n ? clusters.labels.data<int32_t>()[i] : 0) << '\t' << s.distance[size_t(i)] << '\t'
-          << s.dup_score[size_t(i)] << '\t' << int(kept[size_t(i)]) << '\n';
+      tsv << i << '\t' << label_of[size_t(i)] << '\t' << s.distance[size_t(i)] << '\t' << s.dup_score[size_t(i)] << '\t' << int(kept[size_t(i)]) << '\n';
     write_file_atomically((fs::path(out_dir) / "selection.tsv").string(), tsv.str());
   }
   stages["write"] = t.seconds();
   stages["total"] = total.seconds();
 
   report["config"] = c.source;
+  report["ranks"] = job.size();
   report["input"] = {{"records", n}, {"files", corpus.files.size()}, {"format", to_string(corpus.format)}};
   report["embedding"] = c.select.strategy == ReduceStrategy::random ? nlohmann::json("none (random)")
                         : c.embedding == ReduceConfig::Embedding::ngram

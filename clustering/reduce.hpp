@@ -56,7 +56,12 @@ struct Selection {
 // The records of `embeddings` (n, d) to keep, given their clustering. Similarities go through the
 // dispatcher's matmul, a cluster's rows in blocks. Errors: a target outside its range, none or two
 // of fraction/count/eps, eps for a strategy other than semdedup.
-Selection select_records(Dispatcher& dispatcher, const Tensor& embeddings, const KMeansResult& clusters, const SelectOptions& options);
+//
+// Over the ranks of a job (`comm` with several processes): `embeddings` and the clustering's labels
+// are this rank's records, the ranks holding consecutive pieces in rank order (kmeans' layout).
+// Each cluster's near-duplicates are scored by one rank, which receives that cluster's rows; the
+// Selection, over every record, comes out the same on every rank and as one process makes it.
+Selection select_records(Dispatcher& dispatcher, const Tensor& embeddings, const KMeansResult& clusters, const SelectOptions& options, Comm* comm = nullptr);
 
 struct ReduceConfig {
   uint64_t seed = 1;

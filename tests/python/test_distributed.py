@@ -189,9 +189,105 @@ def test_a_failing_rank_ends_the_job_with_its_message(cli, mpirun, tmp_path):
 
 
 def test_other_commands_say_they_run_in_one_process(cli, mpirun, tmp_path):
-    r = subprocess.run([*mpirun, "-np", "2", cli, "reduce", os.path.join(ROOT, "configs", "reduce.yaml"), "--out", str(tmp_path / "r")],
+    r = subprocess.run([*mpirun, "-np", "2", cli, "dispatch-report", "--quick", "--save", str(tmp_path / "p.yaml")],
                        capture_output=True, text=True, env=env(), timeout=300)
-    assert r.returncode != 0 and "hybrit reduce runs in one process" in r.stderr, r.stderr
-    assert not (tmp_path / "r").exists()
+    assert r.returncode != 0 and "hybrit dispatch-report runs in one process" in r.stderr, r.stderr
+    assert not (tmp_path / "p.yaml").exists()
     r = subprocess.run([*mpirun, "-np", "2", cli, "info"], capture_output=True, text=True, env=env(), timeout=300)
     assert r.returncode == 0 and "rank 0 of 2" in r.stdout and "rank 1 of 2" in r.stdout, r.stdout
+
+
+# --- mpirun hybrit reduce ---------------------------------------------------------------------
+
+REDUCE = os.path.join(ROOT, "configs", "reduce.yaml")
+# Two fortune files, about 2,200 records: uneven shares over 2 and 3 ranks.
+SMALL_CORPUS = "--set", "data.sources=[/usr/share/games/fortunes/computers,/usr/share/games/fortunes/cookie]"
+
+
+def reduce(cli, mpirun, ranks, out, *args, check=True):
+    # One backend for every op (--backend c), so one process and the ranks run the same kernels:
+    # left to choose, the dispatcher can give one process's larger matmuls to tbb, whose float sums
+    # differ from c's in the last bits.
+    command = ([*mpirun, "-np", str(ranks)] if ranks > 1 else []) + [cli, "reduce", REDUCE, "--backend", "c", "--out", str(out), *SMALL_CORPUS, *args]
+    r = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def selection(out):
+    rows = [line.split("\t") for line in (out / "selection.tsv").read_text().splitlines()[1:]]
+    return {"cluster": [int(r[1]) for r in rows], "distance": np.array([float(r[2]) for r in rows]),
+            "dup_score": np.array([float(r[3]) for r in rows]), "kept": [int(r[4]) for r in rows]}
+
+
+@pytest.mark.parametrize("ranks, args", [
+    # k 12 with at most 32 points per centroid: k-means trains on a sample of 384 records that the
+    # ranks hold unevenly.
+    (2, ["--set", "clustering.k=12", "--set", "clustering.max_points_per_centroid=32"]),
+    (3, ["--set", "clustering.k=12", "--set", "clustering.max_points_per_centroid=32", "--set", "clustering.init=random"]),
+    (3, ["--set", "reduce.strategy=semdedup"]),
+    (2, ["--set", "reduce.strategy=balanced", "--set", "clustering.k=auto"]),
+    (2, ["--set", "reduce.strategy=hard", "--set", "reduce.fraction=0.3"]),
+    (3, ["--set", "reduce.strategy=random"]),
+])
+def test_reduce_over_ranks_writes_what_one_process_writes(cli, mpirun, tmp_path, ranks, args):
+    reduce(cli, mpirun, 1, tmp_path / "one", *args)
+    r = reduce(cli, mpirun, ranks, tmp_path / "many", *args)
+    one, many = tmp_path / "one", tmp_path / "many"
+    corpus = [p.name for p in one.iterdir() if p.name.startswith("corpus.")]
+    assert len(corpus) == 1 and (one / corpus[0]).read_bytes() == (many / corpus[0]).read_bytes()
+    # The same records kept, the same clusters: every sum that decides them is an integer count or
+    # a float sum the ranks add in another order, and here no decision falls on the last bit.
+    a, b = selection(one), selection(many)
+    assert a["kept"] == b["kept"] and a["cluster"] == b["cluster"]
+    np.testing.assert_allclose(a["distance"], b["distance"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["dup_score"], b["dup_score"], rtol=1e-5, atol=1e-6)
+    ra, rb = json.loads((one / "report.json").read_text()), json.loads((many / "report.json").read_text())
+    assert ra["ranks"] == 1 and rb["ranks"] == ranks
+    assert ra["kept"] == rb["kept"] and ra["clusters"] == rb["clusters"] and ra["near_duplicates"] == rb["near_duplicates"]
+    if "kmeans" in ra:
+        assert ra["kmeans"]["iterations"] == rb["kmeans"]["iterations"]
+        assert rb["kmeans"]["inertia"] == pytest.approx(ra["kmeans"]["inertia"], rel=1e-6)
+    # Rank 0 alone writes and reports.
+    assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert r.stdout.count("kept ") == 1 and "[rank 1]" not in r.stderr, r.stdout + r.stderr
+
+
+def test_reduce_over_ranks_repeats_bit_for_bit_on_tbb(cli, mpirun, tmp_path):
+    # Left to the dispatcher (tbb where it pays): the same ranks twice give the same bytes.
+    for name in ("a", "b"):
+        command = [*mpirun, "-np", "2", cli, "reduce", REDUCE, "--out", str(tmp_path / name), *SMALL_CORPUS, "--set", "reduce.strategy=semdedup"]
+        r = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a" / "selection.tsv").read_bytes() == (tmp_path / "b" / "selection.tsv").read_bytes()
+
+
+def test_reduce_over_ranks_with_model_embeddings(cli, mpirun, tmp_path):
+    train(cli, mpirun, 1, tmp_path / "model", "--set", "train.steps=2", "--set", "model.context=32")
+    ckpt = str(tmp_path / "model" / "ckpt-00000002.h5")
+    args = ["--set", "embedding.kind=model", "--set", f"embedding.checkpoint={ckpt}", "--set", "embedding.max_tokens=64",
+            "--set", "clustering.k=8", "--set", "reduce.strategy=semdedup", "--set", "reduce.fraction=0.5"]
+    reduce(cli, mpirun, 1, tmp_path / "one", *args)
+    reduce(cli, mpirun, 2, tmp_path / "two", *args)
+    a, b = selection(tmp_path / "one"), selection(tmp_path / "two")
+    # Each record's vector comes from its own forward passes on either side; the passes batch
+    # other windows beside it, which may move the last bits.
+    assert sum(a["kept"]) == sum(b["kept"])
+    assert np.mean(np.array(a["cluster"]) == np.array(b["cluster"])) > 0.95
+    assert np.mean(np.array(a["kept"]) == np.array(b["kept"])) > 0.95
+
+
+def test_reduce_over_ranks_refuses_clearly(cli, mpirun, tmp_path):
+    # More ranks than records: every rank refuses alike.
+    one = tmp_path / "one.txt"
+    one.write_text("only one record here\n")
+    r = subprocess.run([*mpirun, "-np", "2", cli, "reduce", REDUCE, "--out", str(tmp_path / "r"), "--set", f"data.sources=[{one}]",
+                        "--set", "clustering.k=1"], capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode != 0 and "1 records for 2 ranks" in r.stderr, r.stderr
+    # An output folder that holds a reduction: rank 0 refuses, the job ends, the folder is unchanged.
+    reduce(cli, mpirun, 1, tmp_path / "done", "--set", "reduce.strategy=random")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()}
+    r = reduce(cli, mpirun, 2, tmp_path / "done", "--set", "reduce.strategy=random", check=False)
+    assert r.returncode != 0 and "already holds a reduction" in r.stderr and "rank 0 of 2" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()} == before
