@@ -291,3 +291,18 @@ def test_reduce_over_ranks_refuses_clearly(cli, mpirun, tmp_path):
     r = reduce(cli, mpirun, 2, tmp_path / "done", "--set", "reduce.strategy=random", check=False)
     assert r.returncode != 0 and "already holds a reduction" in r.stderr and "rank 0 of 2" in r.stderr, r.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()} == before
+
+
+def test_reduce_over_ranks_repairs_empty_clusters_as_one_process(cli, mpirun, tmp_path):
+    # Many copies of a few records and random initial centroids: centroids drawn on copies of one
+    # record tie, all but one of them end up empty, and the repair moves them to the points
+    # farthest from their centroids, which the ranks offer from their own shares.
+    records = [f"the same line number {i % 3}" for i in range(60)] + [f"a different line {i} with {'x' * i}" for i in range(30)]
+    corpus = tmp_path / "dups.txt"
+    corpus.write_text("\n".join(records) + "\n")
+    args = ["--set", f"data.sources=[{corpus}]", "--set", "clustering.k=12", "--set", "clustering.init=random", "--set", "seed=3"]
+    reduce(cli, mpirun, 1, tmp_path / "one", *args)
+    reduce(cli, mpirun, 3, tmp_path / "three", *args)
+    a, b = selection(tmp_path / "one"), selection(tmp_path / "three")
+    assert a["kept"] == b["kept"] and a["cluster"] == b["cluster"]
+    assert len(set(a["cluster"])) == 12  # every cluster holds records after the repair
