@@ -48,16 +48,20 @@ void print_info(const HardwareInfo& hw) {
   std::printf("fingerprint    %s\n", hw.fingerprint().c_str());
   const Comm& comm = Comm::world();
   if (!Comm::built_with_mpi()) std::printf("MPI            none: built without MPI (apt-get install libopenmpi-dev openmpi-bin, then rebuild)\n");
-  else if (!comm.distributed()) std::printf("MPI            %s; one process (mpirun -np N hybrit train ... runs N data-parallel ranks)\n", Comm::library_version().c_str());
+  else if (!comm.distributed())
+    std::printf("MPI            %s; one process (mpirun -np N hybrit train|reduce ... runs N ranks)\n", Comm::library_version().c_str());
   else
     std::printf("MPI            %s; %s, %d of the job's ranks on this machine, each with %d of its CPUs\n", Comm::library_version().c_str(), comm.where().c_str(),
                 comm.local_size(), hw.granted_cpus);
+  if (Comm::built_with_mpi())
+    std::printf("MPI CUDA       %s\n", Comm::cuda_aware() ? "CUDA-aware (device buffers could go to MPI directly; hybrit's ranks stage through host memory today)"
+                                                         : "not CUDA-aware (what ranks exchange is staged through host memory)");
 }
 
 nlohmann::json mpi_json() {
   const Comm& comm = Comm::world();
   return {{"built", Comm::built_with_mpi()}, {"library", Comm::library_version()}, {"rank", comm.rank()}, {"size", comm.size()},
-          {"local_size", comm.local_size()}, {"host", comm.host()}};
+          {"local_size", comm.local_size()}, {"host", comm.host()}, {"cuda_aware", Comm::cuda_aware()}};
 }
 
 // A checkpoint option: a file, or a run folder (its newest valid checkpoint).

@@ -13,6 +13,9 @@
 
 #ifdef HYBRIT_HAVE_MPI
 #include <mpi.h>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // Open MPI's extensions: MPIX_CUDA_AWARE_SUPPORT
+#endif
 #endif
 
 namespace hybrit {
@@ -151,6 +154,14 @@ Comm& Comm::world() {
 bool Comm::started() { return g_started; }
 
 std::string Comm::where() const { return size_ > 1 ? cat("rank ", rank_, " of ", size_, " on ", host_) : std::string(); }
+
+bool Comm::cuda_aware() {
+#if defined(HYBRIT_HAVE_MPI) && defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+  return MPIX_Query_cuda_support() == 1;
+#else
+  return false;
+#endif
+}
 
 void Comm::allreduce_sum(float* data, int64_t n) {
 #ifdef HYBRIT_HAVE_MPI

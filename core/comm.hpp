@@ -22,6 +22,9 @@ class Comm {
   // Whether this build has MPI, and which ("Open MPI v4.1.4" or "built without MPI").
   static bool built_with_mpi();
   static std::string library_version();
+  // Whether the MPI library takes CUDA device pointers (Open MPI's MPIX_Query_cuda_support; false
+  // without MPI, or when the library cannot say). Debian's Open MPI is built without CUDA.
+  static bool cuda_aware();
 
   int rank() const { return rank_; }
   int size() const { return size_; }

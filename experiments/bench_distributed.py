@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI on this machine, and a written model of N machines.
+"""Data-parallel training and data reduction over MPI on this machine, and a written model of N machines.
 
 Per shape, three ways to spend the machine, interleaved over rounds (medians and spread):
   1 rank x 1 thread    the baseline: one core
@@ -13,7 +13,11 @@ and takes 2 (N - 1) latency hops per bucket (hybrit sums one bucket per block pl
 compute per step is its tokens over its measured tokens/s. Efficiency = compute / (compute + comm)
 with no overlap (the backward does overlap the sums; this is the pessimistic bound).
 
-  /usr/bin/python3 experiments/bench_distributed.py [--rounds 3] [--out experiments/results/distributed.md]
+Reduction (--part reduce, results/distributed_reduce.md): `hybrit reduce configs/reduce.yaml` on the
+whole fortunes corpus, the same three ways, seconds per stage from report.json (rank 0's clock).
+The k-means all-reduces k x d doubles of sums and k counts per Lloyd iteration.
+
+  /usr/bin/python3 experiments/bench_distributed.py [--rounds 3] [--part train|reduce|all]
 """
 import argparse
 import json
@@ -60,11 +64,67 @@ def run(ranks, threads, sets, steps):
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_reduce(ranks, threads, strategy):
+    out = tempfile.mkdtemp(prefix="hybrit-bench-reduce-")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIT_")}
+        env["HYBRIT_THREADS"] = str(threads)
+        command = ([*MPIRUN, "-np", str(ranks)] if ranks > 1 else []) + [CLI, "reduce", os.path.join(ROOT, "configs", "reduce.yaml"), "--out",
+                                                                        os.path.join(out, "r"), "--set", f"reduce.strategy={strategy}"]
+        r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+        if r.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{r.stderr[-2000:]}")
+        report = json.load(open(os.path.join(out, "r", "report.json")))
+        return report
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def reduce_part(rounds, out_path):
+    lines = [machine_header("Data reduction over MPI (mpirun -np N hybrit reduce)",
+                            f"/usr/bin/python3 experiments/bench_distributed.py --part reduce --rounds {rounds}")]
+    for strategy in ("nearest", "semdedup"):
+        seconds = {w: {} for w in WAYS}
+        report = None
+        for r in range(rounds):
+            names = list(WAYS)
+            for i in range(len(names)):  # rotated order: drift hits every way alike
+                w = names[(i + r) % len(names)]
+                report = run_reduce(*WAYS[w], strategy)
+                for stage, secs in report["seconds"].items():
+                    seconds[w].setdefault(stage, []).append(secs)
+                print(f"reduce {strategy} | {w}: {report['seconds']['total']:.2f} s", flush=True)
+        k, d = report["kmeans"]["k"], report["embedding"]["dim"]
+        lines += [f"### configs/reduce.yaml, strategy {strategy}: {report['input']['records']:,} records, {d}-d n-gram embeddings, k {k}, "
+                  f"{report['kmeans']['iterations']} k-means iterations", "",
+                  f"All-reduced per k-means iteration: {(k * d * 8 + k * 8) / 2**10:,.0f} KiB (sums and counts); near-duplicate scoring moves each "
+                  f"cluster's rows to the rank that scores it once (MPI_Alltoallv, at most {report['input']['records'] * d * 4 / 2**20:.0f} MiB in all).", "",
+                  "| ranks x threads | embed s | k-means s | select s | total s (median, min-max) | total vs 1 x 1 |", "|---|---|---|---|---|---|"]
+        base = statistics.median(seconds["1 rank x 1 thread"]["total"])
+        for w in WAYS:
+            st = seconds[w]
+            med = {stage: statistics.median(v) for stage, v in st.items()}
+            lines.append(f"| {w} | {med['embed']:.2f} | {med['kmeans']:.2f} | {med['select']:.2f} | {med['total']:.2f} "
+                         f"({min(st['total']):.2f}-{max(st['total']):.2f}) | {base / med['total']:.2f}x |")
+        lines.append("")
+    lines += ["The selection and the reduced corpus are the ones one process writes (tests/python/test_distributed.py checks it for "
+              "every strategy at 2 and 3 ranks).", ""]
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "distributed.md"))
+    ap.add_argument("--part", choices=["train", "reduce", "all"], default="all")
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "distributed.md"), help="the training part's results")
+    ap.add_argument("--reduce-out", default=os.path.join(ROOT, "experiments", "results", "distributed_reduce.md"), help="the reduction part's results")
     a = ap.parse_args()
+    if a.part in ("reduce", "all"):
+        reduce_part(a.rounds, a.reduce_out)
+    if a.part == "reduce":
+        return
     lines = [machine_header("Data-parallel training over MPI (mpirun -np N hybrit train)",
                             f"/usr/bin/python3 experiments/bench_distributed.py --rounds {a.rounds}")]
     version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout.splitlines()[0]

@@ -306,3 +306,14 @@ def test_reduce_over_ranks_repairs_empty_clusters_as_one_process(cli, mpirun, tm
     a, b = selection(tmp_path / "one"), selection(tmp_path / "three")
     assert a["kept"] == b["kept"] and a["cluster"] == b["cluster"]
     assert len(set(a["cluster"])) == 12  # every cluster holds records after the repair
+
+
+def test_info_says_whether_mpi_takes_device_buffers(cli, mpirun):
+    # hybrit's answer (MPIX_Query_cuda_support) against Open MPI's own description of its build.
+    info = json.loads(subprocess.run([cli, "info", "--json"], capture_output=True, text=True, check=True).stdout)
+    ompi_info = shutil.which("ompi_info")
+    if not ompi_info:
+        pytest.skip("ompi_info is not on PATH (openmpi-bin installs it)")
+    built = subprocess.run([ompi_info, "--parsable", "--all"], capture_output=True, text=True).stdout
+    line = next(x for x in built.splitlines() if "built_with_cuda_support:value:" in x)
+    assert info["mpi"]["cuda_aware"] == line.endswith(":true"), line
