@@ -148,10 +148,15 @@ CLI::App* TrainCommand::add(CLI::App& app) {
   c->add_option("--resume", resume,
                 "continue a run: its folder (the newest valid checkpoint there, and its config.yaml unless a config is given), "
                 "a checkpoint file, or auto (the newest valid one in --out)");
+  c->add_flag("--help-config", help_config, "list every config key with its default, what it accepts and what it does, then exit");
   return c;
 }
 
 int TrainCommand::run(const GlobalOptions& g) {
+  if (help_config) {
+    std::cout << train_config_help();
+    return 0;
+  }
   std::string resume_from = resume;
   std::error_code ec;
   if (!resume.empty() && resume != "auto") {

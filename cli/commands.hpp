@@ -39,6 +39,7 @@ struct ReportCommand {
 struct TrainCommand {
   std::string config, out, resume;
   std::vector<std::string> sets;
+  bool help_config = false;
   CLI::App* add(CLI::App& app);
   int run(const GlobalOptions&);
 };

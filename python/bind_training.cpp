@@ -7,13 +7,23 @@ namespace {
 
 ModelConfig model_config_from(const py::dict& d) { return parse_model_config(YAML::Load(config_json(d)), "Model(config)"); }
 
-// What model_config_from reads back: every key of a `model:` section, resolved.
+// What model_config_from reads back: every key of a `model:` section, resolved, typed by the
+// config table's kinds.
 py::dict model_config_dict(const ModelConfig& c) {
+  const YAML::Node node = model_config_node(c);
   py::dict d;
-  d["vocab_size"] = c.vocab_size, d["dim"] = c.dim, d["n_layers"] = c.n_layers, d["n_heads"] = c.n_heads, d["n_kv_heads"] = c.kv_heads();
-  d["ffn_hidden"] = c.hidden(), d["context"] = c.context, d["rope_theta"] = c.rope_theta, d["norm_eps"] = c.norm_eps;
-  d["ffn"] = c.ffn == ModelConfig::Ffn::swiglu ? "swiglu" : "relu2", d["quant"] = c.quant == ModelConfig::Quant::ternary ? "ternary" : "none";
-  d["subln"] = c.subln, d["tied_embeddings"] = c.tied_embeddings;
+  for (const ConfigField& f : train_config_fields()) {
+    const std::string key = f.key;
+    if (key.rfind("model.", 0) != 0) continue;
+    const std::string name = key.substr(6);
+    const YAML::Node v = node[name];
+    switch (f.kind) {
+      case ConfigField::Kind::integer: d[name.c_str()] = v.as<int64_t>(); break;
+      case ConfigField::Kind::number: d[name.c_str()] = v.as<double>(); break;
+      case ConfigField::Kind::boolean: d[name.c_str()] = v.as<bool>(); break;
+      default: d[name.c_str()] = v.as<std::string>(); break;
+    }
+  }
   return d;
 }
 

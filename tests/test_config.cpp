@@ -1,5 +1,8 @@
 #include <sys/stat.h>
 
+#include <functional>
+#include <set>
+
 #include "test_support.hpp"
 #include "training/config.hpp"
 
@@ -55,6 +58,44 @@ TEST(TrainConfig, ShippedConfigsLoad) {
   EXPECT_EQ(again.train.grad_accum, 4);
   EXPECT_EQ(again.train.recompute, "attention");
   EXPECT_EQ(again.optim.matrices, OptimizerConfig::Matrices::adamw);
+}
+
+// The field table is the schema: to_yaml writes exactly its keys (every conditional key on here),
+// the help lists each with its default, and each key refuses a value of the wrong kind by name.
+TEST(TrainConfig, TheFieldTableIsTheSchema) {
+  const TrainConfig c = parse_train_config(
+      "data: {tokenizer: bpe, vocab_size: 512, val_sources: [v.txt]}\n"
+      "optim: {schedule: {total_steps: 9}, adamw: {embedding_lr: 0.1, head_lr: 0.2, norm_lr: 0.3, embedding_weight_decay: 0.4, "
+      "head_weight_decay: 0.5, norm_weight_decay: 0.6}}\ndispatch: {backend: c}\n",
+      "run.yaml");
+  std::set<std::string> written;
+  std::function<void(const YAML::Node&, const std::string&)> flatten = [&](const YAML::Node& n, const std::string& prefix) {
+    for (const auto& kv : n) {
+      const std::string key = prefix + kv.first.as<std::string>();
+      if (kv.second.IsMap() && key != "dispatch") flatten(kv.second, key + ".");
+      else written.insert(key);
+    }
+  };
+  flatten(YAML::Load(c.to_yaml()), "");
+  std::set<std::string> table;
+  for (const ConfigField& f : train_config_fields()) table.insert(f.key);
+  EXPECT_EQ(written, table);
+
+  const std::string help = train_config_help();
+  EXPECT_NE(help.find("  train.steps [1000]: "), std::string::npos) << help;
+  EXPECT_NE(help.find("  model.ffn [swiglu]: "), std::string::npos) << help;
+  EXPECT_NE(help.find("  optim.muon.lr [0.02]: "), std::string::npos) << help;
+  for (const ConfigField& f : train_config_fields()) {
+    SCOPED_TRACE(f.key);
+    EXPECT_NE(help.find(std::string("  ") + f.key + " ["), std::string::npos);
+    const char* wrong = f.kind == ConfigField::Kind::boolean ? "maybe"
+                        : f.kind == ConfigField::Kind::paths ? "{a: 1}"
+                        : f.kind == ConfigField::Kind::section ? "[1, 2]"
+                        : f.kind == ConfigField::Kind::text ? "[1, 2]"
+                                                             : "not-a-value";
+    const std::string message = error_of("", {std::string(f.key) + "=" + wrong});
+    EXPECT_NE(message.find(f.key), std::string::npos) << message;
+  }
 }
 
 TEST(TrainConfig, SetOverridesApplyAndAreChecked) {

@@ -2,6 +2,7 @@
 // checked against a schema. Unknown keys, wrong types and impossible shapes give one line naming
 // the file, the line and the key; `--set key=value` overrides are checked the same way.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,31 @@ struct TrainConfig {
   // The resolved configuration as YAML (every key, defaults filled in).
   std::string to_yaml() const;
 };
+
+// One key of a training config. The table of them (train_config_fields) is the one place the
+// schema lives: parsing, to_yaml, Python's model dicts and `hybrit train --help-config` read it,
+// each key with its accepted values, its documentation and (from the structs above) its default.
+struct ConfigField {
+  enum class Kind { integer, number, boolean, text, choice, paths, section };
+  const char* key;      // dotted: "train.steps"
+  Kind kind;
+  std::string accepts;  // "an integer in [1, 1048576]", "swiglu or relu2"
+  const char* doc;      // one line
+  // Reads and checks the value (errors name the file, line and key).
+  std::function<void(TrainConfig&, const YAML::Node&, const std::string& key, const schema::Origins&)> read;
+  // Writes the resolved value.
+  std::function<void(YAML::Emitter&, const TrainConfig&)> write;
+  // Whether to_yaml writes the key (null: always; e.g. data.vocab_size only for bpe).
+  std::function<bool(const TrainConfig&)> written;
+  // Unset unless given (the AdamW group values, val_sources): the help shows no default.
+  bool optional = false;
+};
+// In the order to_yaml writes them.
+const std::vector<ConfigField>& train_config_fields();
+// Every key, its default, what it accepts and what it does: a line each.
+std::string train_config_help();
+// The `model:` section's resolved values, as parse_model_config reads them back.
+YAML::Node model_config_node(const ModelConfig& config);
 
 // A `model:` section alone (Python's Model({...})), checked as a training config checks it; errors
 // name `source`.

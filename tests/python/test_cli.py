@@ -4,6 +4,9 @@ import os
 import subprocess
 
 import pytest
+import yaml
+
+import hybrit
 
 
 def run(cli, *args, env=None, check=False):
@@ -72,3 +75,21 @@ def test_forcing_a_missing_cuda_backend_fails(cli):
 def test_usage_errors_exit_2(cli):
     assert run(cli, "frobnicate").returncode == 2
     assert run(cli).returncode == 2
+
+
+def test_help_config_lists_every_key_a_run_resolves(cli):
+    # Every key of a resolved config (all the tiny.yaml run writes) is in the help, with its default.
+    r = run(cli, "train", "--help-config", check=True)
+    lines = {line.split(" [")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  ")}
+    resolved = yaml.safe_load(hybrit.Trainer({"train": {"sample_tokens": 0}}).config_yaml())
+
+    def keys(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from keys(v, prefix + k + ".")
+            else:
+                yield prefix + k
+    for key in keys(resolved):
+        assert key in lines, key
+    assert lines["train.steps"].startswith("  train.steps [1000]: ") and "an integer in [1, " in lines["train.steps"]
+    assert lines["train.sample_tokens"].startswith("  train.sample_tokens [200]: ")
