@@ -220,19 +220,10 @@ void Model::attention_sublayer(Block& b, const BlockActivations& r, AttentionAct
   quantize_activations(a.att_normed, a.att_used);
 }
 
-// x_mid = x_in + wo(attention(norm(x_in))); x_out = x_mid + w_down(ffn(norm(x_mid))). The
-// weights were quantized by this step's forward (Linear::w_used), so a recomputation reuses them.
-void Model::block_forward(Block& b, bool write_output) {
-  const int64_t N = batch_ * seq_, D = config_.dim, F = config_.hidden();
-  BlockActivations& r = block_activations(b);
-  AttentionActivations& a = attention_activations(b);
-  rmsnorm(b.x_in, *b.attn_norm, r.h1, r.h1_rinv);
-  quantize_activations(r.h1, r.h1_used);
-  attention_sublayer(b, r, a);
-  ensure_matrix(r.x_mid, N, D);
-  std::memcpy(r.x_mid.data<float>(), b.x_in.data<float>(), size_t(N * D) * sizeof(float));
-  linear_forward(a.att_used, b.wo, r.x_mid, true);
-
+// The FFN sublayer from x_mid (N, D): h2 = norm(x_mid) (N, D), quantized; up (N, F) = h2 w_up^T
+// (and gate for SwiGLU); f (N, F) = swiglu(gate, up) or relu(up)^2; SubLN; quantized into f_used.
+void Model::ffn_sublayer(Block& b, BlockActivations& r) {
+  const int64_t N = batch_ * seq_, F = config_.hidden();
   rmsnorm(r.x_mid, *b.ffn_norm, r.h2, r.h2_rinv);
   quantize_activations(r.h2, r.h2_used);
   ensure_matrix(r.up, N, F), ensure_matrix(r.f, N, F);
@@ -250,6 +241,21 @@ void Model::block_forward(Block& b, bool write_output) {
   if (config_.subln) rmsnorm(r.f, *b.ffn_sub_norm, r.f_normed, r.f_rinv);
   else r.f_normed = r.f;
   quantize_activations(r.f_normed, r.f_used);
+}
+
+// x_mid = x_in + wo(attention(norm(x_in))); x_out = x_mid + w_down(ffn(norm(x_mid))), all (N, D).
+// The weights were quantized by this step's forward (Linear::w_used), so a recomputation reuses them.
+void Model::block_forward(Block& b, bool write_output) {
+  const int64_t N = batch_ * seq_, D = config_.dim;
+  BlockActivations& r = block_activations(b);
+  AttentionActivations& a = attention_activations(b);
+  rmsnorm(b.x_in, *b.attn_norm, r.h1, r.h1_rinv);
+  quantize_activations(r.h1, r.h1_used);
+  attention_sublayer(b, r, a);
+  ensure_matrix(r.x_mid, N, D);
+  std::memcpy(r.x_mid.data<float>(), b.x_in.data<float>(), size_t(N * D) * sizeof(float));
+  linear_forward(a.att_used, b.wo, r.x_mid, true);  // the residual add fused into the GEMM (beta 1)
+  ffn_sublayer(b, r);
   if (!write_output) return;
   ensure_matrix(b.x_out, N, D);
   std::memcpy(b.x_out.data<float>(), r.x_mid.data<float>(), size_t(N * D) * sizeof(float));
@@ -282,7 +288,7 @@ double Model::activation_bytes(const ModelConfig& config, Recompute recompute, i
 double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
   if (batch <= 0 || seq <= 0) fail(ErrorKind::invalid_argument, "forward: batch and sequence length must be positive, got ", batch, " and ", seq);
   if (seq > config_.context) fail(ErrorKind::invalid_argument, "forward: sequence length ", seq, " exceeds model.context (", config_.context, ")");
-  const int64_t N = batch * seq, D = config_.dim, V = config_.vocab_size;
+  const int64_t N = batch * seq, V = config_.vocab_size;
   for (int64_t i = 0; i < N; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V) fail(ErrorKind::invalid_argument, "forward: token ", tokens[i], " at position ", i, " is outside [0, ", V, ")");
     if (targets[i] < 0 || targets[i] >= V) fail(ErrorKind::invalid_argument, "forward: target ", targets[i], " at position ", i, " is outside [0, ", V, ")");
@@ -291,29 +297,35 @@ double Model::forward(const int32_t* tokens, const int32_t* targets, int64_t bat
   targets_.assign(targets, targets + N);
   batch_ = batch, seq_ = seq;
 
-  // x (N, D) = tok_emb[tokens]
-  ensure_matrix(x_embed, N, D);
-  {
-    const float* emb = table_.param(*tok_emb_).data<float>();
-    float* x = x_embed.data<float>();
-    kernels::for_rows(d_, N, D, [&](int64_t r0, int64_t r1) { kernels::embedding_rows(emb, tokens_.data(), x, r0, r1, D); });
-  }
-
+  embedding_forward();  // x_embed (N, D)
   // This step's BitLinear weights, once: every block forward (and a recomputation) reads them.
   for (Block& b : blocks_)
     for (Linear* l : {&b.wq, &b.wk, &b.wv, &b.wo, &b.w_up, &b.w_down})
       quantize_weight(*l);
   if (config_.ffn == ModelConfig::Ffn::swiglu)
     for (Block& b : blocks_) quantize_weight(b.w_gate);
-
   Tensor x = x_embed;
   for (Block& b : blocks_) {
     b.x_in = x;
     block_forward(b, true);
     x = b.x_out;
   }
+  return head_forward(x);
+}
 
-  // Head: xf = norm(x); logits (N, V) = xf head^T; mean cross-entropy (no probability matrix kept).
+// x_embed (N, D) = tok_emb[tokens].
+void Model::embedding_forward() {
+  const int64_t N = batch_ * seq_, D = config_.dim;
+  ensure_matrix(x_embed, N, D);
+  const float* emb = table_.param(*tok_emb_).data<float>();
+  float* x = x_embed.data<float>();
+  kernels::for_rows(d_, N, D, [&](int64_t r0, int64_t r1) { kernels::embedding_rows(emb, tokens_.data(), x, r0, r1, D); });
+}
+
+// xf (N, D) = norm(x); logits (N, V) = xf head^T; the mean cross-entropy from each row's
+// log-sum-exp (no probability matrix kept).
+double Model::head_forward(const Tensor& x) {
+  const int64_t N = batch_ * seq_, V = config_.vocab_size;
   rmsnorm(x, *final_norm_, xf, xf_rinv);
   ensure_matrix(logits_, N, V);
   d_.matmul(xf, table_.param(*head_), logits_, {false, true, 1.0f, 0.0f});
@@ -340,26 +352,6 @@ std::vector<std::pair<int64_t, int64_t>> Model::gradient_ranges() const {
 
 void Model::backward(float loss_scale, const GradientsReady& ready) {
   if (tokens_.empty()) fail(ErrorKind::invalid_argument, "backward() before forward()");
-  const int64_t N = batch_ * seq_, D = config_.dim, V = config_.vocab_size, H = config_.n_heads, KV = config_.kv_heads();
-  const int64_t hd = config_.head_dim(), F = config_.hidden();
-  Scratch& s = scratch_;
-
-  // dlogits = (softmax - onehot) * loss_scale / N, from the forward's log-sum-exp.
-  Tensor& dlogits = ensure_matrix(s.dlogits, N, V);
-  {
-    const float inv_n = float(double(loss_scale) / double(N));
-    const float* lg = logits_.data<float>();
-    float* dl = dlogits.data<float>();
-    kernels::for_rows(d_, N, V, [&](int64_t r0, int64_t r1) {
-      kernels::cross_entropy_backward_rows(lg, targets_.data(), row_lse_.data(), inv_n, dl, r0, r1, V);
-    });
-  }
-  Tensor dhead = table_.grad(*head_);
-  d_.matmul(dlogits, xf, dhead, {true, false, 1.0f, 1.0f});
-  ensure_matrix(s.dxf, N, D);
-  d_.matmul(dlogits, table_.param(*head_), s.dxf, {false, false, 1.0f, 0.0f});
-  const Tensor& x_last = blocks_.empty() ? x_embed : blocks_.back().x_out;
-  rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
   // gradient_ranges() in order: the tail (final norm, head) now, each block after its backward, the embedding last.
   const std::vector<std::pair<int64_t, int64_t>> ranges = ready ? gradient_ranges() : std::vector<std::pair<int64_t, int64_t>>{};
   size_t handed_over = 0;
@@ -368,64 +360,103 @@ void Model::backward(float loss_scale, const GradientsReady& ready) {
     ready(ranges[handed_over].first, ranges[handed_over].second);
     ++handed_over;
   };
+  head_backward(loss_scale);  // scratch_.dx: the gradient of the last block's output
   hand_over();
-
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = *it;
     if (recompute_ == Recompute::block) block_forward(b, false);  // refills the shared buffers, same bits
-    BlockActivations& r = block_activations(b);
-    AttentionActivations& a = attention_activations(b);
-    // FFN branch: dx is the gradient of the block's output, x_out = x_mid + w_down(f).
-    ensure_matrix(s.df_normed, N, F);
-    linear_backward(s.dx, r.f_used, b.w_down, &s.df_normed, false);
-    Tensor* df = &s.df_normed;
-    if (config_.subln) {
-      rmsnorm_backward(s.df_normed, r.f, *b.ffn_sub_norm, r.f_rinv, nullptr, s.df);
-      df = &s.df;
-    }
-    ensure_matrix(s.dup, N, F);
-    ensure_matrix(s.dh, N, D);
-    const float *dfp = df->data<float>(), *up = r.up.data<float>();
-    float* dup = s.dup.data<float>();
-    if (config_.ffn == ModelConfig::Ffn::swiglu) {
-      ensure_matrix(s.dgate, N, F);
-      const float* gate = r.gate.data<float>();
-      float* dgate = s.dgate.data<float>();
-      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu_backward(gate, up, dfp, dgate, dup, i0, i1); });
-      linear_backward(s.dgate, r.h2_used, b.w_gate, &s.dh, false);
-      linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, true);
-    } else {
-      kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2_backward(up, dfp, dup, i0, i1); });
-      linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, false);
-    }
-    // dx_mid = norm backward of dh2, plus the residual path's dx.
-    rmsnorm_backward(s.dh, r.x_mid, *b.ffn_norm, r.h2_rinv, &s.dx, s.dx_mid);
-
-    // Attention branch: x_mid = x_in + wo(att).
-    if (recompute_ == Recompute::attention) attention_sublayer(b, r, a);  // refills the shared buffers, same bits
-    ensure_matrix(s.datt_normed, N, H * hd);
-    linear_backward(s.dx_mid, a.att_used, b.wo, &s.datt_normed, false);
-    Tensor* datt = &s.datt_normed;
-    if (config_.subln) {
-      rmsnorm_backward(s.datt_normed, a.att, *b.attn_sub_norm, a.att_rinv, nullptr, s.datt);
-      datt = &s.datt;
-    }
-    ensure_matrix(s.dq, N, H * hd), ensure_matrix(s.dk, N, KV * hd), ensure_matrix(s.dv, N, KV * hd);
-    d_.attention_backward(a.q, a.k, a.v, a.att, *datt, a.lse, attention_shape(), s.dq, s.dk, s.dv);
-    rope(s.dq, H, -1.0f);
-    rope(s.dk, KV, -1.0f);
-    linear_backward(s.dq, r.h1_used, b.wq, &s.dh, false);
-    linear_backward(s.dk, r.h1_used, b.wk, &s.dh, true);
-    linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
-    // dx_in = norm backward of dh1, plus the residual path's dx_mid; it is the next block's dx.
-    rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
+    ffn_backward(b);        // scratch_.dx (grad of x_out) -> scratch_.dx_mid
+    attention_backward(b);  // scratch_.dx_mid -> scratch_.dx (grad of x_in: the block below's x_out)
     hand_over();
   }
-  // Embedding rows, in token order per column slice (deterministic accumulation).
-  float* demb = table_.grad(*tok_emb_).data<float>();
-  const float* dx = s.dx.data<float>();
-  kernels::for_columns(d_, D, [&](int64_t j0, int64_t j1) { kernels::embedding_grad_cols(dx, tokens_.data(), demb, N, D, j0, j1); });
+  embedding_backward();
   hand_over();
+}
+
+// dlogits (N, V) = (softmax - onehot) * loss_scale / N, from the forward's log-sum-exp;
+// dhead (V, D) += dlogits^T xf; dxf (N, D) = dlogits head; dx (N, D) = the final norm's backward.
+void Model::head_backward(float loss_scale) {
+  const int64_t N = batch_ * seq_, D = config_.dim, V = config_.vocab_size;
+  Scratch& s = scratch_;
+  Tensor& dlogits = ensure_matrix(s.dlogits, N, V);
+  const float inv_n = float(double(loss_scale) / double(N));
+  const float* lg = logits_.data<float>();
+  float* dl = dlogits.data<float>();
+  kernels::for_rows(d_, N, V, [&](int64_t r0, int64_t r1) {
+    kernels::cross_entropy_backward_rows(lg, targets_.data(), row_lse_.data(), inv_n, dl, r0, r1, V);
+  });
+  Tensor dhead = table_.grad(*head_);
+  d_.matmul(dlogits, xf, dhead, {true, false, 1.0f, 1.0f});
+  ensure_matrix(s.dxf, N, D);
+  d_.matmul(dlogits, table_.param(*head_), s.dxf, {false, false, 1.0f, 0.0f});
+  const Tensor& x_last = blocks_.empty() ? x_embed : blocks_.back().x_out;
+  rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
+}
+
+// The FFN branch of x_out = x_mid + w_down(f): from dx (N, D), the gradient of x_out, through
+// w_down (df (N, F)), SubLN, SwiGLU or relu^2 (dgate, dup (N, F)), w_gate and w_up (dh (N, D)),
+// and the FFN norm; dx_mid (N, D) = that plus the residual path's dx.
+void Model::ffn_backward(Block& b) {
+  const int64_t N = batch_ * seq_, D = config_.dim, F = config_.hidden();
+  Scratch& s = scratch_;
+  BlockActivations& r = block_activations(b);
+  ensure_matrix(s.df_normed, N, F);
+  linear_backward(s.dx, r.f_used, b.w_down, &s.df_normed, false);
+  Tensor* df = &s.df_normed;
+  if (config_.subln) {
+    rmsnorm_backward(s.df_normed, r.f, *b.ffn_sub_norm, r.f_rinv, nullptr, s.df);
+    df = &s.df;
+  }
+  ensure_matrix(s.dup, N, F);
+  ensure_matrix(s.dh, N, D);
+  const float *dfp = df->data<float>(), *up = r.up.data<float>();
+  float* dup = s.dup.data<float>();
+  if (config_.ffn == ModelConfig::Ffn::swiglu) {
+    ensure_matrix(s.dgate, N, F);
+    const float* gate = r.gate.data<float>();
+    float* dgate = s.dgate.data<float>();
+    kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu_backward(gate, up, dfp, dgate, dup, i0, i1); });
+    linear_backward(s.dgate, r.h2_used, b.w_gate, &s.dh, false);
+    linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, true);
+  } else {
+    kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2_backward(up, dfp, dup, i0, i1); });
+    linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, false);
+  }
+  rmsnorm_backward(s.dh, r.x_mid, *b.ffn_norm, r.h2_rinv, &s.dx, s.dx_mid);
+}
+
+// The attention branch of x_mid = x_in + wo(att): from dx_mid (N, D) through wo (datt (N, H hd)),
+// SubLN, the attention op's backward (dq (N, H hd), dk, dv (N, KV hd)), inverse RoPE, wq/wk/wv
+// (dh (N, D)) and the attention norm; dx (N, D) = that plus the residual path's dx_mid.
+void Model::attention_backward(Block& b) {
+  const int64_t N = batch_ * seq_, H = config_.n_heads, KV = config_.kv_heads(), hd = config_.head_dim();
+  Scratch& s = scratch_;
+  BlockActivations& r = block_activations(b);
+  AttentionActivations& a = attention_activations(b);
+  if (recompute_ == Recompute::attention) attention_sublayer(b, r, a);  // refills the shared buffers, same bits
+  ensure_matrix(s.datt_normed, N, H * hd);
+  linear_backward(s.dx_mid, a.att_used, b.wo, &s.datt_normed, false);
+  Tensor* datt = &s.datt_normed;
+  if (config_.subln) {
+    rmsnorm_backward(s.datt_normed, a.att, *b.attn_sub_norm, a.att_rinv, nullptr, s.datt);
+    datt = &s.datt;
+  }
+  ensure_matrix(s.dq, N, H * hd), ensure_matrix(s.dk, N, KV * hd), ensure_matrix(s.dv, N, KV * hd);
+  d_.attention_backward(a.q, a.k, a.v, a.att, *datt, a.lse, attention_shape(), s.dq, s.dk, s.dv);
+  rope(s.dq, H, -1.0f);
+  rope(s.dk, KV, -1.0f);
+  linear_backward(s.dq, r.h1_used, b.wq, &s.dh, false);
+  linear_backward(s.dk, r.h1_used, b.wk, &s.dh, true);
+  linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
+  rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
+}
+
+// dtok_emb[tokens[i]] += dx[i], rows in token order per column slice (deterministic accumulation).
+void Model::embedding_backward() {
+  const int64_t N = batch_ * seq_, D = config_.dim;
+  float* demb = table_.grad(*tok_emb_).data<float>();
+  const float* dx = scratch_.dx.data<float>();
+  kernels::for_columns(d_, D, [&](int64_t j0, int64_t j1) { kernels::embedding_grad_cols(dx, tokens_.data(), demb, N, D, j0, j1); });
 }
 
 }  // namespace hybrit

@@ -130,8 +130,23 @@ class Model {
   // backward refills by recomputing (train.recompute).
   AttentionActivations& attention_activations(Block& b) { return recompute_ == Recompute::none ? b.attn : shared_attn_; }
   BlockActivations& block_activations(Block& b) { return recompute_ == Recompute::block ? shared_rest_ : b.rest; }
+  // The forward and backward, one pair per piece (llm.c's layout), with their shapes in the .cpp:
+  //   embedding_forward / embedding_backward      tokens -> x_embed; dx -> the embedding's gradient
+  //   attention_sublayer / attention_backward     h1_used -> att_used; dx_mid -> dx (through the norm)
+  //   ffn_sublayer / ffn_backward                 x_mid -> f_used; dx -> dx_mid
+  //   head_forward / head_backward                x -> logits, loss; loss -> dx
+  // block_forward chains the two sublayers with their residual adds; backward() runs the
+  // backward pieces in reverse, block by block, handing over finished gradient ranges.
+  void embedding_forward();
+  void embedding_backward();
   // The attention sublayer from r.h1_used: q, k, v, RoPE, attention, SubLN, quantization.
   void attention_sublayer(Block& b, const BlockActivations& r, AttentionActivations& a);
+  void attention_backward(Block& b);
+  // The FFN sublayer from r.x_mid: norm, quantization, up (and gate), SwiGLU or relu^2, SubLN, quantization.
+  void ffn_sublayer(Block& b, BlockActivations& r);
+  void ffn_backward(Block& b);
+  double head_forward(const Tensor& x);
+  void head_backward(float loss_scale);
   // A block's forward from b.x_in; the last GEMM (into b.x_out) only when `write_output`.
   void block_forward(Block& b, bool write_output);
 
