@@ -356,15 +356,28 @@ CLI::App* CheckpointCommand::add(CLI::App& app) {
   c->require_subcommand(1);
   inspect = c->add_subcommand("inspect", "step, config summary, and every dataset with its checksum verified");
   inspect->add_option("path", path, "checkpoint file (.h5), or a run folder (its newest valid checkpoint)")->required();
-  exporter = c->add_subcommand("export", "write the packed inference file (ternary weights at 2 bits each plus scales)");
-  exporter->add_option("path", path, "checkpoint file (.h5), or a run folder (its newest valid checkpoint)")->required();
-  exporter->add_option("-o,--out", export_out, "the inference file to write")->required();
+  exporter = c->add_subcommand("export", "write the packed inference file (.hyb: ternary weights at 2 bits each plus scales) or a GGUF file for llama.cpp");
+  exporter->add_option("path", path, "checkpoint file (.h5), a run folder (its newest valid checkpoint) or an export (.hyb)")->required();
+  exporter->add_option("-o,--out", export_out, "the file to write")->required();
+  exporter->add_option("--format", format, "hyb (hybrit's inference file), gguf (llama.cpp's bitnet architecture), or auto: gguf when --out ends in .gguf")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "hyb", "gguf"}));
+  exporter->add_option("--type", gguf.type, "gguf: the BitLinear weights' type, tq2_0, tq1_0 or f16 (f32 too for a full-precision model)")->capture_default_str();
+  exporter->add_option("--name", gguf.name, "gguf: general.name (default: the checkpoint's file name)");
   return c;
 }
 
 int CheckpointCommand::run(const GlobalOptions& g) const {
   if (exporter->parsed()) {
     Dispatcher dispatcher(g.dispatcher());
+    const bool gguf_out = format == "gguf" || (format == "auto" && fs::path(export_out).extension() == ".gguf");
+    if (gguf_out) {
+      const GgufExportReport r = export_gguf(dispatcher, find_checkpoint(path), export_out, gguf);
+      for (const auto& note : r.notes) log_warn(note);
+      std::printf("wrote %s: GGUF, architecture %s, %lld tensors, %s (llama-cli -m %s runs it)\n", export_out.c_str(), r.architecture.c_str(),
+                  static_cast<long long>(r.tensors), format_bytes(double(r.file_bytes)).c_str(), export_out.c_str());
+      return 0;
+    }
     const int64_t bytes = export_for_inference(dispatcher, find_checkpoint(path), export_out);
     std::printf("wrote %s: %s of weights\n", export_out.c_str(), format_bytes(double(bytes)).c_str());
     return 0;

@@ -11,6 +11,7 @@
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
 #include "inference/engine.hpp"
+#include "inference/gguf.hpp"
 #include "inference/server.hpp"  // ServerOptions (the server itself links only with cpp-httplib)
 #include "training/evaluate.hpp"
 
@@ -80,6 +81,8 @@ struct ServeCommand {
 
 struct CheckpointCommand {
   std::string path, export_out;
+  std::string format = "auto";     // hyb | gguf | auto (by the --out extension)
+  GgufExportOptions gguf;
   CLI::App *inspect = nullptr, *exporter = nullptr;
   CLI::App* add(CLI::App& app);
   int run(const GlobalOptions&) const;

@@ -1,0 +1,383 @@
+#include "inference/gguf.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+#include "core/file.hpp"
+#include "core/names.hpp"
+#include "training/checkpoint.hpp"
+
+namespace fs = std::filesystem;
+
+namespace hybrit {
+
+const char* to_string(GgufTensorType type) {
+  switch (type) {
+    case GgufTensorType::f32: return "F32";
+    case GgufTensorType::f16: return "F16";
+    case GgufTensorType::tq1_0: return "TQ1_0";
+    case GgufTensorType::tq2_0: return "TQ2_0";
+  }
+  return "?";
+}
+
+uint16_t float_to_half(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));  // inf, NaN
+  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);                                        // rounds past 65504
+  if (abs < 0x38800000u) {  // a half subnormal (or zero): value / 2^-24, rounded to nearest even
+    const float scaled = std::fabs(value) * 16777216.0f;
+    return uint16_t(sign | uint32_t(std::nearbyint(scaled)));
+  }
+  // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+  const uint32_t mantissa_round = ((abs >> 13) & 1u) + 0xfffu;
+  return uint16_t(sign | ((abs - 0x38000000u + mantissa_round) >> 13));
+}
+
+std::vector<uint8_t> tq2_0_row(const int8_t* codes, int64_t n) {
+  if (n % 256) fail(ErrorKind::invalid_argument, "tq2_0: a row of ", n, " values is not a whole number of 256-value blocks");
+  std::vector<uint8_t> out;
+  out.reserve(size_t(n / 256 * 66));
+  for (int64_t b = 0; b < n; b += 256) {
+    const int8_t* x = codes + b;
+    int amax = 0;
+    for (int j = 0; j < 256; ++j) amax = std::max(amax, std::abs(int(x[j])));
+    // qs[64]: two chunks of 128 values; byte m of a chunk holds values m, m + 32, m + 64, m + 96 at
+    // bits 0, 2, 4, 6, each as code + 1.
+    for (int chunk = 0; chunk < 2; ++chunk, x += 128)
+      for (int m = 0; m < 32; ++m) {
+        uint8_t q = 0;
+        for (int k = 0; k < 4; ++k) q = uint8_t(q + (((x[m + k * 32] * amax) + 1) << (2 * k)));
+        out.push_back(q);
+      }
+    const uint16_t d = float_to_half(float(amax));
+    out.push_back(uint8_t(d & 0xff)), out.push_back(uint8_t(d >> 8));
+  }
+  return out;
+}
+
+std::vector<uint8_t> tq1_0_row(const int8_t* codes, int64_t n) {
+  if (n % 256) fail(ErrorKind::invalid_argument, "tq1_0: a row of ", n, " values is not a whole number of 256-value blocks");
+  std::vector<uint8_t> out;
+  out.reserve(size_t(n / 256 * 54));
+  // Five trits in a byte as a fixed-point fraction of 3^5: ceil(value * 256 / 243).
+  auto pack = [](int value) { return uint8_t((uint16_t(value) * 256 + 242) / 243); };
+  for (int64_t b = 0; b < n; b += 256) {
+    const int8_t* x = codes + b;
+    int amax = 0;
+    for (int j = 0; j < 256; ++j) amax = std::max(amax, std::abs(int(x[j])));
+    auto trit = [&](int i) { return x[i] * amax + 1; };  // -1, 0, 1 -> 0, 1, 2 (all 1 when the block is zero)
+    // qs[48]: 32 bytes of 5 values (m + k * 32 of the first 160), then 16 bytes (m + k * 16 of the next 80).
+    for (int m = 0; m < 32; ++m) {
+      int q = 0;
+      for (int k = 0; k < 5; ++k) q = q * 3 + trit(m + k * 32);
+      out.push_back(pack(q));
+    }
+    for (int m = 0; m < 16; ++m) {
+      int q = 0;
+      for (int k = 0; k < 5; ++k) q = q * 3 + trit(160 + m + k * 16);
+      out.push_back(pack(q));
+    }
+    // qh[4]: the last 16 values, 4 a byte (j + k * 4), shifted to the most significant trits.
+    for (int j = 0; j < 4; ++j) {
+      int q = 0;
+      for (int k = 0; k < 4; ++k) q = q * 3 + trit(240 + j + k * 4);
+      out.push_back(pack(q * 3));
+    }
+    const uint16_t d = float_to_half(float(amax));
+    out.push_back(uint8_t(d & 0xff)), out.push_back(uint8_t(d >> 8));
+  }
+  return out;
+}
+
+std::string gpt2_byte_token(uint8_t b) {
+  // Printable bytes stand for themselves; the others (controls, space, 127-160, 173) take the code
+  // points from 256 on, in byte order.
+  auto printable = [](int c) { return (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF); };
+  int cp = b;
+  if (!printable(b)) {
+    cp = 256;
+    for (int c = 0; c < b; ++c) cp += !printable(c);
+  }
+  std::string s;
+  if (cp < 0x80) {
+    s += char(cp);
+  } else {
+    s += char(0xC0 | (cp >> 6));
+    s += char(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+namespace {
+
+// GGUF's metadata value types (gguf.h enum gguf_type).
+enum : uint32_t { kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7, kString = 8, kArray = 9 };
+constexpr uint64_t kAlignment = 32;  // general.alignment's default
+
+class GgufWriter {
+ public:
+  void u32(uint32_t v) { raw(&v, 4); }
+  void u64(uint64_t v) { raw(&v, 8); }
+  void str(const std::string& s) {
+    u64(s.size());
+    head_ += s;
+  }
+  void kv(const std::string& key, uint32_t type) {
+    str(key);
+    u32(type);
+    ++kv_count_;
+  }
+  void kv_u32(const std::string& key, uint32_t v) { kv(key, kU32), u32(v); }
+  void kv_f32(const std::string& key, float v) { kv(key, kF32), raw(&v, 4); }
+  void kv_bool(const std::string& key, bool v) {
+    kv(key, kBool);
+    head_ += char(v ? 1 : 0);
+  }
+  void kv_str(const std::string& key, const std::string& v) { kv(key, kString), str(v); }
+  void kv_strings(const std::string& key, const std::vector<std::string>& v) {
+    kv(key, kArray), u32(kString), u64(v.size());
+    for (const auto& s : v) str(s);
+  }
+  void kv_i32s(const std::string& key, const std::vector<int32_t>& v) {
+    kv(key, kArray), u32(kI32), u64(v.size());
+    raw(v.data(), v.size() * 4);
+  }
+
+  // A tensor: ne[0] is the innermost (row length), as ggml counts.
+  void tensor(const std::string& name, std::vector<int64_t> ne, GgufTensorType type, std::vector<uint8_t> bytes) {
+    infos_.push_back({name, std::move(ne), type, data_.size()});
+    data_.insert(data_.end(), bytes.begin(), bytes.end());
+    while (data_.size() % kAlignment) data_.push_back(0);
+  }
+
+  std::string finish() {
+    std::string out = "GGUF";
+    auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
+    const uint32_t version = 3;
+    const uint64_t tensors = infos_.size();
+    put(&version, 4), put(&tensors, 8), put(&kv_count_, 8);
+    out += head_;
+    for (const auto& t : infos_) {
+      const uint64_t len = t.name.size(), dims = t.ne.size();
+      put(&len, 8), out += t.name;
+      const uint32_t nd = uint32_t(dims);
+      put(&nd, 4);
+      for (int64_t e : t.ne) put(&e, 8);
+      const uint32_t type = uint32_t(t.type);
+      put(&type, 4), put(&t.offset, 8);
+    }
+    while (out.size() % kAlignment) out += char(0);
+    out.append(reinterpret_cast<const char*>(data_.data()), data_.size());
+    return out;
+  }
+  size_t tensor_count() const { return infos_.size(); }
+
+ private:
+  void raw(const void* p, size_t n) { head_.append(static_cast<const char*>(p), n); }
+  struct Info {
+    std::string name;
+    std::vector<int64_t> ne;
+    GgufTensorType type;
+    uint64_t offset;
+  };
+  std::string head_;
+  uint64_t kv_count_ = 0;
+  std::vector<Info> infos_;
+  std::vector<uint8_t> data_;
+};
+
+std::vector<uint8_t> f32_bytes(const float* v, int64_t n) {
+  std::vector<uint8_t> out(size_t(n) * 4);
+  std::memcpy(out.data(), v, out.size());
+  return out;
+}
+
+std::vector<uint8_t> f16_bytes(const float* v, int64_t n) {
+  std::vector<uint8_t> out(size_t(n) * 2);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = float_to_half(v[i]);
+    out[size_t(2 * i)] = uint8_t(h & 0xff), out[size_t(2 * i + 1)] = uint8_t(h >> 8);
+  }
+  return out;
+}
+
+// A model's weights by hybrit name: f32 values, and for BitLinear weights their ternary codes and scale.
+struct Weights {
+  TrainConfig config;
+  CheckpointMeta meta;
+  std::map<std::string, NamedArray> f32;
+  struct Ternary {
+    int64_t rows = 0, cols = 0;
+    float scale = 1;
+    std::vector<int8_t> codes;
+  };
+  std::map<std::string, Ternary> ternary;
+};
+
+Weights read_weights(Dispatcher& d, const std::string& path) {
+  Weights w;
+  if (checkpoint_format(path) == kInferenceExportFormat) {
+    InferenceExport ex = read_inference_export(path);
+    w.config = ex.config, w.meta = ex.meta, w.f32 = std::move(ex.f32);
+    for (auto& [name, p] : ex.packed) {
+      Weights::Ternary t{p.rows, p.cols, p.scale, std::vector<int8_t>(size_t(p.rows * p.cols))};
+      Tensor packed = Tensor::wrap(p.codes.data(), {p.rows, (p.cols + 3) / 4}, DType::ternary2, nullptr);
+      Tensor q = Tensor::wrap(t.codes.data(), {p.rows, p.cols}, DType::i8, nullptr);
+      d.unpack_ternary(packed, q);
+      w.ternary[name] = std::move(t);
+    }
+    return w;
+  }
+  const std::vector<NamedArray> arrays = read_checkpoint_arrays(path, &w.meta);
+  w.config = checkpoint_config(w.meta, path);
+  const bool ternary = w.config.model.quant == ModelConfig::Quant::ternary;
+  for (const auto& a : arrays) {
+    if (a.name.rfind("params/", 0) != 0) continue;  // optimizer state stays behind
+    const std::string name = a.name.substr(7);
+    if (ternary && name.rfind("blocks.", 0) == 0 && a.shape.size() == 2) {
+      // The codes and scale hybrit's own export and inference use (the same quantizer).
+      Weights::Ternary t{a.shape[0], a.shape[1], 1, std::vector<int8_t>(size_t(a.shape[0] * a.shape[1]))};
+      Tensor wt = Tensor::wrap(const_cast<float*>(a.values.data()), a.shape, DType::f32, nullptr);
+      Tensor q = Tensor::wrap(t.codes.data(), a.shape, DType::i8, nullptr);
+      t.scale = d.quantize_ternary(wt, q);
+      w.ternary[name] = std::move(t);
+    } else {
+      w.f32[name] = a;
+    }
+  }
+  return w;
+}
+
+}  // namespace
+
+GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const std::string& out_path, const GgufExportOptions& o) {
+  static const std::vector<std::string> kTypes = {"tq2_0", "tq1_0", "f16", "f32"};
+  if (std::find(kTypes.begin(), kTypes.end(), o.type) == kTypes.end())
+    fail(ErrorKind::invalid_argument, "--type: expected tq2_0, tq1_0, f16 or f32, got '", o.type, "'");
+  Weights w = read_weights(d, checkpoint);
+  const ModelConfig& m = w.config.model;
+  // llama.cpp's bitnet graph: SubLN, SwiGLU, the embedding as the head. It has no graph for the
+  // others (no SubLN with an untied head, no relu^2), so those are refused before anything is written.
+  std::vector<std::string> need;
+  if (!m.subln) need.push_back("model.subln: true");
+  if (m.ffn != ModelConfig::Ffn::swiglu) need.push_back("model.ffn: swiglu");
+  if (!m.tied_embeddings) need.push_back("model.tied_embeddings: true");
+  if (!need.empty()) {
+    std::string list;
+    for (const auto& n : need) list += (list.empty() ? "" : ", ") + n;
+    fail(ErrorKind::unsupported, checkpoint, ": llama.cpp's bitnet graph (the one GGUF architecture that runs hybrit's BitLinear models) needs ", list,
+         "; train with those to export GGUF (hybrit checkpoint export -o MODEL.hyb still works)");
+  }
+  if (w.config.data.tokenizer != "byte")
+    fail(ErrorKind::unsupported, checkpoint, ": GGUF export carries the byte tokenizer only so far; this model uses data.tokenizer: ", w.config.data.tokenizer);
+  const bool ternary = m.quant == ModelConfig::Quant::ternary;
+  if (!ternary && (o.type == "tq2_0" || o.type == "tq1_0"))
+    fail(ErrorKind::invalid_argument, "--type ", o.type, ": ", checkpoint, " is a full-precision model (model.quant: none), it has no ternary codes; use --type f16 or f32");
+
+  GgufExportReport report;
+  report.architecture = "bitnet";
+  GgufWriter g;
+  const std::string arch = "bitnet";
+  g.kv_str("general.architecture", arch);
+  g.kv_str("general.name", o.name.empty() ? fs::path(checkpoint).stem().string() : o.name);
+  g.kv_u32(arch + ".vocab_size", uint32_t(m.vocab_size));
+  g.kv_u32(arch + ".context_length", uint32_t(m.context));
+  g.kv_u32(arch + ".embedding_length", uint32_t(m.dim));
+  g.kv_u32(arch + ".block_count", uint32_t(m.n_layers));
+  g.kv_u32(arch + ".feed_forward_length", uint32_t(m.hidden()));
+  g.kv_u32(arch + ".attention.head_count", uint32_t(m.n_heads));
+  g.kv_u32(arch + ".attention.head_count_kv", uint32_t(m.kv_heads()));
+  g.kv_u32(arch + ".rope.dimension_count", uint32_t(m.head_dim()));
+  g.kv_f32(arch + ".rope.freq_base", float(m.rope_theta));
+  g.kv_f32(arch + ".attention.layer_norm_rms_epsilon", float(m.norm_eps));
+  // The byte tokenizer as a byte-level BPE vocabulary without merges: token b is byte b (in
+  // GPT-2's printable form), token 256 the end of a record, used as EOS; no BOS is added (hybrit
+  // starts a prompt with its first byte).
+  std::vector<std::string> tokens;
+  std::vector<int32_t> token_types;
+  for (int b = 0; b < 256; ++b) tokens.push_back(gpt2_byte_token(uint8_t(b))), token_types.push_back(1);  // normal
+  tokens.push_back("<|endoftext|>"), token_types.push_back(3);                                            // control
+  g.kv_str("tokenizer.ggml.model", "gpt2");
+  g.kv_str("tokenizer.ggml.pre", "default");
+  g.kv_strings("tokenizer.ggml.tokens", tokens);
+  g.kv_i32s("tokenizer.ggml.token_type", token_types);
+  g.kv_strings("tokenizer.ggml.merges", {});
+  g.kv_u32("tokenizer.ggml.eos_token_id", 256);
+  g.kv_u32("tokenizer.ggml.bos_token_id", 256);
+  g.kv_bool("tokenizer.ggml.add_bos_token", false);
+  g.kv_bool("tokenizer.ggml.add_eos_token", false);
+  g.kv_str("hybrit.training_config", w.meta.config_yaml);
+  g.kv_u32("hybrit.step", uint32_t(std::min<int64_t>(w.meta.step, UINT32_MAX)));
+
+  auto f32_tensor = [&](const std::string& hybrit_name, const std::string& gguf_name) {
+    const auto it = w.f32.find(hybrit_name);
+    if (it == w.f32.end()) fail(ErrorKind::corrupt_data, checkpoint, ": parameter ", hybrit_name, " is missing");
+    const NamedArray& a = it->second;
+    std::vector<int64_t> ne(a.shape.rbegin(), a.shape.rend());
+    g.tensor(gguf_name, ne, GgufTensorType::f32, f32_bytes(a.values.data(), int64_t(a.values.size())));
+  };
+  auto linear = [&](const std::string& hybrit_name, const std::string& gguf_name) {
+    if (!ternary) {
+      const auto it = w.f32.find(hybrit_name);
+      if (it == w.f32.end()) fail(ErrorKind::corrupt_data, checkpoint, ": parameter ", hybrit_name, " is missing");
+      const NamedArray& a = it->second;
+      const std::vector<int64_t> ne = {a.shape[1], a.shape[0]};
+      if (o.type == "f32") g.tensor(gguf_name + ".weight", ne, GgufTensorType::f32, f32_bytes(a.values.data(), int64_t(a.values.size())));
+      else g.tensor(gguf_name + ".weight", ne, GgufTensorType::f16, f16_bytes(a.values.data(), int64_t(a.values.size())));
+      return;
+    }
+    const auto it = w.ternary.find(hybrit_name);
+    if (it == w.ternary.end()) fail(ErrorKind::corrupt_data, checkpoint, ": BitLinear weight ", hybrit_name, " is missing");
+    const Weights::Ternary& t = it->second;
+    GgufTensorType type = o.type == "tq2_0" ? GgufTensorType::tq2_0 : o.type == "tq1_0" ? GgufTensorType::tq1_0 : o.type == "f16" ? GgufTensorType::f16 : GgufTensorType::f32;
+    if ((type == GgufTensorType::tq2_0 || type == GgufTensorType::tq1_0) && t.cols % 256) {
+      report.notes.push_back(cat(gguf_name, ": rows of ", t.cols, " values are not whole 256-value ", to_string(type), " blocks; written as F16 (exact for ternary codes)"));
+      type = GgufTensorType::f16;
+    }
+    std::vector<uint8_t> bytes;
+    if (type == GgufTensorType::tq2_0 || type == GgufTensorType::tq1_0) {
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const std::vector<uint8_t> row = type == GgufTensorType::tq2_0 ? tq2_0_row(t.codes.data() + r * t.cols, t.cols) : tq1_0_row(t.codes.data() + r * t.cols, t.cols);
+        bytes.insert(bytes.end(), row.begin(), row.end());
+      }
+    } else {
+      std::vector<float> values(t.codes.begin(), t.codes.end());
+      bytes = type == GgufTensorType::f16 ? f16_bytes(values.data(), int64_t(values.size())) : f32_bytes(values.data(), int64_t(values.size()));
+    }
+    g.tensor(gguf_name + ".weight", {t.cols, t.rows}, type, std::move(bytes));
+    g.tensor(gguf_name + ".scale", {1}, GgufTensorType::f32, f32_bytes(&t.scale, 1));
+  };
+
+  f32_tensor("tok_emb", "token_embd.weight");
+  f32_tensor("final_norm", "output_norm.weight");
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    const std::string p = cat("blocks.", l, "."), q = cat("blk.", l, ".");
+    f32_tensor(p + "attn_norm", q + "attn_norm.weight");
+    f32_tensor(p + "attn_sub_norm", q + "attn_sub_norm.weight");
+    linear(p + "wq", q + "attn_q");
+    linear(p + "wk", q + "attn_k");
+    linear(p + "wv", q + "attn_v");
+    linear(p + "wo", q + "attn_output");
+    f32_tensor(p + "ffn_norm", q + "ffn_norm.weight");
+    f32_tensor(p + "ffn_sub_norm", q + "ffn_sub_norm.weight");
+    linear(p + "w_gate", q + "ffn_gate");
+    linear(p + "w_up", q + "ffn_up");
+    linear(p + "w_down", q + "ffn_down");
+  }
+  report.tensors = int64_t(g.tensor_count());
+  const std::string bytes = g.finish();
+  report.file_bytes = int64_t(bytes.size());
+  write_file_atomically(out_path, bytes);
+  return report;
+}
+
+}  // namespace hybrit
