@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 
 #include "core/file.hpp"
@@ -378,6 +380,274 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
   report.file_bytes = int64_t(bytes.size());
   write_file_atomically(out_path, bytes);
   return report;
+}
+
+}  // namespace hybrit
+
+// ---------------------------------------------------------------------------------------------
+// Reading a GGUF file back
+
+namespace hybrit {
+
+bool is_gguf_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::memcmp(magic, "GGUF", 4) == 0;
+}
+
+namespace {
+
+// A bounds-checked cursor over the file: every read past the end is one error naming the file.
+class GgufReader {
+ public:
+  GgufReader(std::string bytes, std::string path) : bytes_(std::move(bytes)), path_(std::move(path)) {}
+  template <class T>
+  T get() {
+    T v;
+    take(&v, sizeof v);
+    return v;
+  }
+  std::string str() {
+    const uint64_t n = get<uint64_t>();
+    need(n);
+    std::string s = bytes_.substr(at_, size_t(n));
+    at_ += size_t(n);
+    return s;
+  }
+  void skip(uint64_t n) { need(n), at_ += size_t(n); }
+  size_t at() const { return at_; }
+  size_t size() const { return bytes_.size(); }
+  const uint8_t* data(size_t offset) const { return reinterpret_cast<const uint8_t*>(bytes_.data()) + offset; }
+  [[noreturn]] void bad(const std::string& what) const { fail(ErrorKind::corrupt_data, path_, ": not a GGUF file hybrit can read: ", what); }
+
+ private:
+  void need(uint64_t n) const {
+    if (n > bytes_.size() - at_) bad(cat("truncated at byte ", at_, " (", n, " more bytes needed)"));
+  }
+  void take(void* out, size_t n) {
+    need(n);
+    std::memcpy(out, bytes_.data() + at_, n);
+    at_ += n;
+  }
+  std::string bytes_, path_;
+  size_t at_ = 0;
+};
+
+struct GgufValue {
+  uint32_t type = 0;
+  uint64_t u = 0;       // integers and booleans
+  double f = 0;         // floats
+  std::string s;        // strings
+  std::vector<std::string> strings;  // arrays of strings (other arrays are skipped)
+};
+
+float half_to_float(uint16_t h) {
+  const int exponent = (h >> 10) & 31, mantissa = h & 1023;
+  const float v = exponent == 0 ? std::ldexp(float(mantissa), -24) : exponent == 31 ? (mantissa ? NAN : INFINITY) : std::ldexp(float(mantissa + 1024), exponent - 25);
+  return (h >> 15) ? -v : v;
+}
+
+}  // namespace
+
+InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(ErrorKind::io, path, ": cannot open");
+  GgufReader r(std::string(std::istreambuf_iterator<char>(in), {}), path);
+  if (r.size() < 4 || r.get<uint32_t>() != 0x46554747u) r.bad("no GGUF magic");
+  const uint32_t version = r.get<uint32_t>();
+  if (version != 2 && version != 3) r.bad(cat("version ", version, " (2 and 3 are read)"));
+  const uint64_t n_tensors = r.get<uint64_t>(), n_kv = r.get<uint64_t>();
+  if (n_tensors > (1u << 20) || n_kv > (1u << 20)) r.bad(cat(n_tensors, " tensors and ", n_kv, " metadata keys"));
+  std::map<std::string, GgufValue> kv;
+  auto scalar = [&](uint32_t type, GgufValue& v) {
+    switch (type) {
+      case 0: case 1: case 7: v.u = r.get<uint8_t>(); break;
+      case 2: case 3: v.u = r.get<uint16_t>(); break;
+      case 4: case 5: v.u = r.get<uint32_t>(); break;
+      case 6: v.f = r.get<float>(); break;
+      case 10: case 11: v.u = r.get<uint64_t>(); break;
+      case 12: v.f = r.get<double>(); break;
+      case 8: v.s = r.str(); break;
+      default: r.bad(cat("metadata type ", type));
+    }
+  };
+  for (uint64_t i = 0; i < n_kv; ++i) {
+    const std::string key = r.str();
+    GgufValue v;
+    v.type = r.get<uint32_t>();
+    if (v.type == kArray) {
+      const uint32_t elem = r.get<uint32_t>();
+      const uint64_t n = r.get<uint64_t>();
+      if (elem == kArray || n > r.size()) r.bad(cat(key, ": an array of ", n, " elements of type ", elem));
+      GgufValue e;
+      for (uint64_t j = 0; j < n; ++j) {
+        scalar(elem, e);
+        if (elem == kString) v.strings.push_back(e.s);
+      }
+    } else {
+      scalar(v.type, v);
+    }
+    kv[key] = std::move(v);
+  }
+  auto get = [&](const std::string& key) -> const GgufValue& {
+    const auto it = kv.find(key);
+    if (it == kv.end()) r.bad(cat("metadata ", key, " is missing"));
+    return it->second;
+  };
+  const std::string arch = get("general.architecture").s;
+  if (arch != "bitnet") fail(ErrorKind::unsupported, path, ": architecture '", shortened(arch), "': hybrit runs GGUF files of the bitnet architecture");
+  // The byte vocabulary, token for token.
+  const GgufValue& tokens = get("tokenizer.ggml.tokens");
+  bool byte_vocab = get("tokenizer.ggml.model").s == "gpt2" && tokens.strings.size() == 257;
+  for (int b = 0; byte_vocab && b < 256; ++b) byte_vocab = tokens.strings[size_t(b)] == gpt2_byte_token(uint8_t(b));
+  if (!byte_vocab)
+    fail(ErrorKind::unsupported, path, ": its tokenizer (", shortened(get("tokenizer.ggml.model").s), ", ", tokens.strings.size(),
+         " tokens) is not hybrit's byte vocabulary; hybrit runs the GGUF files it exports (hybrit checkpoint export --format gguf)");
+
+  InferenceExport ex;
+  auto u = [&](const std::string& key) { return int64_t(get(arch + "." + key).u); };
+  if (kv.count("hybrit.training_config")) {
+    ex.config = parse_train_config(kv["hybrit.training_config"].s, path + " (hybrit.training_config)");
+    ex.meta.config_yaml = kv["hybrit.training_config"].s;
+  } else {
+    ex.config.model.subln = ex.config.model.tied_embeddings = true;
+    ex.config.model.ffn = ModelConfig::Ffn::swiglu;
+  }
+  ModelConfig& m = ex.config.model;
+  m.vocab_size = 257, m.dim = u("embedding_length"), m.n_layers = u("block_count"), m.n_heads = u("attention.head_count");
+  m.n_kv_heads = u("attention.head_count_kv"), m.ffn_hidden = u("feed_forward_length"), m.context = u("context_length");
+  m.rope_theta = get(arch + ".rope.freq_base").f, m.norm_eps = get(arch + ".attention.layer_norm_rms_epsilon").f;
+  if (kv.count("hybrit.step")) ex.meta.step = int64_t(kv["hybrit.step"].u);
+  try {
+    m.validate();
+  } catch (const Error& e) {
+    r.bad(e.what());
+  }
+  ex.tokenizer = std::make_unique<ByteTokenizer>();
+
+  // Tensor infos, then the data, aligned.
+  struct Info {
+    std::vector<int64_t> ne;
+    uint32_t type;
+    uint64_t offset;
+  };
+  std::map<std::string, Info> infos;
+  for (uint64_t i = 0; i < n_tensors; ++i) {
+    const std::string name = r.str();
+    Info t;
+    const uint32_t dims = r.get<uint32_t>();
+    if (dims < 1 || dims > 4) r.bad(cat(name, ": ", dims, " dimensions"));
+    for (uint32_t j = 0; j < dims; ++j) {
+      const int64_t e = int64_t(r.get<uint64_t>());
+      if (e < 1 || e > (int64_t(1) << 32)) r.bad(cat(name, ": dimension ", e));
+      t.ne.push_back(e);
+    }
+    t.type = r.get<uint32_t>(), t.offset = r.get<uint64_t>();
+    infos[name] = std::move(t);
+  }
+  const uint64_t alignment = kv.count("general.alignment") ? kv["general.alignment"].u : kAlignment;
+  if (alignment == 0 || alignment > 4096) r.bad(cat("general.alignment ", alignment));
+  const size_t data_start = size_t((r.at() + alignment - 1) / alignment * alignment);
+  // A tensor's bytes, its shape checked against what the config needs (rows, cols; cols innermost).
+  auto tensor = [&](const std::string& name, int64_t rows, int64_t cols) {
+    const auto it = infos.find(name);
+    if (it == infos.end()) r.bad(cat("tensor ", name, " is missing"));
+    const Info& t = it->second;
+    int64_t numel = 1;
+    for (int64_t e : t.ne) numel *= e;
+    if (t.ne[0] != cols || numel != rows * cols) r.bad(cat("tensor ", name, " has shape ", shape_str(t.ne), ", the config needs ", cols, " x ", rows));
+    const int64_t bytes = t.type == 0 ? numel * 4 : t.type == 1 ? numel * 2 : t.type == 35 ? numel / 256 * 66 : t.type == 34 ? numel / 256 * 54 : -1;
+    if (bytes < 0) fail(ErrorKind::unsupported, path, ": tensor ", name, " has ggml type ", t.type, "; hybrit reads F32, F16, TQ1_0 and TQ2_0");
+    if ((t.type == 34 || t.type == 35) && cols % 256) r.bad(cat("tensor ", name, ": TQ rows of ", cols, " values"));
+    if (t.offset > r.size() || data_start + t.offset + uint64_t(bytes) > r.size()) r.bad(cat("tensor ", name, " runs past the end of the file"));
+    return std::make_pair(&t, r.data(data_start + size_t(t.offset)));
+  };
+  auto f32 = [&](const std::string& gguf_name, const std::string& name, Shape shape) {
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    const auto [t, p] = tensor(gguf_name, rows, shape.back());
+    NamedArray a{name, shape, std::vector<float>(size_t(rows * shape.back()))};
+    for (size_t i = 0; i < a.values.size(); ++i) {
+      if (t->type == 0) std::memcpy(&a.values[i], p + 4 * i, 4);
+      else if (t->type == 1) a.values[i] = half_to_float(uint16_t(p[2 * i] | (p[2 * i + 1] << 8)));
+      else r.bad(cat("tensor ", gguf_name, " must be F32 or F16"));
+    }
+    ex.f32[name] = std::move(a);
+  };
+  const bool ternary = infos.count("blk.0.attn_q.scale") > 0;
+  m.quant = ternary ? ModelConfig::Quant::ternary : ModelConfig::Quant::none;
+  auto linear = [&](const std::string& gguf_name, const std::string& name, int64_t rows, int64_t cols) {
+    if (!ternary) return f32(gguf_name + ".weight", name, {rows, cols});
+    const auto [t, p] = tensor(gguf_name + ".weight", rows, cols);
+    const auto [st, sp] = tensor(gguf_name + ".scale", 1, 1);
+    if (st->type != 0) r.bad(cat("tensor ", gguf_name, ".scale must be F32"));
+    float scale;
+    std::memcpy(&scale, sp, 4);
+    // Values: code x block scale; every non-zero block scale of the tensor must be the same.
+    std::vector<float> values;
+    const int64_t n = rows * cols;
+    if (t->type == 35 || t->type == 34) {
+      const int64_t block_bytes = t->type == 35 ? 66 : 54;
+      for (int64_t b = 0; b < n / 256; ++b) {
+        const uint8_t* q = p + b * block_bytes;
+        const float dblock = half_to_float(uint16_t(q[block_bytes - 2] | (q[block_bytes - 1] << 8)));
+        if (t->type == 35) {
+          for (int j = 0; j < 64; j += 32)
+            for (int l = 0; l < 4; ++l)
+              for (int mm = 0; mm < 32; ++mm) values.push_back(float(((q[j + mm] >> (2 * l)) & 3) - 1) * dblock);
+        } else {
+          const uint8_t pow3[6] = {1, 3, 9, 27, 81, 243};
+          auto trit = [&](uint8_t byte, int k) { return float(((uint16_t(uint8_t(byte * pow3[k])) * 3) >> 8) - 1) * dblock; };
+          for (int k = 0; k < 5; ++k)
+            for (int mm = 0; mm < 32; ++mm) values.push_back(trit(q[mm], k));
+          for (int k = 0; k < 5; ++k)
+            for (int mm = 0; mm < 16; ++mm) values.push_back(trit(q[32 + mm], k));
+          for (int k = 0; k < 4; ++k)
+            for (int j = 0; j < 4; ++j) values.push_back(trit(q[48 + j], k));
+        }
+      }
+    } else if (t->type == 1 || t->type == 0) {
+      for (int64_t i = 0; i < n; ++i) {
+        float v;
+        if (t->type == 1) v = half_to_float(uint16_t(p[2 * i] | (p[2 * i + 1] << 8)));
+        else std::memcpy(&v, p + 4 * i, 4);
+        values.push_back(v);
+      }
+    }
+    float common = 0;
+    for (float v : values)
+      if (v != 0) {
+        if (common == 0) common = std::fabs(v);
+        else if (std::fabs(v) != common) r.bad(cat("tensor ", gguf_name, ".weight holds ", std::fabs(v), " and ", common, ": not ternary codes times one scale"));
+      }
+    std::vector<int8_t> codes(values.size());
+    for (size_t i = 0; i < values.size(); ++i) codes[i] = int8_t(values[i] > 0 ? 1 : values[i] < 0 ? -1 : 0);
+    Tensor qt = Tensor::wrap(codes.data(), {rows, cols}, DType::i8, nullptr);
+    Tensor packed = Tensor::empty({rows, (cols + 3) / 4}, DType::ternary2);
+    d.pack_ternary(qt, packed);
+    InferenceExport::Packed pk;
+    pk.rows = rows, pk.cols = cols, pk.scale = scale * (common == 0 ? 1.0f : common);
+    pk.codes.assign(static_cast<const uint8_t*>(packed.raw()), static_cast<const uint8_t*>(packed.raw()) + packed.nbytes());
+    ex.packed[name] = std::move(pk);
+  };
+  const int64_t D = m.dim, F = m.hidden(), V = m.vocab_size, q_rows = m.n_heads * m.head_dim(), kv_rows = m.kv_heads() * m.head_dim();
+  f32("token_embd.weight", "tok_emb", {V, D});
+  f32("output_norm.weight", "final_norm", {D});
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    const std::string p = cat("blocks.", l, "."), q = cat("blk.", l, ".");
+    f32(q + "attn_norm.weight", p + "attn_norm", {D});
+    f32(q + "attn_sub_norm.weight", p + "attn_sub_norm", {q_rows});
+    f32(q + "ffn_norm.weight", p + "ffn_norm", {D});
+    f32(q + "ffn_sub_norm.weight", p + "ffn_sub_norm", {F});
+    linear(q + "attn_q", p + "wq", q_rows, D);
+    linear(q + "attn_k", p + "wk", kv_rows, D);
+    linear(q + "attn_v", p + "wv", kv_rows, D);
+    linear(q + "attn_output", p + "wo", D, q_rows);
+    linear(q + "ffn_gate", p + "w_gate", F, D);
+    linear(q + "ffn_up", p + "w_up", F, D);
+    linear(q + "ffn_down", p + "w_down", D, F);
+  }
+  return ex;
 }
 
 }  // namespace hybrit

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dispatch/dispatcher.hpp"
+#include "training/checkpoint.hpp"  // InferenceExport
 
 namespace hybrit {
 
@@ -53,4 +54,15 @@ uint16_t float_to_half(float value);
 // byte b (tokens are looked up by this text).
 std::string gpt2_byte_token(uint8_t b);
 
+// The reverse, for `hybrit generate/serve -m MODEL.gguf`: whether a file starts with GGUF's
+// magic, and a bitnet GGUF read back as the export it is equivalent to (config, byte tokenizer,
+// f32 tensors, packed ternary codes). Weights may be TQ2_0, TQ1_0, F16 or F32 (ternary codes
+// times one scale per tensor: the `.scale` tensor times the blocks' common scale). Refused, each
+// in one line naming the file: another architecture, another tokenizer than the byte vocabulary,
+// other tensor types, block scales that differ within a tensor, values that are not ternary,
+// a truncated or malformed file.
+bool is_gguf_file(const std::string& path);
+InferenceExport read_gguf_model(Dispatcher& dispatcher, const std::string& path);
+
 }  // namespace hybrit
+

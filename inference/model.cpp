@@ -1,4 +1,5 @@
 #include "inference/model.hpp"
+#include "inference/gguf.hpp"
 #include "training/kernels.hpp"
 
 
@@ -158,11 +159,13 @@ void attend(const float* qv, int64_t pos, const std::vector<int32_t>& table, KvC
 InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkpoint, bool packed) : d_(dispatcher) {
   // Two sources: a training checkpoint (f32 weights, quantized and packed here) or the export
   // file (BitLinears already packed, by the same dispatcher ops, so both give the same model).
-  const bool is_export = checkpoint_format(checkpoint) == kInferenceExportFormat;
+  // A GGUF file (hybrit checkpoint export --format gguf) reads back as the export it equals.
+  const bool is_gguf = is_gguf_file(checkpoint);
+  const bool is_export = is_gguf || checkpoint_format(checkpoint) == kInferenceExportFormat;
   CheckpointModel cm;
   InferenceExport ex;
   if (is_export) {
-    ex = read_inference_export(checkpoint);
+    ex = is_gguf ? read_gguf_model(dispatcher, checkpoint) : read_inference_export(checkpoint);
     config_ = ex.config.model;
     tokenizer_ = std::move(ex.tokenizer);
   } else {
