@@ -287,6 +287,7 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
 
   GgufExportReport report;
   report.architecture = "bitnet";
+  std::map<int64_t, int> f16_fallbacks;  // row length -> BitLinear weights written as F16 for it
   GgufWriter g;
   const std::string arch = "bitnet";
   g.kv_str("general.architecture", arch);
@@ -342,7 +343,7 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
     const Weights::Ternary& t = it->second;
     GgufTensorType type = o.type == "tq2_0" ? GgufTensorType::tq2_0 : o.type == "tq1_0" ? GgufTensorType::tq1_0 : o.type == "f16" ? GgufTensorType::f16 : GgufTensorType::f32;
     if ((type == GgufTensorType::tq2_0 || type == GgufTensorType::tq1_0) && t.cols % 256) {
-      report.notes.push_back(cat(gguf_name, ": rows of ", t.cols, " values are not whole 256-value ", to_string(type), " blocks; written as F16 (exact for ternary codes)"));
+      ++f16_fallbacks[t.cols];
       type = GgufTensorType::f16;
     }
     std::vector<uint8_t> bytes;
@@ -375,6 +376,10 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
     linear(p + "w_up", q + "ffn_up");
     linear(p + "w_down", q + "ffn_down");
   }
+  for (const auto& [cols, count] : f16_fallbacks)
+    report.notes.push_back(cat(count, " BitLinear weights have rows of ", cols, " values, not whole 256-value ", o.type == "tq1_0" ? "TQ1_0" : "TQ2_0",
+                               " blocks: written as F16, which holds their ternary codes exactly (", cols == m.dim ? "model.dim" : "model.ffn_hidden",
+                               " a multiple of 256 gives TQ blocks)"));
   report.tensors = int64_t(g.tensor_count());
   const std::string bytes = g.finish();
   report.file_bytes = int64_t(bytes.size());
@@ -554,7 +559,10 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     if (it == infos.end()) r.bad(cat("tensor ", name, " is missing"));
     const Info& t = it->second;
     int64_t numel = 1;
-    for (int64_t e : t.ne) numel *= e;
+    for (int64_t e : t.ne) {
+      if (numel > (int64_t(1) << 40) / e) r.bad(cat("tensor ", name, " has shape ", shape_str(t.ne)));  // no product overflows
+      numel *= e;
+    }
     if (t.ne[0] != cols || numel != rows * cols) r.bad(cat("tensor ", name, " has shape ", shape_str(t.ne), ", the config needs ", cols, " x ", rows));
     const int64_t bytes = t.type == 0 ? numel * 4 : t.type == 1 ? numel * 2 : t.type == 35 ? numel / 256 * 66 : t.type == 34 ? numel / 256 * 54 : -1;
     if (bytes < 0) fail(ErrorKind::unsupported, path, ": tensor ", name, " has ggml type ", t.type, "; hybrit reads F32, F16, TQ1_0 and TQ2_0");

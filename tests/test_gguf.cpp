@@ -11,6 +11,7 @@
 #include <set>
 
 #include "inference/gguf.hpp"
+#include "inference/model.hpp"
 #include "test_support.hpp"
 #include "training/checkpoint.hpp"
 #include "training/config.hpp"
@@ -244,6 +245,67 @@ TEST(Gguf, AnExportHoldsExactlyTheWeightsHybritRuns) {
     // The embedding travels as F32, bit for bit.
     const GgufFile::Tensor& emb = f.tensors.at("token_embd.weight");
     EXPECT_EQ(emb.type, 0u);
+  }
+}
+
+// One file serves both ways: hybrit runs the GGUF it wrote with exactly the checkpoint's weights.
+TEST(Gguf, HybritRunsTheGgufItWroteAsTheCheckpoint) {
+  TempDir tmp;
+  const std::string dir = tmp.path.string();
+  for (const std::string type : {"tq2_0", "tq1_0", "f16"}) {
+    SCOPED_TRACE(type);
+    const std::string ckpt = export_small_model(dir, {"model.dim=256", "model.n_layers=1", "model.n_heads=2", "model.subln=true", "model.tied_embeddings=true",
+                                                      "model.ffn_hidden=320", "model.context=32", "train.batch=2"},
+                                                type);
+    Dispatcher d;
+    InferenceModel from_ckpt(d, ckpt), from_gguf(d, dir + "/model.gguf");
+    EXPECT_EQ(from_gguf.config().dim, 256);
+    EXPECT_EQ(from_gguf.config().hidden(), 320);
+    EXPECT_EQ(from_gguf.tokenizer().vocab_size(), 257);
+    const std::vector<int32_t> prompt = {72, 101, 108, 108, 111, 32, 256, 10};
+    EXPECT_EQ(from_gguf.last_logits(prompt), from_ckpt.last_logits(prompt));
+  }
+}
+
+TEST(Gguf, DamagedFilesAreOneLineErrors) {
+  TempDir tmp;
+  const std::string dir = tmp.path.string();
+  export_small_model(dir, {"model.dim=64", "model.n_layers=1", "model.subln=true", "model.tied_embeddings=true", "model.context=16", "train.batch=2"}, "tq2_0");
+  std::string bytes;
+  {
+    std::ifstream in(dir + "/model.gguf", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  Dispatcher d;
+  auto error_of = [&](const std::string& content) -> std::string {
+    const std::string path = dir + "/bad.gguf";
+    std::ofstream(path, std::ios::binary) << content;
+    try {
+      read_gguf_model(d, path);
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+      return e.what();
+    }
+    return "no error";
+  };
+  // Every truncation is refused (never read past the end).
+  for (size_t cut : {size_t(4), size_t(10), size_t(30), bytes.size() / 3, bytes.size() / 2, bytes.size() - 40})  // the last 32 bytes may be padding
+    EXPECT_NE(error_of(bytes.substr(0, cut)).find("bad.gguf"), std::string::npos) << cut;
+  // Another architecture.
+  std::string other = bytes;
+  other.replace(other.find("bitnet"), 6, "llama6");
+  EXPECT_NE(error_of(other).find("architecture 'llama6'"), std::string::npos) << error_of(other);
+  // Random bytes after the header, from a fresh seed each run.
+  Rng rng(run_seed(), 99);
+  for (int trial = 0; trial < 50; ++trial) {
+    std::string noisy = bytes;
+    for (int k = 0; k < 8; ++k) noisy[size_t(24 + rng.below(uint64_t(noisy.size() - 24)))] = char(rng.below(256));
+    const std::string path = dir + "/noisy.gguf";
+    std::ofstream(path, std::ios::binary) << noisy;
+    try {
+      read_gguf_model(d, path);  // may load (the noise fell in a weight) or refuse; never crash
+    } catch (const Error&) {
+    }
   }
 }
 
