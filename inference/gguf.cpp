@@ -122,7 +122,7 @@ std::string gpt2_byte_token(uint8_t b) {
 namespace {
 
 // GGUF's metadata value types (gguf.h enum gguf_type).
-enum : uint32_t { kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7, kString = 8, kArray = 9 };
+enum : uint32_t { kU8 = 0, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7, kString = 8, kArray = 9 };
 constexpr uint64_t kAlignment = 32;  // general.alignment's default
 
 class GgufWriter {
@@ -148,6 +148,14 @@ class GgufWriter {
   void kv_strings(const std::string& key, const std::vector<std::string>& v) {
     kv(key, kArray), u32(kString), u64(v.size());
     for (const auto& s : v) str(s);
+  }
+  void kv_f32s(const std::string& key, const std::vector<float>& v) {
+    kv(key, kArray), u32(kF32), u64(v.size());
+    raw(v.data(), v.size() * 4);
+  }
+  void kv_u8s(const std::string& key, const std::string& v) {
+    kv(key, kArray), u32(kU8), u64(v.size());
+    raw(v.data(), v.size());
   }
   void kv_i32s(const std::string& key, const std::vector<int32_t>& v) {
     kv(key, kArray), u32(kI32), u64(v.size());
@@ -196,6 +204,47 @@ class GgufWriter {
   std::vector<Info> infos_;
   std::vector<uint8_t> data_;
 };
+
+// The tokenizer as llama.cpp's vocabulary.
+//   byte: a byte-level BPE vocabulary ("gpt2") without merges: token b is byte b (in GPT-2's
+//     printable form), token 256 the end of a record, used as EOS; no BOS (hybrit starts a prompt
+//     with its first byte).
+//   bpe: the sentencepiece model as an SPM vocabulary ("llama"): pieces, scores and kinds in id
+//     order (byte-fallback pieces as byte tokens), unk 0, the end of a record (id 1) as EOS, no BOS,
+//     no space prefix (hybrit trains without the dummy prefix); the model's bytes travel too, as
+//     hybrit.tokenizer_model, so hybrit reads the file back with the same tokenizer.
+void write_tokenizer(GgufWriter& g, const std::string& kind, const std::string& model_bytes, const std::string& checkpoint) {
+  std::vector<std::string> tokens;
+  std::vector<int32_t> types;  // llama.cpp's: 1 normal, 2 unknown, 3 control, 6 byte
+  if (kind == "byte") {
+    for (int b = 0; b < 256; ++b) tokens.push_back(gpt2_byte_token(uint8_t(b))), types.push_back(1);
+    tokens.push_back("<|endoftext|>"), types.push_back(3);
+    g.kv_str("tokenizer.ggml.model", "gpt2");
+    g.kv_str("tokenizer.ggml.pre", "default");
+    g.kv_strings("tokenizer.ggml.tokens", tokens);
+    g.kv_i32s("tokenizer.ggml.token_type", types);
+    g.kv_strings("tokenizer.ggml.merges", {});
+    g.kv_u32("tokenizer.ggml.eos_token_id", 256);
+    g.kv_u32("tokenizer.ggml.bos_token_id", 256);
+  } else {
+    std::vector<float> scores;
+    for (const TokenizerPiece& p : bpe_pieces(model_bytes, checkpoint)) {
+      tokens.push_back(p.text), scores.push_back(p.score);
+      types.push_back(p.kind == TokenizerPiece::Kind::unknown ? 2 : p.kind == TokenizerPiece::Kind::control ? 3 : p.kind == TokenizerPiece::Kind::byte ? 6 : 1);
+    }
+    g.kv_str("tokenizer.ggml.model", "llama");
+    g.kv_strings("tokenizer.ggml.tokens", tokens);
+    g.kv_f32s("tokenizer.ggml.scores", scores);
+    g.kv_i32s("tokenizer.ggml.token_type", types);
+    g.kv_u32("tokenizer.ggml.unknown_token_id", 0);
+    g.kv_u32("tokenizer.ggml.eos_token_id", 1);
+    g.kv_u32("tokenizer.ggml.bos_token_id", 1);
+    g.kv_bool("tokenizer.ggml.add_space_prefix", false);
+    g.kv_u8s("hybrit.tokenizer_model", model_bytes);
+  }
+  g.kv_bool("tokenizer.ggml.add_bos_token", false);
+  g.kv_bool("tokenizer.ggml.add_eos_token", false);
+}
 
 std::vector<uint8_t> f32_bytes(const float* v, int64_t n) {
   std::vector<uint8_t> out(size_t(n) * 4);
@@ -279,8 +328,6 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
     fail(ErrorKind::unsupported, checkpoint, ": llama.cpp's bitnet graph (the one GGUF architecture that runs hybrit's BitLinear models) needs ", list,
          "; train with those to export GGUF (hybrit checkpoint export -o MODEL.hyb still works)");
   }
-  if (w.config.data.tokenizer != "byte")
-    fail(ErrorKind::unsupported, checkpoint, ": GGUF export carries the byte tokenizer only so far; this model uses data.tokenizer: ", w.config.data.tokenizer);
   const bool ternary = m.quant == ModelConfig::Quant::ternary;
   if (!ternary && (o.type == "tq2_0" || o.type == "tq1_0"))
     fail(ErrorKind::invalid_argument, "--type ", o.type, ": ", checkpoint, " is a full-precision model (model.quant: none), it has no ternary codes; use --type f16 or f32");
@@ -302,22 +349,7 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
   g.kv_u32(arch + ".rope.dimension_count", uint32_t(m.head_dim()));
   g.kv_f32(arch + ".rope.freq_base", float(m.rope_theta));
   g.kv_f32(arch + ".attention.layer_norm_rms_epsilon", float(m.norm_eps));
-  // The byte tokenizer as a byte-level BPE vocabulary without merges: token b is byte b (in
-  // GPT-2's printable form), token 256 the end of a record, used as EOS; no BOS is added (hybrit
-  // starts a prompt with its first byte).
-  std::vector<std::string> tokens;
-  std::vector<int32_t> token_types;
-  for (int b = 0; b < 256; ++b) tokens.push_back(gpt2_byte_token(uint8_t(b))), token_types.push_back(1);  // normal
-  tokens.push_back("<|endoftext|>"), token_types.push_back(3);                                            // control
-  g.kv_str("tokenizer.ggml.model", "gpt2");
-  g.kv_str("tokenizer.ggml.pre", "default");
-  g.kv_strings("tokenizer.ggml.tokens", tokens);
-  g.kv_i32s("tokenizer.ggml.token_type", token_types);
-  g.kv_strings("tokenizer.ggml.merges", {});
-  g.kv_u32("tokenizer.ggml.eos_token_id", 256);
-  g.kv_u32("tokenizer.ggml.bos_token_id", 256);
-  g.kv_bool("tokenizer.ggml.add_bos_token", false);
-  g.kv_bool("tokenizer.ggml.add_eos_token", false);
+  write_tokenizer(g, w.config.data.tokenizer, w.meta.tokenizer_model, checkpoint);
   g.kv_str("hybrit.training_config", w.meta.config_yaml);
   g.kv_u32("hybrit.step", uint32_t(std::min<int64_t>(w.meta.step, UINT32_MAX)));
 
@@ -443,7 +475,8 @@ struct GgufValue {
   uint64_t u = 0;       // integers and booleans
   double f = 0;         // floats
   std::string s;        // strings
-  std::vector<std::string> strings;  // arrays of strings (other arrays are skipped)
+  std::vector<std::string> strings;  // arrays of strings
+  std::string u8s;                   // arrays of uint8 (other arrays are skipped)
 };
 
 float half_to_float(uint16_t h) {
@@ -488,6 +521,7 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
       for (uint64_t j = 0; j < n; ++j) {
         scalar(elem, e);
         if (elem == kString) v.strings.push_back(e.s);
+        else if (elem == kU8) v.u8s += char(e.u);
       }
     } else {
       scalar(v.type, v);
@@ -501,13 +535,26 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
   };
   const std::string arch = get("general.architecture").s;
   if (arch != "bitnet") fail(ErrorKind::unsupported, path, ": architecture '", shortened(arch), "': hybrit runs GGUF files of the bitnet architecture");
-  // The byte vocabulary, token for token.
+  // The tokenizer: the byte vocabulary token for token, or the BPE model hybrit exported with it.
   const GgufValue& tokens = get("tokenizer.ggml.tokens");
-  bool byte_vocab = get("tokenizer.ggml.model").s == "gpt2" && tokens.strings.size() == 257;
-  for (int b = 0; byte_vocab && b < 256; ++b) byte_vocab = tokens.strings[size_t(b)] == gpt2_byte_token(uint8_t(b));
-  if (!byte_vocab)
-    fail(ErrorKind::unsupported, path, ": its tokenizer (", shortened(get("tokenizer.ggml.model").s), ", ", tokens.strings.size(),
-         " tokens) is not hybrit's byte vocabulary; hybrit runs the GGUF files it exports (hybrit checkpoint export --format gguf)");
+  const std::string vocab_kind = get("tokenizer.ggml.model").s;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::string tokenizer_model;
+  bool known = false;
+  if (vocab_kind == "gpt2" && tokens.strings.size() == 257) {
+    known = true;
+    for (int b = 0; known && b < 256; ++b) known = tokens.strings[size_t(b)] == gpt2_byte_token(uint8_t(b));
+    if (known) tokenizer = std::make_unique<ByteTokenizer>();
+  } else if (vocab_kind == "llama" && kv.count("hybrit.tokenizer_model")) {
+    tokenizer_model = kv["hybrit.tokenizer_model"].u8s;
+    const std::vector<TokenizerPiece> pieces = bpe_pieces(tokenizer_model, path + " (hybrit.tokenizer_model)");
+    known = pieces.size() == tokens.strings.size();
+    for (size_t i = 0; known && i < pieces.size(); ++i) known = pieces[i].text == tokens.strings[i];
+    if (known) tokenizer = bpe_tokenizer_from_bytes(tokenizer_model, path + " (hybrit.tokenizer_model)");
+  }
+  if (!known)
+    fail(ErrorKind::unsupported, path, ": its tokenizer (", shortened(vocab_kind), ", ", tokens.strings.size(),
+         " tokens) is not one hybrit exported (the byte vocabulary, or a BPE model carried as hybrit.tokenizer_model); hybrit runs the GGUF files it exports");
 
   InferenceExport ex;
   auto u = [&](const std::string& key) { return int64_t(get(arch + "." + key).u); };
@@ -519,7 +566,7 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     ex.config.model.ffn = ModelConfig::Ffn::swiglu;
   }
   ModelConfig& m = ex.config.model;
-  m.vocab_size = 257, m.dim = u("embedding_length"), m.n_layers = u("block_count"), m.n_heads = u("attention.head_count");
+  m.vocab_size = tokenizer->vocab_size(), m.dim = u("embedding_length"), m.n_layers = u("block_count"), m.n_heads = u("attention.head_count");
   m.n_kv_heads = u("attention.head_count_kv"), m.ffn_hidden = u("feed_forward_length"), m.context = u("context_length");
   m.rope_theta = get(arch + ".rope.freq_base").f, m.norm_eps = get(arch + ".attention.layer_norm_rms_epsilon").f;
   if (kv.count("hybrit.step")) ex.meta.step = int64_t(kv["hybrit.step"].u);
@@ -528,7 +575,9 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
   } catch (const Error& e) {
     r.bad(e.what());
   }
-  ex.tokenizer = std::make_unique<ByteTokenizer>();
+  ex.config.data.tokenizer = tokenizer_model.empty() ? "byte" : "bpe";
+  ex.meta.tokenizer_model = tokenizer_model;
+  ex.tokenizer = std::move(tokenizer);
 
   // Tensor infos, then the data, aligned.
   struct Info {

@@ -37,9 +37,9 @@ struct GgufExportReport {
 
 // Writes `out_path` (atomically) from a training checkpoint or its export. Refuses, naming the
 // options that export, a model llama.cpp has no graph for: the bitnet graph needs model.subln:
-// true, model.ffn: swiglu and model.tied_embeddings: true; and a BPE tokenizer (only the byte
-// tokenizer travels so far, as a GPT-2 byte-level vocabulary of 256 byte tokens plus the end of
-// record, token 256, as EOS).
+// true, model.ffn: swiglu and model.tied_embeddings: true. The tokenizer travels: the byte
+// tokenizer as a GPT-2 byte-level vocabulary (256 byte tokens, then the end of a record as EOS),
+// a BPE (sentencepiece) model as an SPM vocabulary with its scores and byte fallback.
 GgufExportReport export_gguf(Dispatcher& dispatcher, const std::string& checkpoint, const std::string& out_path, const GgufExportOptions& options);
 
 // The blocks of one row of ternary codes (-1, 0, 1; length a multiple of 256), as ggml's
@@ -55,10 +55,10 @@ uint16_t float_to_half(float value);
 std::string gpt2_byte_token(uint8_t b);
 
 // The reverse, for `hybrit generate/serve -m MODEL.gguf`: whether a file starts with GGUF's
-// magic, and a bitnet GGUF read back as the export it is equivalent to (config, byte tokenizer,
+// magic, and a bitnet GGUF read back as the export it is equivalent to (config, tokenizer,
 // f32 tensors, packed ternary codes). Weights may be TQ2_0, TQ1_0, F16 or F32 (ternary codes
 // times one scale per tensor: the `.scale` tensor times the blocks' common scale). Refused, each
-// in one line naming the file: another architecture, another tokenizer than the byte vocabulary,
+// in one line naming the file: another architecture, a tokenizer hybrit did not export,
 // other tensor types, block scales that differ within a tensor, values that are not ternary,
 // a truncated or malformed file.
 bool is_gguf_file(const std::string& path);

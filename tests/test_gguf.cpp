@@ -154,7 +154,7 @@ GgufFile read_gguf(const std::string& path) {
       const uint64_t n = u64();
       for (uint64_t j = 0; j < n; ++j) {
         if (elem == 8) f.string_arrays[key].push_back(str());
-        else at += 4;
+        else at += elem == 0 || elem == 1 || elem == 7 ? 1 : elem == 2 || elem == 3 ? 2 : elem >= 10 ? 8 : 4;
       }
     } else {
       ADD_FAILURE() << "unexpected type " << type << " of " << key;
@@ -265,6 +265,31 @@ TEST(Gguf, HybritRunsTheGgufItWroteAsTheCheckpoint) {
     const std::vector<int32_t> prompt = {72, 101, 108, 108, 111, 32, 256, 10};
     EXPECT_EQ(from_gguf.last_logits(prompt), from_ckpt.last_logits(prompt));
   }
+}
+
+// A BPE model's tokenizer travels as an SPM vocabulary (pieces, scores, kinds) and reads back as
+// the same tokenizer.
+TEST(Gguf, ABpeTokenizerTravelsWithTheModel) {
+  TempDir tmp;
+  const std::string dir = tmp.path.string();
+  const std::string ckpt = export_small_model(dir, {"model.dim=256", "model.n_layers=1", "model.n_heads=2", "model.subln=true", "model.tied_embeddings=true",
+                                                    "model.ffn_hidden=256", "model.context=32", "train.batch=2", "data.tokenizer=bpe", "data.vocab_size=600"},
+                                              "tq2_0");
+  const GgufFile f = read_gguf(dir + "/model.gguf");
+  EXPECT_EQ(f.strings.at("tokenizer.ggml.model"), "llama");
+  CheckpointMeta meta;
+  read_checkpoint_arrays(ckpt, &meta);
+  const std::vector<TokenizerPiece> pieces = bpe_pieces(meta.tokenizer_model, ckpt);
+  const std::vector<std::string>& tokens = f.string_arrays.at("tokenizer.ggml.tokens");
+  ASSERT_EQ(tokens.size(), pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) EXPECT_EQ(tokens[i], pieces[i].text) << i;
+  Dispatcher d;
+  InferenceModel from_ckpt(d, ckpt), from_gguf(d, dir + "/model.gguf");
+  std::vector<int32_t> a, b;
+  from_ckpt.tokenizer().encode("name: tiny, steps 1234", a);
+  from_gguf.tokenizer().encode("name: tiny, steps 1234", b);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(from_gguf.last_logits(a), from_ckpt.last_logits(a));
 }
 
 TEST(Gguf, DamagedFilesAreOneLineErrors) {

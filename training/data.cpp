@@ -322,6 +322,21 @@ class BpeTokenizer final : public Tokenizer {
 std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path) {
   return std::make_unique<BpeTokenizer>(read_file(model_path), model_path);
 }
+std::vector<TokenizerPiece> bpe_pieces(const std::string& model_bytes, const std::string& name) {
+  sentencepiece::SentencePieceProcessor sp;
+  const auto status = sp.LoadFromSerializedProto(model_bytes);
+  if (!status.ok()) fail(ErrorKind::corrupt_data, name, ": not a sentencepiece model (", status.ToString(), ")");
+  std::vector<TokenizerPiece> out(size_t(sp.GetPieceSize()));
+  for (int id = 0; id < sp.GetPieceSize(); ++id) {
+    TokenizerPiece& p = out[size_t(id)];
+    p.text = sp.IdToPiece(id), p.score = sp.GetScore(id);
+    p.kind = sp.IsUnknown(id) ? TokenizerPiece::Kind::unknown : sp.IsControl(id) ? TokenizerPiece::Kind::control
+             : sp.IsByte(id)  ? TokenizerPiece::Kind::byte
+                              : TokenizerPiece::Kind::normal;
+  }
+  return out;
+}
+
 std::unique_ptr<Tokenizer> bpe_tokenizer_from_bytes(const std::string& model_bytes, const std::string& name) {
   return std::make_unique<BpeTokenizer>(model_bytes, name);
 }

@@ -82,6 +82,15 @@ std::unique_ptr<Tokenizer> train_bpe_tokenizer(const Corpus& corpus, int32_t voc
 std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& model_path);
 // The same from the model's bytes (as a checkpoint carries them); `name` is for messages.
 std::unique_ptr<Tokenizer> bpe_tokenizer_from_bytes(const std::string& model_bytes, const std::string& name);
+// A BPE model's pieces in id order, for exports (GGUF's SPM vocabulary): the text (U+2581 for a
+// space, <0xNN> for byte pieces), the merge score and the kind.
+struct TokenizerPiece {
+  enum class Kind { normal, unknown, control, byte };
+  std::string text;
+  float score = 0;
+  Kind kind = Kind::normal;
+};
+std::vector<TokenizerPiece> bpe_pieces(const std::string& model_bytes, const std::string& name);
 
 // Text for people: invalid UTF-8 sequences (a byte-level model can write any byte) and control
 // characters other than newline and tab become U+FFFD, so terminals and UTF-8 readers are safe.

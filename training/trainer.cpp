@@ -41,6 +41,13 @@ ModelConfig with_vocab(ModelConfig m, int64_t vocab) {
 
 // The tokenizer (a BPE one trained on the corpus, kept in cache_dir as tokenizer.model when there
 // is one), the corpus tokenized through the cache, and the split by record.
+namespace {
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+}  // namespace
+
 Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir, const std::string& tokenizer_model) {
   const Corpus corpus = read_corpus(c.data.sources, c.data.format);
   const bool fixed_val = !c.data.val_sources.empty();
@@ -48,12 +55,16 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
   Data data;
   if (c.data.tokenizer == "bpe" && !tokenizer_model.empty()) {
     data.tokenizer = load_bpe_tokenizer(tokenizer_model);
+    data.tokenizer_model = slurp(tokenizer_model);
   } else if (c.data.tokenizer == "bpe") {
     const bool temporary = cache_dir.empty();
     const fs::path dir = temporary ? fs::temp_directory_path() / cat("hybrit-bpe-", ::getpid(), "-", reinterpret_cast<uintptr_t>(&data)) : fs::path(cache_dir);
     fs::create_directories(dir);
     log_info("training a BPE tokenizer of ", c.data.vocab_size, " tokens on ", corpus.records.size(), " records");
     data.tokenizer = train_bpe_tokenizer(corpus, int32_t(c.data.vocab_size), (dir / "tokenizer.model").string());
+    // Kept in memory: without a cache folder (Python's Trainer) the file goes with the temporary
+    // folder, and every checkpoint must still carry the model.
+    data.tokenizer_model = slurp((dir / "tokenizer.model").string());
     if (temporary) fs::remove_all(dir);
   } else {
     data.tokenizer = std::make_unique<ByteTokenizer>();
@@ -100,8 +111,6 @@ Trainer::Trainer(const TrainConfig& config, const std::string& cache_dir, const 
       data_(prepare(config, cache_dir, tokenizer_model)),
       model_(with_vocab(config.model, data_.tokenizer->vocab_size()), dispatcher_, config.seed) {
   config_.model.vocab_size = data_.tokenizer->vocab_size();
-  if (config_.data.tokenizer == "bpe")
-    tokenizer_model_path_ = !tokenizer_model.empty() ? tokenizer_model : cache_dir.empty() ? "" : (fs::path(cache_dir) / "tokenizer.model").string();
   inputs_.resize(size_t(config_.train.batch * config_.model.context));
   targets_.resize(inputs_.size());
   model_.set_recompute(recompute_of(config_.train));
@@ -112,10 +121,6 @@ std::string tokenizer_json(const Tokenizer& t) {
   nlohmann::json tok = {{"kind", t.kind()}, {"vocab_size", t.vocab_size()}, {"end_of_record", t.end_of_record()}};
   if (t.kind() == "bpe") tok["model"] = "tokenizer.model";
   return tok.dump(1);
-}
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 }  // namespace
 
@@ -146,7 +151,7 @@ void Trainer::save(const std::string& path) {
   meta.seed = config_.seed;
   meta.config_yaml = config_.to_yaml();
   meta.tokenizer_json = tokenizer_json(*data_.tokenizer);
-  if (!tokenizer_model_path_.empty()) meta.tokenizer_model = slurp(tokenizer_model_path_);
+  meta.tokenizer_model = data_.tokenizer_model;
   save_checkpoint(path, model_.params(), meta, config_.optim.matrices);
 }
 

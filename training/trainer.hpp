@@ -62,6 +62,7 @@ class Trainer {
  private:
   struct Data {
     std::unique_ptr<Tokenizer> tokenizer;
+    std::string tokenizer_model;  // the BPE model's bytes, which every checkpoint carries (empty: byte tokenizer)
     Split split;
   };
   static Data prepare(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model);
@@ -76,7 +77,6 @@ class Trainer {
   Data data_;
   Model model_;
   int64_t step_ = 0;
-  std::string tokenizer_model_path_;  // the BPE model file a checkpoint carries
   std::vector<int32_t> inputs_, targets_;
 };
 

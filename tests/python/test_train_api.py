@@ -60,3 +60,17 @@ def test_config_errors_are_value_errors():
         hybrit.Trainer({"trian": {}})
     with pytest.raises(TypeError, match="config must be a path to a YAML file or a dict"):
         hybrit.Trainer(42)
+
+
+def test_a_bpe_trainer_without_a_run_folder_saves_its_tokenizer(tmp_path):
+    # Python's Trainer trains its BPE model in a temporary folder: every checkpoint must still
+    # carry the model, so the checkpoint loads and tokenizes as the trainer did.
+    t = hybrit.Trainer({"data": {"tokenizer": "bpe", "vocab_size": 600}, "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "context": 16},
+                        "train": {"batch": 2, "sample_tokens": 0}})
+    t.step()
+    path = str(tmp_path / "bpe.h5")
+    t.save(path)
+    again = hybrit.Model.from_checkpoint(path)
+    assert again.config["vocab_size"] > 257  # the BPE vocabulary, not the byte one
+    g = hybrit.Generator(path)
+    assert g.decode(g.encode("hello world, 42")) == "hello world, 42"
