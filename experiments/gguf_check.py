@@ -117,6 +117,7 @@ def main():
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="held-out text for perplexity")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     ap.add_argument("--chunks", type=int, default=40, help="perplexity chunks (of the model's context) scored by every engine")
+    ap.add_argument("--also-tokenize", nargs="*", default=[], help="more run folders whose tokenizers are compared (e.g. a BPE model)")
     ap.add_argument("--llama-rev", default="", help="the llama.cpp revision, for the report (default: git log of --llama)")
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "gguf.md"))
     a = ap.parse_args()
@@ -132,12 +133,25 @@ def main():
     lines += [f"- llama.cpp: {version}, CPU build (GGML_NATIVE), 2 threads", f"- model: {a.model}: {ckpt}",
               f"- export: `{export}`; TQ1_0: {os.path.getsize(tq1):,} bytes, TQ2_0: {os.path.getsize(gguf):,} bytes", ""]
 
-    # Tokenization.
-    text = open(a.text, "rb").read()
-    ids = run([llama_bin(a.llama, "llama-tokenize"), "-m", gguf, "-f", a.text, "--ids", "--log-disable", "--no-parse-special"]).stdout.strip().splitlines()[-1]
-    llama_ids = [int(x) for x in ids.strip("[]").split(",") if x.strip()]
-    same_ids = llama_ids == list(text)
-    lines += [f"Tokenization of {a.text} ({len(text):,} bytes): llama.cpp's ids {'equal' if same_ids else 'DIFFER FROM'} hybrit's (byte b is token b).", ""]
+    # Tokenization: llama.cpp's ids against hybrit's for this model and any --also-tokenize model.
+    texts = {"held-out text": open(a.text, encoding="utf-8", errors="replace").read()[:20000],
+             "unicode, spaces, digits": "Zürich café naïve — “quotes” 日本語\n  two  spaces\tand tabs, digits 1234567890 and 3.14159\n\n",
+             "fortunes": open("/usr/share/games/fortunes/computers", encoding="latin-1").read()[:20000]}
+    lines += ["### Tokenization (llama-tokenize --no-parse-special against hybrit's encoder)", "", "| model | tokenizer | text | tokens | equal |", "|---|---|---|---|---|"]
+    for label, model in [(a.model, gguf)] + [(m, None) for m in a.also_tokenize]:
+        path = model or os.path.join(work, f"tok-{len(lines)}.gguf")
+        if model is None:
+            run([CLI, "checkpoint", "export", label, "-o", path])
+        g = hybrit.Generator(path)
+        kind = "byte" if g.info()["vocab_size"] == 257 else f"bpe, {g.info()['vocab_size']} pieces"
+        for name, t in texts.items():
+            src = os.path.join(work, "text.txt")
+            open(src, "w", encoding="utf-8").write(t)
+            out = run([llama_bin(a.llama, "llama-tokenize"), "-m", path, "-f", src, "--ids", "--log-disable", "--no-parse-special"]).stdout.strip().splitlines()[-1]
+            llama_ids = [int(x) for x in out.strip("[]").split(",") if x.strip()]
+            mine = g.encode(t)
+            lines.append(f"| {label} | {kind} | {name} | {len(mine):,} | {'yes' if llama_ids == mine else 'NO'} |")
+    lines.append("")
 
     # Greedy continuations.
     lines += [f"### Greedy continuations ({a.tokens} tokens, temperature 0)", "", "| prompt | agreeing prefix (bytes of the continuation) | hybrit | llama.cpp |", "|---|---|---|---|"]
@@ -176,7 +190,7 @@ def main():
     model_cfg = hybrit.Model.from_checkpoint(a.model).config
     ctx = model_cfg["context"]
     ppl_llama, n_chunks = llama_perplexity(a.llama, gguf, a.text, ctx, a.chunks)
-    tokens = list(text)
+    tokens = gen.encode(open(a.text, encoding="utf-8", errors="replace").read())
     model = hybrit.Model.from_checkpoint(a.model)
 
     def training_logits(chunk):
