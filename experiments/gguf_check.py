@@ -143,7 +143,7 @@ def main():
         if model is None:
             run([CLI, "checkpoint", "export", label, "-o", path])
         g = hybrit.Generator(path)
-        kind = "byte" if g.info()["vocab_size"] == 257 else f"bpe, {g.info()['vocab_size']} pieces"
+        kind = "byte" if g.info["vocab_size"] == 257 else f"bpe, {g.info['vocab_size']} pieces"
         for name, t in texts.items():
             src = os.path.join(work, "text.txt")
             open(src, "w", encoding="utf-8").write(t)
