@@ -370,8 +370,7 @@ CLI::App* CheckpointCommand::add(CLI::App& app) {
 int CheckpointCommand::run(const GlobalOptions& g) const {
   if (exporter->parsed()) {
     Dispatcher dispatcher(g.dispatcher());
-    const bool gguf_out = format == "gguf" || (format == "auto" && fs::path(export_out).extension() == ".gguf");
-    if (gguf_out) {
+    if (export_as_gguf(format, export_out)) {
       const GgufExportReport r = export_gguf(dispatcher, find_checkpoint(path), export_out, gguf);
       for (const auto& note : r.notes) log_warn(note);
       std::printf("wrote %s: GGUF, architecture %s, %lld tensors, %s (llama-cli -m %s runs it)\n", export_out.c_str(), r.architecture.c_str(),

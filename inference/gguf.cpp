@@ -310,6 +310,13 @@ Weights read_weights(Dispatcher& d, const std::string& path) {
 
 }  // namespace
 
+bool export_as_gguf(const std::string& format, const std::string& out_path) {
+  if (format == "gguf") return true;
+  if (format == "hyb") return false;
+  if (format != "auto") fail(ErrorKind::invalid_argument, "format: expected auto, hyb or gguf, got '", shortened(format), "'");
+  return fs::path(out_path).extension() == ".gguf";
+}
+
 GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const std::string& out_path, const GgufExportOptions& o) {
   static const std::vector<std::string> kTypes = {"tq2_0", "tq1_0", "f16", "f32"};
   if (std::find(kTypes.begin(), kTypes.end(), o.type) == kTypes.end())

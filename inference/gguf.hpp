@@ -35,6 +35,10 @@ struct GgufExportReport {
   std::vector<std::string> notes;       // tensors that fell back to F16, and why
 };
 
+// `hybrit checkpoint export`'s --format (and Python's format=): "gguf", "hyb", or "auto", which is
+// gguf when `out_path` ends in .gguf. Anything else is an Error naming the choices.
+bool export_as_gguf(const std::string& format, const std::string& out_path);
+
 // Writes `out_path` (atomically) from a training checkpoint or its export. Refuses, naming the
 // options that export, a model llama.cpp has no graph for: the bitnet graph needs model.subln:
 // true, model.ffn: swiglu and model.tied_embeddings: true. The tokenizer travels: the byte

@@ -120,6 +120,37 @@ void bind_inference(py::module_& m) {
       .def("info", &PyGenerator::info);
 
 
+  m.def(
+      "export_checkpoint",
+      [](const std::string& checkpoint, const std::string& out, const std::string& format, const std::string& type, const std::string& name,
+         const py::object& dispatcher) {
+        CallDispatcher cd(dispatcher, std::nullopt);
+        const std::string path = find_checkpoint(checkpoint);
+        py::dict d;
+        if (export_as_gguf(format, out)) {
+          GgufExportOptions o;
+          o.type = type, o.name = name;
+          GgufExportReport r;
+          {
+            py::gil_scoped_release release;
+            r = export_gguf(cd.get(), path, out, o);
+          }
+          d["format"] = "gguf", d["architecture"] = r.architecture, d["tensors"] = r.tensors, d["bytes"] = r.file_bytes, d["notes"] = r.notes;
+        } else {
+          int64_t bytes = 0;
+          {
+            py::gil_scoped_release release;
+            bytes = export_for_inference(cd.get(), path, out);
+          }
+          d["format"] = "hyb", d["weight_bytes"] = bytes;
+        }
+        return d;
+      },
+      py::arg("checkpoint"), py::arg("out"), py::arg("format") = "auto", py::arg("type") = GgufExportOptions{}.type, py::arg("name") = "",
+      py::arg("dispatcher") = py::none(),
+      "hybrit checkpoint export from Python: a training checkpoint (or run folder, or .hyb export) as the packed inference file (format hyb) or "
+      "as GGUF for llama.cpp (format gguf; auto: by out's extension). type: tq2_0, tq1_0 or f16 (gguf). Returns what was written.");
+
   m.def("_fresh_seed", &fresh_seed, "A fresh random seed: what a request without a seed gets (every front end).");
 }
 

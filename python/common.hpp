@@ -16,6 +16,7 @@
 #include "dispatch/dispatcher.hpp"
 #include "dispatch/report.hpp"
 #include "inference/engine.hpp"
+#include "inference/gguf.hpp"
 #include "training/evaluate.hpp"
 #include "training/model.hpp"
 #include "training/trainer.hpp"

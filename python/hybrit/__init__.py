@@ -16,9 +16,9 @@ import collections
 import operator
 import threading
 
-from ._hybrit import _Generator, _engine_defaults, _fresh_seed, _op_dims, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, embed_with_checkpoint, evaluate, info, kmeans, read_corpus, reduce, select, train
+from ._hybrit import _Generator, _engine_defaults, _fresh_seed, _op_dims, _sampling_defaults, Dispatcher, KMeansResult, Model, Trainer, __version__, default_profile_path, dispatch_report, embed_text, export_checkpoint, embed_with_checkpoint, evaluate, info, kmeans, read_corpus, reduce, select, train
 
-__all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "evaluate", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "info",
+__all__ = ["Generator", "Dispatcher", "Model", "Trainer", "train", "evaluate", "load_checkpoint", "kmeans", "KMeansResult", "embed_text", "embed_with_checkpoint", "select", "reduce", "read_corpus", "dispatch_report", "export_checkpoint", "info",
            "default_profile_path", "op_size"]
 
 

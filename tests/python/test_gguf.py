@@ -68,3 +68,15 @@ def test_llama_cpps_own_reader_reads_it(cli, run_dir, tmp_path):
     # gguf-py's own TQ2_0 dequantizer gives ternary values.
     q = gguf_py.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, gguf_py.GGMLQuantizationType.TQ2_0)
     assert set(np.unique(q)) <= {-1.0, 0.0, 1.0}
+
+
+def test_export_from_python(run_dir, tmp_path):
+    ckpt = str(next(run_dir.glob("ckpt-*.h5")))
+    r = hybrit.export_checkpoint(str(run_dir), str(tmp_path / "m.gguf"), type="tq1_0")
+    assert r["format"] == "gguf" and r["architecture"] == "bitnet" and r["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    r = hybrit.export_checkpoint(ckpt, str(tmp_path / "m.hyb"))
+    assert r["format"] == "hyb" and r["weight_bytes"] > 0
+    prompt = list(b"Q: ")
+    np.testing.assert_array_equal(hybrit.Generator(str(tmp_path / "m.gguf")).last_logits(prompt), hybrit.Generator(str(tmp_path / "m.hyb")).last_logits(prompt))
+    with pytest.raises(ValueError, match="format: expected auto, hyb or gguf"):
+        hybrit.export_checkpoint(ckpt, str(tmp_path / "x"), format="onnx")
