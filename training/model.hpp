@@ -98,10 +98,16 @@ class Model {
   // (seq x seq) attention matrix: the attention backward recomputes it from q, k and lse.
   // With quant none the *_used tensors share storage with what they quantize.
   struct AttentionActivations {  // what the attention sublayer makes from h1_used
-    Tensor q, k, v, att, lse, att_rinv, att_normed, att_used;
+    Tensor q, k, v;        // (N, heads x head_dim), (N, kv_heads x head_dim) x 2, after RoPE
+    Tensor att, lse;       // the attention output (N, heads x head_dim) and each row's log-sum-exp (batch, heads, seq)
+    Tensor att_rinv, att_normed, att_used;  // SubLN's 1/rms per row, its output, and what wo multiplies (int8-quantized)
   };
   struct BlockActivations {  // the rest of a block, from its input to its output
-    Tensor h1, h1_rinv, h1_used, x_mid, h2, h2_rinv, h2_used, gate, up, f, f_rinv, f_normed, f_used;
+    Tensor h1, h1_rinv, h1_used;  // the attention norm of x_in (N, D), its 1/rms per row, what wq/wk/wv multiply
+    Tensor x_mid;                 // x_in + wo(att): the FFN's input (N, D)
+    Tensor h2, h2_rinv, h2_used;  // the FFN norm of x_mid, its 1/rms, what w_gate/w_up multiply
+    Tensor gate, up, f;           // (N, F): w_gate h2, w_up h2, and swiglu(gate, up) or relu(up)^2
+    Tensor f_rinv, f_normed, f_used;  // SubLN of f: 1/rms, output, and what w_down multiplies
   };
   struct Block {
     const ParamSlice *attn_norm, *attn_sub_norm = nullptr, *ffn_norm, *ffn_sub_norm = nullptr;
