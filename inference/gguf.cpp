@@ -577,6 +577,8 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
   m.n_kv_heads = u("attention.head_count_kv"), m.ffn_hidden = u("feed_forward_length"), m.context = u("context_length");
   m.rope_theta = get(arch + ".rope.freq_base").f, m.norm_eps = get(arch + ".attention.layer_norm_rms_epsilon").f;
   if (kv.count("hybrit.step")) ex.meta.step = int64_t(kv["hybrit.step"].u);
+  if (!(m.rope_theta > 0 && std::isfinite(m.rope_theta))) r.bad(cat(arch, ".rope.freq_base: expected a number > 0, got ", m.rope_theta));
+  if (!(m.norm_eps > 0 && m.norm_eps <= 1)) r.bad(cat(arch, ".attention.layer_norm_rms_epsilon: expected a number in (0, 1], got ", m.norm_eps));
   try {
     m.validate();
   } catch (const Error& e) {

@@ -320,6 +320,12 @@ TEST(Gguf, DamagedFilesAreOneLineErrors) {
   std::string other = bytes;
   other.replace(other.find("bitnet"), 6, "llama6");
   EXPECT_NE(error_of(other).find("architecture 'llama6'"), std::string::npos) << error_of(other);
+  // A float key written as another type reads as 0: refused, not run with RoPE base 0.
+  std::string zero_theta = bytes;
+  const size_t key = zero_theta.find("bitnet.rope.freq_base");
+  ASSERT_NE(key, std::string::npos);
+  zero_theta.replace(key + std::strlen("bitnet.rope.freq_base"), 4, std::string("\x04\0\0\0", 4));  // type FLOAT32 -> UINT32
+  EXPECT_NE(error_of(zero_theta).find("rope.freq_base: expected a number > 0"), std::string::npos) << error_of(zero_theta);
   // Random bytes after the header, from a fresh seed each run.
   Rng rng(run_seed(), 99);
   for (int trial = 0; trial < 50; ++trial) {
