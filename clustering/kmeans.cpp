@@ -71,10 +71,12 @@ struct Points {
 
   Points(Comm* c, Tensor rows) : comm(c), local(std::move(rows)) {
     offsets = row_offsets(comm, local.dim(0));
-    begin = offsets[size_t(comm ? comm->rank() : 0)];
+    begin = offsets[size_t(rank())];
     total = offsets.back();
   }
   int64_t rows() const { return local.dim(0); }
+  int rank() const { return comm ? comm->rank() : 0; }
+  int ranks() const { return comm ? comm->size() : 1; }
   bool mine(int64_t position) const { return position >= begin && position < begin + rows(); }
   void sum(double* p, int64_t n) const { if (comm) comm->allreduce_sum(p, n); }
   void sum(int64_t* p, int64_t n) const { if (comm) comm->allreduce_sum(p, n); }
@@ -100,7 +102,7 @@ struct Points {
 Tensor kmeanspp(Dispatcher& disp, const Points& pts, int64_t k, Rng& rng) {
   const Tensor& x = pts.local;
   const int64_t n = pts.rows(), m = pts.total;
-  const int size = pts.comm ? pts.comm->size() : 1, rank = pts.comm ? pts.comm->rank() : 0;
+  const int size = pts.ranks(), rank = pts.rank();
   const int trials = 2 + int(std::log(double(k)));
   const std::vector<double> xn = row_norms(x);
   std::vector<int64_t> chosen = {int64_t(rng.below(uint64_t(m)))};
@@ -146,7 +148,7 @@ Tensor kmeanspp(Dispatcher& disp, const Points& pts, int64_t k, Rng& rng) {
 // The `count` points of the whole farthest from their centroids (ties: the earlier point), for
 // the empty clusters: each rank offers its own farthest, and every rank picks from all offers.
 std::vector<int64_t> farthest_points(const Points& pts, const Tensor& dist, int64_t count) {
-  const int size = pts.comm ? pts.comm->size() : 1, rank = pts.comm ? pts.comm->rank() : 0;
+  const int size = pts.ranks(), rank = pts.rank();
   const int64_t n = pts.rows();
   auto farther = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
@@ -189,8 +191,8 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o, C
   if (comm && !comm->distributed()) comm = nullptr;
   if (x.dtype() != DType::f32 || x.ndim() != 2) fail(ErrorKind::invalid_argument, "kmeans: points must be a 2-D f32 matrix, got ", dtype_name(x.dtype()), " ", shape_str(x.shape()));
   const int64_t d = x.dim(1), k = o.k;
-  const std::vector<int64_t> offsets = row_offsets(comm, x.dim(0));
-  const int64_t n = offsets.back(), first = offsets[size_t(comm ? comm->rank() : 0)];
+  const Points all(comm, x);  // every point; the training sample below may be fewer
+  const int64_t n = all.total, first = all.begin;
   if (n == 0) fail(ErrorKind::invalid_argument, "kmeans: no points");
   if (d == 0) fail(ErrorKind::invalid_argument, "kmeans: the points have 0 dimensions");
   if (k < 1) fail(ErrorKind::invalid_argument, "kmeans: k must be at least 1, got ", k);
@@ -215,7 +217,7 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o, C
     std::vector<int64_t> picked = sample_indices(n, k * o.max_points_per_centroid, rng), local;
     std::sort(picked.begin(), picked.end());
     for (int64_t i : picked)
-      if (i >= first && i < first + x.dim(0)) local.push_back(i - first);
+      if (all.mine(i)) local.push_back(i - first);
     train_rows = gather_rows(x, local);
   }
   const Points train(comm, train_rows);

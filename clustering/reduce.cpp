@@ -146,6 +146,7 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   if (n < 1 || d < 1) fail(ErrorKind::invalid_argument, "select_records: no records or no features (", shape_str({n, d}), ")");
   const int64_t target = target_count(o, n);
   Selection s;
+  s.cluster.assign(size_t(n), 0);
   s.distance.assign(size_t(n), 0.0f);
   s.dup_score.assign(size_t(n), -1.0f);
 
@@ -169,7 +170,6 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   // Every record's cluster and distance to its centroid, on every rank (each rank fills in its
   // own records and adds zeros to the others': exact).
   std::vector<int64_t> label_of(static_cast<size_t>(n), 0);
-  std::fill(s.distance.begin(), s.distance.end(), 0.0f);
   for (int64_t i = 0; i < local; ++i) {
     const int32_t c = clusters.labels.data<int32_t>()[i];
     if (c < 0 || c >= k) fail(ErrorKind::invalid_argument, "select_records: label ", c, " of record ", first + i, " is outside [0, ", k, ")");
@@ -186,7 +186,10 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
     comm->allreduce_sum(s.distance.data(), n);
   }
   std::vector<std::vector<int64_t>> members(static_cast<size_t>(k));
-  for (int64_t i = 0; i < n; ++i) members[size_t(label_of[size_t(i)])].push_back(i);
+  for (int64_t i = 0; i < n; ++i) {
+    s.cluster[size_t(i)] = int32_t(label_of[size_t(i)]);
+    members[size_t(label_of[size_t(i)])].push_back(i);
+  }
   // Within each cluster: farthest from the centroid first (ties by record index).
   for (auto& m : members)
     std::stable_sort(m.begin(), m.end(), [&](int64_t a, int64_t b) { return s.distance[size_t(a)] > s.distance[size_t(b)]; });
@@ -199,7 +202,7 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   const std::vector<int> owner = duplicate_score_owners(members, ranks);
   auto holder = [&](int64_t record) { return int(std::upper_bound(offsets.begin(), offsets.end(), record) - offsets.begin()) - 1; };
   std::vector<float> received;
-  std::vector<int64_t> received_from;
+  std::vector<int64_t> next_from;  // where each rank's rows start in `received`, then its next row (in floats)
   if (comm) {
     std::vector<std::vector<float>> to(static_cast<size_t>(ranks));
     for (int64_t c = 0; c < k; ++c) {
@@ -208,9 +211,8 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
       for (int64_t i : members[size_t(c)])
         if (i >= first && i < first + local) piece.insert(piece.end(), xp + (i - first) * d, xp + (i - first + 1) * d);
     }
-    received = comm->exchange(to, received_from);
+    received = comm->exchange(to, next_from);
   }
-  std::vector<int64_t> next_from(received_from.begin(), received_from.end());  // the next row each rank sent, in floats
   constexpr int64_t kBlock = 512;
   int64_t mine = 0;
   for (int64_t c = 0; c < k; ++c)
@@ -304,10 +306,10 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   for (int64_t i = 0; i < n; ++i) {
     const bool dup = s.dup_score[size_t(i)] > float(1.0 - dup_eps);
     s.near_duplicates += dup;
-    s.cluster_near_duplicates[size_t(label_of[size_t(i)])] += dup;
+    s.cluster_near_duplicates[size_t(s.cluster[size_t(i)])] += dup;
     if (keep[size_t(i)]) {
       s.kept.push_back(i);
-      ++s.cluster_kept[size_t(label_of[size_t(i)])];
+      ++s.cluster_kept[size_t(s.cluster[size_t(i)])];
     } else {
       s.near_duplicates_removed += dup;
     }
@@ -458,13 +460,8 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   // rank 0 alone touches the output folder (a refusal there ends the whole job).
   Comm& job = Comm::world();
   Comm* comm = job.distributed() ? &job : nullptr;
-  std::error_code ec;
-  if (job.root()) {
-    fs::create_directories(out_dir, ec);
-    if (ec) fail(ErrorKind::io, out_dir, ": cannot create the output folder (", ec.message(), ")");
-    if (fs::exists(fs::path(out_dir) / "report.json"))
-      fail(ErrorKind::invalid_argument, out_dir, ": already holds a reduction (report.json); choose another --out or remove it");
-  }
+  if (job.root() && fs::exists(fs::path(out_dir) / "report.json"))
+    fail(ErrorKind::invalid_argument, out_dir, ": already holds a reduction (report.json); choose another --out or remove it");
 
   nlohmann::json report;
   nlohmann::json& stages = report["seconds"];
@@ -473,6 +470,11 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   const int64_t n = int64_t(corpus.records.size());
   if (n < job.size())
     fail(ErrorKind::invalid_argument, "reduce: ", n, " records for ", job.size(), " ranks: each rank needs at least one record; run at most ", n, " ranks");
+  if (job.root()) {  // made once the input is known to be enough: a refusal above leaves no folder behind
+    std::error_code ec;
+    fs::create_directories(out_dir, ec);
+    if (ec) fail(ErrorKind::io, out_dir, ": cannot create the output folder (", ec.message(), ")");
+  }
   const Comm::Share share = job.share(n);  // this rank's records
   const std::span<const std::string> records(corpus.records.data() + share.begin, size_t(share.size()));
   stages["read"] = t.seconds();
@@ -503,11 +505,6 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
   t.reset();
   const Selection s = select_records(dispatcher, embeddings.numel() > 0 ? embeddings : Tensor::zeros({share.size(), 1}, DType::f32), clusters, c.select, comm);
   stages["select"] = t.seconds();
-  // Every record's cluster, for selection.tsv (each rank fills in its own).
-  std::vector<int64_t> label_of(static_cast<size_t>(n), 0);
-  if (clusters.labels.numel() == share.size())
-    for (int64_t i = 0; i < share.size(); ++i) label_of[size_t(share.begin + i)] = clusters.labels.data<int32_t>()[i];
-  job.allreduce_sum(label_of.data(), n);
   if (!job.root()) return report;  // rank 0 writes for the job
 
   t.reset();
@@ -519,7 +516,7 @@ nlohmann::json run_reduce(const ReduceConfig& c, const std::string& out_dir) {
     std::vector<char> kept(size_t(n), 0);
     for (int64_t i : s.kept) kept[size_t(i)] = 1;
     for (int64_t i = 0; i < n; ++i)
-      tsv << i << '\t' << label_of[size_t(i)] << '\t' << s.distance[size_t(i)] << '\t' << s.dup_score[size_t(i)] << '\t' << int(kept[size_t(i)]) << '\n';
+      tsv << i << '\t' << s.cluster[size_t(i)] << '\t' << s.distance[size_t(i)] << '\t' << s.dup_score[size_t(i)] << '\t' << int(kept[size_t(i)]) << '\n';
     write_file_atomically((fs::path(out_dir) / "selection.tsv").string(), tsv.str());
   }
   stages["write"] = t.seconds();

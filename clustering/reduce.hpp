@@ -46,6 +46,7 @@ struct SelectOptions {
 
 struct Selection {
   std::vector<int64_t> kept;       // record indices, ascending
+  std::vector<int32_t> cluster;    // each record's cluster (0 for every record with strategy random)
   std::vector<float> distance;     // squared distance of each record to its centroid
   std::vector<float> dup_score;    // highest cosine similarity to an earlier record of its cluster
   std::vector<int64_t> cluster_size, cluster_kept, cluster_near_duplicates;

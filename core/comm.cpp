@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.hpp"
 
@@ -59,12 +60,25 @@ void finalize_at_exit() {
 // The largest piece one MPI call takes (its counts are int).
 constexpr int64_t kMaxPiece = INT_MAX / 2;
 
-template <class T>
-void allreduce_in_place(T* data, int64_t n, MPI_Datatype type, MPI_Op op) {
-  for (int64_t i = 0; i < n; i += kMaxPiece)
-    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), type, op, MPI_COMM_WORLD), "MPI_Allreduce");
-}
 #endif
+
+enum class Reduction { sum, max };
+
+// In place over the job's ranks, in pieces MPI's int counts take; nothing with one process. The
+// MPI datatype follows T (float, double, int64_t).
+template <class T>
+void allreduce_in_place(int ranks, T* data, int64_t n, Reduction op) {
+#ifdef HYBRIT_HAVE_MPI
+  if (ranks == 1) return;
+  const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : std::is_same_v<T, double> ? MPI_DOUBLE : MPI_INT64_T;
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, int64_t>, "a type MPI sums here");
+  for (int64_t i = 0; i < n; i += kMaxPiece)
+    check(MPI_Allreduce(MPI_IN_PLACE, data + i, int(std::min(kMaxPiece, n - i)), type, op == Reduction::sum ? MPI_SUM : MPI_MAX, MPI_COMM_WORLD),
+          "MPI_Allreduce");
+#else
+  (void)ranks, (void)data, (void)n, (void)op;
+#endif
+}
 }  // namespace
 
 // Whether an MPI launcher started this process (it sets these even for one process).
@@ -163,37 +177,10 @@ bool Comm::cuda_aware() {
 #endif
 }
 
-void Comm::allreduce_sum(float* data, int64_t n) {
-#ifdef HYBRIT_HAVE_MPI
-  if (size_ > 1) allreduce_in_place(data, n, MPI_FLOAT, MPI_SUM);
-#else
-  (void)data, (void)n;
-#endif
-}
-
-void Comm::allreduce_sum(double* data, int64_t n) {
-#ifdef HYBRIT_HAVE_MPI
-  if (size_ > 1) allreduce_in_place(data, n, MPI_DOUBLE, MPI_SUM);
-#else
-  (void)data, (void)n;
-#endif
-}
-
-void Comm::allreduce_sum(int64_t* data, int64_t n) {
-#ifdef HYBRIT_HAVE_MPI
-  if (size_ > 1) allreduce_in_place(data, n, MPI_INT64_T, MPI_SUM);
-#else
-  (void)data, (void)n;
-#endif
-}
-
-void Comm::allreduce_max(int64_t* data, int64_t n) {
-#ifdef HYBRIT_HAVE_MPI
-  if (size_ > 1) allreduce_in_place(data, n, MPI_INT64_T, MPI_MAX);
-#else
-  (void)data, (void)n;
-#endif
-}
+void Comm::allreduce_sum(float* data, int64_t n) { allreduce_in_place(size_, data, n, Reduction::sum); }
+void Comm::allreduce_sum(double* data, int64_t n) { allreduce_in_place(size_, data, n, Reduction::sum); }
+void Comm::allreduce_sum(int64_t* data, int64_t n) { allreduce_in_place(size_, data, n, Reduction::sum); }
+void Comm::allreduce_max(int64_t* data, int64_t n) { allreduce_in_place(size_, data, n, Reduction::max); }
 
 bool Comm::any(bool flag) {
   int64_t v = flag ? 1 : 0;

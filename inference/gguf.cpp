@@ -261,6 +261,30 @@ std::vector<uint8_t> f16_bytes(const float* v, int64_t n) {
   return out;
 }
 
+// A hybrit parameter's GGUF name (llama.cpp's bitnet tensors), without the ".weight" / ".scale"
+// suffix: tok_emb -> token_embd, final_norm -> output_norm, blocks.L.wq -> blk.L.attn_q, ...
+// Both directions walk Model::declare_parameters' slices through it, so the names and shapes
+// live in one place each.
+std::string gguf_base_name(const std::string& hybrit_name) {
+  static const std::map<std::string, std::string> kBlock = {
+      {"attn_norm", "attn_norm"}, {"attn_sub_norm", "attn_sub_norm"}, {"ffn_norm", "ffn_norm"}, {"ffn_sub_norm", "ffn_sub_norm"},
+      {"wq", "attn_q"},           {"wk", "attn_k"},                   {"wv", "attn_v"},         {"wo", "attn_output"},
+      {"w_gate", "ffn_gate"},     {"w_up", "ffn_up"},                 {"w_down", "ffn_down"}};
+  if (hybrit_name == "tok_emb") return "token_embd";
+  if (hybrit_name == "final_norm") return "output_norm";
+  const size_t dot = hybrit_name.find('.', 7);  // "blocks.L.piece"
+  if (hybrit_name.rfind("blocks.", 0) == 0 && dot != std::string::npos)
+    if (const auto it = kBlock.find(hybrit_name.substr(dot + 1)); it != kBlock.end()) return "blk." + hybrit_name.substr(7, dot - 7) + "." + it->second;
+  fail(ErrorKind::unsupported, "GGUF: no bitnet tensor for hybrit's parameter ", hybrit_name);
+}
+
+// The parameters a model of this config has, in order (declared, not allocated).
+ParamTable declared_parameters(const ModelConfig& m) {
+  ParamTable table;
+  Model::declare_parameters(m, table);
+  return table;
+}
+
 // A model's weights by hybrit name: f32 values, and for BitLinear weights their ternary codes and scale.
 struct Weights {
   TrainConfig config;
@@ -399,21 +423,10 @@ GgufExportReport export_gguf(Dispatcher& d, const std::string& checkpoint, const
     g.tensor(gguf_name + ".scale", {1}, GgufTensorType::f32, f32_bytes(&t.scale, 1));
   };
 
-  f32_tensor("tok_emb", "token_embd.weight");
-  f32_tensor("final_norm", "output_norm.weight");
-  for (int64_t l = 0; l < m.n_layers; ++l) {
-    const std::string p = cat("blocks.", l, "."), q = cat("blk.", l, ".");
-    f32_tensor(p + "attn_norm", q + "attn_norm.weight");
-    f32_tensor(p + "attn_sub_norm", q + "attn_sub_norm.weight");
-    linear(p + "wq", q + "attn_q");
-    linear(p + "wk", q + "attn_k");
-    linear(p + "wv", q + "attn_v");
-    linear(p + "wo", q + "attn_output");
-    f32_tensor(p + "ffn_norm", q + "ffn_norm.weight");
-    f32_tensor(p + "ffn_sub_norm", q + "ffn_sub_norm.weight");
-    linear(p + "w_gate", q + "ffn_gate");
-    linear(p + "w_up", q + "ffn_up");
-    linear(p + "w_down", q + "ffn_down");
+  const ParamTable parameters = declared_parameters(m);
+  for (const ParamSlice& slice : parameters.slices()) {
+    if (slice.group == ParamGroup::block_matrix) linear(slice.name, gguf_base_name(slice.name));
+    else f32_tensor(slice.name, gguf_base_name(slice.name) + ".weight");
   }
   for (const auto& [cols, count] : f16_fallbacks)
     report.notes.push_back(cat(count, " BitLinear weights have rows of ", cols, " values, not whole 256-value ", o.type == "tq1_0" ? "TQ1_0" : "TQ2_0",
@@ -491,6 +504,8 @@ float half_to_float(uint16_t h) {
   const float v = exponent == 0 ? std::ldexp(float(mantissa), -24) : exponent == 31 ? (mantissa ? NAN : INFINITY) : std::ldexp(float(mantissa + 1024), exponent - 25);
   return (h >> 15) ? -v : v;
 }
+// The half at index i of little-endian bytes.
+float half_at(const uint8_t* p, int64_t i) { return half_to_float(uint16_t(p[2 * i] | (p[2 * i + 1] << 8))); }
 
 }  // namespace
 
@@ -635,7 +650,7 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     NamedArray a{name, shape, std::vector<float>(size_t(rows * shape.back()))};
     for (size_t i = 0; i < a.values.size(); ++i) {
       if (t->type == 0) std::memcpy(&a.values[i], p + 4 * i, 4);
-      else if (t->type == 1) a.values[i] = half_to_float(uint16_t(p[2 * i] | (p[2 * i + 1] << 8)));
+      else if (t->type == 1) a.values[i] = half_at(p, int64_t(i));
       else r.bad(cat("tensor ", gguf_name, " must be F32 or F16"));
     }
     ex.f32[name] = std::move(a);
@@ -656,7 +671,7 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
       const int64_t block_bytes = t->type == 35 ? 66 : 54;
       for (int64_t b = 0; b < n / 256; ++b) {
         const uint8_t* q = p + b * block_bytes;
-        const float dblock = half_to_float(uint16_t(q[block_bytes - 2] | (q[block_bytes - 1] << 8)));
+        const float dblock = half_at(q + block_bytes - 2, 0);
         if (t->type == 35) {
           for (int j = 0; j < 64; j += 32)
             for (int l = 0; l < 4; ++l)
@@ -675,7 +690,7 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     } else if (t->type == 1 || t->type == 0) {
       for (int64_t i = 0; i < n; ++i) {
         float v;
-        if (t->type == 1) v = half_to_float(uint16_t(p[2 * i] | (p[2 * i + 1] << 8)));
+        if (t->type == 1) v = half_at(p, i);
         else std::memcpy(&v, p + 4 * i, 4);
         values.push_back(v);
       }
@@ -696,22 +711,10 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     pk.codes.assign(static_cast<const uint8_t*>(packed.raw()), static_cast<const uint8_t*>(packed.raw()) + packed.nbytes());
     ex.packed[name] = std::move(pk);
   };
-  const int64_t D = m.dim, F = m.hidden(), V = m.vocab_size, q_rows = m.n_heads * m.head_dim(), kv_rows = m.kv_heads() * m.head_dim();
-  f32("token_embd.weight", "tok_emb", {V, D});
-  f32("output_norm.weight", "final_norm", {D});
-  for (int64_t l = 0; l < m.n_layers; ++l) {
-    const std::string p = cat("blocks.", l, "."), q = cat("blk.", l, ".");
-    f32(q + "attn_norm.weight", p + "attn_norm", {D});
-    f32(q + "attn_sub_norm.weight", p + "attn_sub_norm", {q_rows});
-    f32(q + "ffn_norm.weight", p + "ffn_norm", {D});
-    f32(q + "ffn_sub_norm.weight", p + "ffn_sub_norm", {F});
-    linear(q + "attn_q", p + "wq", q_rows, D);
-    linear(q + "attn_k", p + "wk", kv_rows, D);
-    linear(q + "attn_v", p + "wv", kv_rows, D);
-    linear(q + "attn_output", p + "wo", D, q_rows);
-    linear(q + "ffn_gate", p + "w_gate", F, D);
-    linear(q + "ffn_up", p + "w_up", F, D);
-    linear(q + "ffn_down", p + "w_down", D, F);
+  const ParamTable parameters = declared_parameters(m);
+  for (const ParamSlice& slice : parameters.slices()) {
+    if (slice.group == ParamGroup::block_matrix) linear(gguf_base_name(slice.name), slice.name, slice.shape[0], slice.shape[1]);
+    else f32(gguf_base_name(slice.name) + ".weight", slice.name, slice.shape);
   }
   return ex;
 }

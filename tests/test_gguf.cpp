@@ -118,7 +118,7 @@ struct GgufFile {
   struct Tensor {
     std::vector<int64_t> ne;
     uint32_t type;
-    const uint8_t* data;
+    const uint8_t* data = nullptr;
   };
   std::map<std::string, Tensor> tensors;
   std::string bytes;

@@ -246,7 +246,7 @@ namespace {
 class BpeTokenizer final : public Tokenizer {
  public:
   // `name` names the model in messages (its file, or the checkpoint that carries it).
-  BpeTokenizer(const std::string& model_bytes, const std::string& name) : path_(name) {
+  BpeTokenizer(const std::string& model_bytes, const std::string& name) : path_(name), model_bytes_(model_bytes) {
     const auto status = sp_.LoadFromSerializedProto(model_bytes);
     if (!status.ok()) fail(ErrorKind::corrupt_data, name, ": not a sentencepiece model (", status.ToString(), ")");
     if (sp_.eos_id() != 1) fail(ErrorKind::corrupt_data, name, ": expected the end-of-record token at id 1, got ", sp_.eos_id());
@@ -309,9 +309,10 @@ class BpeTokenizer final : public Tokenizer {
     return s;
   }
   uint64_t identity() const override { return identity_; }
+  const std::string& model_bytes() const override { return model_bytes_; }
 
  private:
-  std::string path_;
+  std::string path_, model_bytes_;
   sentencepiece::SentencePieceProcessor sp_;
   int32_t byte_ids_[256] = {};
   uint64_t identity_ = 0;

@@ -57,6 +57,12 @@ class Tokenizer {
   virtual std::string decode(const int32_t* tokens, size_t n) const = 0;
   // Changes whenever the tokenization could: part of the token cache's key.
   virtual uint64_t identity() const = 0;
+  // The serialized model a checkpoint carries to rebuild this tokenizer (BPE: the sentencepiece
+  // model's bytes; empty for the byte tokenizer, which has none).
+  virtual const std::string& model_bytes() const {
+    static const std::string none;
+    return none;
+  }
 };
 
 // Byte-level: tokens 0-255 are bytes, 256 ends a record. Any byte sequence round-trips.

@@ -41,13 +41,6 @@ ModelConfig with_vocab(ModelConfig m, int64_t vocab) {
 
 // The tokenizer (a BPE one trained on the corpus, kept in cache_dir as tokenizer.model when there
 // is one), the corpus tokenized through the cache, and the split by record.
-namespace {
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-}  // namespace
-
 Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_dir, const std::string& tokenizer_model) {
   const Corpus corpus = read_corpus(c.data.sources, c.data.format);
   const bool fixed_val = !c.data.val_sources.empty();
@@ -55,16 +48,14 @@ Trainer::Data Trainer::prepare(const TrainConfig& c, const std::string& cache_di
   Data data;
   if (c.data.tokenizer == "bpe" && !tokenizer_model.empty()) {
     data.tokenizer = load_bpe_tokenizer(tokenizer_model);
-    data.tokenizer_model = slurp(tokenizer_model);
   } else if (c.data.tokenizer == "bpe") {
     const bool temporary = cache_dir.empty();
     const fs::path dir = temporary ? fs::temp_directory_path() / cat("hybrit-bpe-", ::getpid(), "-", reinterpret_cast<uintptr_t>(&data)) : fs::path(cache_dir);
     fs::create_directories(dir);
     log_info("training a BPE tokenizer of ", c.data.vocab_size, " tokens on ", corpus.records.size(), " records");
+    // The tokenizer keeps its model's bytes (model_bytes()): without a cache folder (Python's
+    // Trainer) the file goes with the temporary folder, and every checkpoint still carries it.
     data.tokenizer = train_bpe_tokenizer(corpus, int32_t(c.data.vocab_size), (dir / "tokenizer.model").string());
-    // Kept in memory: without a cache folder (Python's Trainer) the file goes with the temporary
-    // folder, and every checkpoint must still carry the model.
-    data.tokenizer_model = slurp((dir / "tokenizer.model").string());
     if (temporary) fs::remove_all(dir);
   } else {
     data.tokenizer = std::make_unique<ByteTokenizer>();
@@ -151,7 +142,7 @@ void Trainer::save(const std::string& path) {
   meta.seed = config_.seed;
   meta.config_yaml = config_.to_yaml();
   meta.tokenizer_json = tokenizer_json(*data_.tokenizer);
-  meta.tokenizer_model = data_.tokenizer_model;
+  meta.tokenizer_model = data_.tokenizer->model_bytes();
   save_checkpoint(path, model_.params(), meta, config_.optim.matrices);
 }
 

@@ -62,7 +62,6 @@ class Trainer {
  private:
   struct Data {
     std::unique_ptr<Tokenizer> tokenizer;
-    std::string tokenizer_model;  // the BPE model's bytes, which every checkpoint carries (empty: byte tokenizer)
     Split split;
   };
   static Data prepare(const TrainConfig& config, const std::string& cache_dir, const std::string& tokenizer_model);

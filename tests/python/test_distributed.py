@@ -287,6 +287,7 @@ def test_reduce_over_ranks_refuses_clearly(cli, mpirun, tmp_path):
     r = subprocess.run([*mpirun, "-np", "2", cli, "reduce", REDUCE, "--out", str(tmp_path / "r"), "--set", f"data.sources=[{one}]",
                         "--set", "clustering.k=1"], capture_output=True, text=True, env=env(), timeout=300)
     assert r.returncode != 0 and "1 records for 2 ranks" in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
     # An output folder that holds a reduction: rank 0 refuses, the job ends, the folder is unchanged.
     reduce(cli, mpirun, 1, tmp_path / "done", "--set", "reduce.strategy=random")
     before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()}
