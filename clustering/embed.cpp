@@ -8,7 +8,7 @@
 
 #include "core/hash.hpp"
 #include "core/log.hpp"
-#include "training/checkpoint.hpp"
+#include "model/checkpoint.hpp"
 
 namespace hybrit {
 

@@ -15,7 +15,7 @@
 #include "core/log.hpp"
 #include "core/rng.hpp"
 #include "dispatch/report.hpp"
-#include "training/data.hpp"
+#include "model/text.hpp"
 #include "core/file.hpp"
 #include "core/names.hpp"
 #include "core/yaml_schema.hpp"

@@ -10,12 +10,12 @@ install(FILES ${PROJECT_SOURCE_DIR}/configs/tiny.yaml ${PROJECT_SOURCE_DIR}/conf
               ${PROJECT_SOURCE_DIR}/configs/reduce.yaml ${PROJECT_SOURCE_DIR}/configs/dispatch.yaml ${PROJECT_SOURCE_DIR}/configs/README.md
         DESTINATION ${CMAKE_INSTALL_DATADIR}/hybrit/configs)
 
-foreach(layer core backends dispatch training clustering inference)
+foreach(layer core backends dispatch model training clustering inference)
   install(DIRECTORY ${PROJECT_SOURCE_DIR}/${layer}/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/hybrit/${layer}
           FILES_MATCHING PATTERN "*.hpp" PATTERN "*.h")
 endforeach()
 
-set(hybrit_exported hybrit_core hybrit_backend_c hybrit_backends hybrit_dispatch hybrit_training hybrit_clustering hybrit_inference)
+set(hybrit_exported hybrit_core hybrit_backend_c hybrit_backends hybrit_dispatch hybrit_model hybrit_training hybrit_clustering hybrit_inference)
 if(HYBRIT_HAVE_SERVER)
   list(APPEND hybrit_exported hybrit_server)
 endif()

@@ -215,7 +215,7 @@ def main():
         params = sum(v.size for v in hybrit.Trainer(cfg).parameters().values())
         # Parameters, gradients and two AdamW moments (hybrit train keeps Muon's momentum buffer
         # too: 5 copies), and one block's activations with the backward's scratch: per token,
-        # 10 values of width dim and 6 of width ffn_hidden (training/model.cpp).
+        # 10 values of width dim and 6 of width ffn_hidden (model/model.cpp).
         state = params * 4 * 5
         block = 4 * 2048 * 4 * (384 * 10 + 1024 * 6)
         print(f"\nPeak RSS at context 2048, batch 4, quant none (`hybrit train`, 3 steps; VmHWM); the estimate: parameters + "

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "training/checkpoint.hpp"
+#include "model/checkpoint.hpp"
 #include "training/trainer.hpp"
 
 namespace {

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "clustering/reduce.hpp"
-#include "training/config.hpp"
+#include "model/config.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The input's first line, when it starts with "set ", is one --set assignment; the rest is the file.

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "inference/server.hpp"
-#include "training/data.hpp"
+#include "model/text.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const hybrit::ByteTokenizer tokenizer;

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/error.hpp"
-#include "training/data.hpp"
+#include "model/text.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);

@@ -12,7 +12,7 @@
 
 #include "core/file.hpp"
 #include "core/names.hpp"
-#include "training/checkpoint.hpp"
+#include "model/checkpoint.hpp"
 
 namespace fs = std::filesystem;
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "dispatch/dispatcher.hpp"
-#include "training/checkpoint.hpp"  // InferenceExport
+#include "model/checkpoint.hpp"  // InferenceExport
 
 namespace hybrit {
 

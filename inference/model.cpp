@@ -1,6 +1,6 @@
 #include "inference/model.hpp"
 #include "inference/gguf.hpp"
-#include "training/kernels.hpp"
+#include "model/kernels.hpp"
 
 
 #include <algorithm>

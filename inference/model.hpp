@@ -12,7 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "training/checkpoint.hpp"
+#include "model/checkpoint.hpp"
 
 namespace hybrit {
 

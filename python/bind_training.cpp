@@ -119,7 +119,7 @@ py::dict table_views(const py::object& owner, ParamTable& t, bool grads) {
 
 void bind_training(py::module_& m) {
   py::class_<PyModel>(m, "Model", R"doc(
-The BitNet b1.58 transformer with hand-written backward (training/model.hpp).
+The BitNet b1.58 transformer with hand-written backward (model/model.hpp).
 
 config: dict with any of vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, context,
 rope_theta, norm_eps, ffn ("swiglu" | "relu2"), quant ("ternary" | "none"), subln, tied_embeddings.

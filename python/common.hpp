@@ -18,7 +18,7 @@
 #include "inference/engine.hpp"
 #include "inference/gguf.hpp"
 #include "training/evaluate.hpp"
-#include "training/model.hpp"
+#include "model/model.hpp"
 #include "training/trainer.hpp"
 
 namespace hybrit::python {

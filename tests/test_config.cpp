@@ -4,7 +4,7 @@
 #include <set>
 
 #include "test_support.hpp"
-#include "training/config.hpp"
+#include "model/config.hpp"
 
 namespace hybrit::test {
 namespace {

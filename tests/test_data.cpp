@@ -9,7 +9,8 @@
 
 #include "core/log.hpp"
 #include "test_support.hpp"
-#include "training/data.hpp"
+#include "model/text.hpp"
+#include "training/batches.hpp"
 
 namespace hybrit::test {
 namespace {

@@ -13,8 +13,8 @@
 #include "inference/gguf.hpp"
 #include "inference/model.hpp"
 #include "test_support.hpp"
-#include "training/checkpoint.hpp"
-#include "training/config.hpp"
+#include "model/checkpoint.hpp"
+#include "model/config.hpp"
 #include "training/trainer.hpp"
 
 namespace hybrit::test {

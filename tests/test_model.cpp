@@ -9,8 +9,10 @@
 #include <string>
 
 #include "test_support.hpp"
-#include "training/data.hpp"
-#include "training/model.hpp"
+#include "model/text.hpp"
+#include "model/model.hpp"
+#include "training/batches.hpp"
+#include "training/optim.hpp"
 
 namespace hybrit::test {
 namespace {

@@ -6,7 +6,7 @@
 #include <numbers>
 
 #include "test_support.hpp"
-#include "training/model.hpp"
+#include "model/model.hpp"
 #include "training/optim.hpp"
 
 namespace hybrit::test {

@@ -4,8 +4,8 @@
 #include <cmath>
 
 #include "core/log.hpp"
-#include "training/checkpoint.hpp"
-#include "training/data.hpp"
+#include "model/checkpoint.hpp"
+#include "model/text.hpp"
 
 namespace hybrit {
 

@@ -6,9 +6,11 @@
 #include <string>
 
 #include "core/comm.hpp"
-#include "training/checkpoint.hpp"
-#include "training/config.hpp"
-#include "training/data.hpp"
+#include "model/checkpoint.hpp"
+#include "model/config.hpp"
+#include "model/text.hpp"
+#include "training/batches.hpp"
+#include "training/optim.hpp"
 
 namespace hybrit {
 

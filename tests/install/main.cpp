@@ -3,8 +3,8 @@
 #include <cstdio>
 #include <vector>
 
-#include "training/config.hpp"
-#include "training/model.hpp"
+#include "model/config.hpp"
+#include "model/model.hpp"
 
 int main() {
   const hybrit::TrainConfig cfg = hybrit::load_train_config(HYBRIT_CONFIGS_DIR "/tiny.yaml");

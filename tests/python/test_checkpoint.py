@@ -115,7 +115,7 @@ def test_a_version_2_checkpoint_resumes_as_the_version_3_one_does(cli, tmp_path)
 
 
 def metadata_checksum(f):
-    """meta_fnv1a64 as training/checkpoint.cpp defines it: FNV-1a 64 over the root attributes, each
+    """meta_fnv1a64 as model/checkpoint.cpp defines it: FNV-1a 64 over the root attributes, each
     as its decimal or text form, prefixed by its length (u64, little-endian)."""
     values = [f.attrs["format"], str(f.attrs["format_version"]), str(f.attrs["step"]), str(f.attrs["tokens_seen"]), str(f.attrs["seed"]),
               f.attrs["config"], f.attrs["tokenizer"], f.attrs["muon_momentum_convention"]]

@@ -1,5 +1,5 @@
-#include "training/checkpoint.hpp"
-#include "training/config.hpp"
+#include "model/checkpoint.hpp"
+#include "model/config.hpp"
 #include "core/hash.hpp"
 
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-#include "training/config.hpp"
+#include "model/config.hpp"
 #include "core/yaml_schema.hpp"
 
 #include <yaml-cpp/yaml.h>

@@ -1,4 +1,4 @@
-#include "training/kernels.hpp"
+#include "model/kernels.hpp"
 
 #include <algorithm>
 #include <cstring>

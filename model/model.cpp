@@ -1,11 +1,11 @@
-#include "training/model.hpp"
+#include "model/model.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "core/rng.hpp"
-#include "training/kernels.hpp"
+#include "model/kernels.hpp"
 
 namespace hybrit {
 

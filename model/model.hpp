@@ -4,7 +4,7 @@
 // weights, absmax int8 activations per token, straight-through backward); `quant none` is the
 // full-precision twin. Forward and backward are written by hand, one pair per piece, on the CPU:
 // matmuls, quantizers and attention are ops of the op table, the loops between them kernels of
-// training/kernels.hpp, all routed by the dispatcher. Activation buffers live as long as the
+// model/kernels.hpp, all routed by the dispatcher. Activation buffers live as long as the
 // model and are reused by every step of the same shape (no per-step allocation or page faults).
 #pragma once
 #include <functional>
@@ -12,7 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "training/optim.hpp"
+#include "dispatch/dispatcher.hpp"
+#include "model/params.hpp"
 
 namespace hybrit {
 

@@ -1,5 +1,5 @@
 // HDF5 checkpoints: one file holds everything a run needs to continue bit for bit. Layout
-// (readable with h5py; documented in training/README.md):
+// (readable with h5py; documented in model/README.md):
 //   attributes of /: format "hybrit-checkpoint", format_version 2, step, tokens_seen, seed,
 //                     config (resolved YAML), tokenizer (JSON), muon_momentum_convention,
 //                     meta_fnv1a64 (over all of them, length-prefixed, in this order)
@@ -14,9 +14,9 @@
 #include <string>
 #include <vector>
 
-#include "training/config.hpp"
-#include "training/data.hpp"
-#include "training/model.hpp"
+#include "model/config.hpp"
+#include "model/text.hpp"
+#include "model/model.hpp"
 
 namespace hybrit {
 

@@ -8,8 +8,9 @@
 
 #include "core/yaml_schema.hpp"
 #include "dispatch/dispatcher.hpp"
-#include "training/data.hpp"
-#include "training/model.hpp"
+#include "model/text.hpp"
+#include "model/model.hpp"
+#include "model/optimizer_settings.hpp"
 
 namespace hybrit {
 
