@@ -132,14 +132,14 @@ Model::Model(const ModelConfig& config, Dispatcher& dispatcher, uint64_t seed) :
 void Model::quantize_weight(Linear& l) {
   Tensor w = table_.param(*l.weight);
   if (config_.quant == ModelConfig::Quant::none) {
-    l.w_used = w;
+    l.w_tilde = w;
     return;
   }
   Tensor q = scratch_view(scratch_.q8, w.shape(), DType::i8);
   const float s = d_.quantize_ternary(w, q);
-  ensure(l.w_used, w.shape());
+  ensure(l.w_tilde, w.shape());
   const int8_t* qp = q.data<int8_t>();
-  float* out = l.w_used.data<float>();
+  float* out = l.w_tilde.data<float>();
   kernels::for_elements(d_, w.numel(), [&](int64_t i0, int64_t i1) { kernels::dequantize_ternary(qp, s, out, i0, i1); });
 }
 
@@ -159,16 +159,16 @@ void Model::quantize_activations(const Tensor& x, Tensor& out) {
   kernels::for_rows(d_, rows, cols, [&](int64_t r0, int64_t r1) { kernels::dequantize_int8_rows(qp, sp, o, r0, r1, cols); });
 }
 
-// y = x_used W_used^T, or y += ... (the residual add, fused into the GEMM's beta).
-void Model::linear_forward(const Tensor& x_used, Linear& l, Tensor& y, bool accumulate) {
-  d_.matmul(x_used, l.w_used, y, {false, true, 1.0f, accumulate ? 1.0f : 0.0f});
+// y = x~ W~^T, or y += ... (the residual add, fused into the GEMM's beta).
+void Model::linear_forward(const Tensor& x_tilde, Linear& l, Tensor& y, bool accumulate) {
+  d_.matmul(x_tilde, l.w_tilde, y, {false, true, 1.0f, accumulate ? 1.0f : 0.0f});
 }
 
-// Straight-through: the quantizers pass gradients unchanged, so dW = dy^T x_used, dx = dy W_used.
-void Model::linear_backward(const Tensor& dy, const Tensor& x_used, const Linear& l, Tensor* dx, bool accumulate_dx) {
+// Straight-through: the quantizers pass gradients unchanged, so dW = dy^T x~, dx = dy W~.
+void Model::linear_backward(const Tensor& dy, const Tensor& x_tilde, const Linear& l, Tensor* dx, bool accumulate_dx) {
   Tensor dw = table_.grad(*l.weight);
-  d_.matmul(dy, x_used, dw, {true, false, 1.0f, 1.0f});
-  if (dx) d_.matmul(dy, l.w_used, *dx, {false, false, 1.0f, accumulate_dx ? 1.0f : 0.0f});
+  d_.matmul(dy, x_tilde, dw, {true, false, 1.0f, 1.0f});
+  if (dx) d_.matmul(dy, l.w_tilde, *dx, {false, false, 1.0f, accumulate_dx ? 1.0f : 0.0f});
 }
 
 void Model::rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& rinv) {
@@ -208,58 +208,58 @@ AttentionShape Model::attention_shape() const {
 void Model::attention_sublayer(Block& b, const BlockActivations& r, AttentionActivations& a) {
   const int64_t N = batch_ * seq_, H = config_.n_heads, KV = config_.kv_heads(), hd = config_.head_dim();
   ensure_matrix(a.q, N, H * hd), ensure_matrix(a.k, N, KV * hd), ensure_matrix(a.v, N, KV * hd);
-  linear_forward(r.h1_used, b.wq, a.q);
-  linear_forward(r.h1_used, b.wk, a.k);
-  linear_forward(r.h1_used, b.wv, a.v);
+  linear_forward(r.h1_tilde, b.wq, a.q);
+  linear_forward(r.h1_tilde, b.wk, a.k);
+  linear_forward(r.h1_tilde, b.wv, a.v);
   rope(a.q, H, 1.0f);
   rope(a.k, KV, 1.0f);
   ensure_matrix(a.att, N, H * hd), ensure(a.lse, {batch_, H, seq_});
   d_.attention_forward(a.q, a.k, a.v, attention_shape(), a.att, a.lse);
   if (config_.subln) rmsnorm(a.att, *b.attn_sub_norm, a.att_normed, a.att_rinv);
   else a.att_normed = a.att;
-  quantize_activations(a.att_normed, a.att_used);
+  quantize_activations(a.att_normed, a.att_tilde);
 }
 
 // The FFN sublayer from x_mid (N, D): h2 = norm(x_mid) (N, D), quantized; up (N, F) = h2 w_up^T
-// (and gate for SwiGLU); f (N, F) = swiglu(gate, up) or relu(up)^2; SubLN; quantized into f_used.
+// (and gate for SwiGLU); ffn_act (N, F) = swiglu(gate, up) or relu(up)^2; SubLN; quantized into f_tilde.
 void Model::ffn_sublayer(Block& b, BlockActivations& r) {
   const int64_t N = batch_ * seq_, F = config_.hidden();
   rmsnorm(r.x_mid, *b.ffn_norm, r.h2, r.h2_rinv);
-  quantize_activations(r.h2, r.h2_used);
-  ensure_matrix(r.up, N, F), ensure_matrix(r.f, N, F);
-  linear_forward(r.h2_used, b.w_up, r.up);
+  quantize_activations(r.h2, r.h2_tilde);
+  ensure_matrix(r.up, N, F), ensure_matrix(r.ffn_act, N, F);
+  linear_forward(r.h2_tilde, b.w_up, r.up);
   const float* up = r.up.data<float>();
-  float* f = r.f.data<float>();
+  float* f = r.ffn_act.data<float>();
   if (config_.ffn == ModelConfig::Ffn::swiglu) {
     ensure_matrix(r.gate, N, F);
-    linear_forward(r.h2_used, b.w_gate, r.gate);
+    linear_forward(r.h2_tilde, b.w_gate, r.gate);
     const float* gate = r.gate.data<float>();
     kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu(gate, up, f, i0, i1); });
   } else {
     kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2(up, f, i0, i1); });
   }
-  if (config_.subln) rmsnorm(r.f, *b.ffn_sub_norm, r.f_normed, r.f_rinv);
-  else r.f_normed = r.f;
-  quantize_activations(r.f_normed, r.f_used);
+  if (config_.subln) rmsnorm(r.ffn_act, *b.ffn_sub_norm, r.f_normed, r.f_rinv);
+  else r.f_normed = r.ffn_act;
+  quantize_activations(r.f_normed, r.f_tilde);
 }
 
 // x_mid = x_in + wo(attention(norm(x_in))); x_out = x_mid + w_down(ffn(norm(x_mid))), all (N, D).
-// The weights were quantized by this step's forward (Linear::w_used), so a recomputation reuses them.
+// The weights were quantized by this step's forward (Linear::w_tilde), so a recomputation reuses them.
 void Model::block_forward(Block& b, bool write_output) {
   const int64_t N = batch_ * seq_, D = config_.dim;
   BlockActivations& r = block_activations(b);
   AttentionActivations& a = attention_activations(b);
   rmsnorm(b.x_in, *b.attn_norm, r.h1, r.h1_rinv);
-  quantize_activations(r.h1, r.h1_used);
+  quantize_activations(r.h1, r.h1_tilde);
   attention_sublayer(b, r, a);
   ensure_matrix(r.x_mid, N, D);
   std::memcpy(r.x_mid.data<float>(), b.x_in.data<float>(), size_t(N * D) * sizeof(float));
-  linear_forward(a.att_used, b.wo, r.x_mid, true);  // the residual add fused into the GEMM (beta 1)
+  linear_forward(a.att_tilde, b.wo, r.x_mid, true);  // the residual add fused into the GEMM (beta 1)
   ffn_sublayer(b, r);
   if (!write_output) return;
   ensure_matrix(b.x_out, N, D);
   std::memcpy(b.x_out.data<float>(), r.x_mid.data<float>(), size_t(N * D) * sizeof(float));
-  linear_forward(r.f_used, b.w_down, b.x_out, true);
+  linear_forward(r.f_tilde, b.w_down, b.x_out, true);
 }
 
 int64_t Model::parameter_count(const ModelConfig& c) {
@@ -273,7 +273,7 @@ double Model::activation_bytes(const ModelConfig& config, Recompute recompute, i
   const double Q = double(config.n_heads * config.head_dim()), KV = double(config.kv_heads() * config.head_dim());
   const bool quant = config.quant == ModelConfig::Quant::ternary;
   const bool swiglu = config.ffn == ModelConfig::Ffn::swiglu;
-  // Floats per token of each group (the _used copies exist only when quantizing).
+  // Floats per token of each group (the _tilde copies exist only when quantizing).
   const double attn = Q + 2 * KV + Q + (config.subln ? Q : 0) + (quant ? Q : 0);
   const double rest = D * (quant ? 2 : 1) + D + D * (quant ? 2 : 1) + F * (swiglu ? 3 : 2) + (config.subln ? F : 0) + (quant ? F : 0);
   const double layers = double(config.n_layers);
@@ -393,7 +393,7 @@ void Model::head_backward(float loss_scale) {
   rmsnorm_backward(s.dxf, x_last, *final_norm_, xf_rinv, nullptr, s.dx);
 }
 
-// The FFN branch of x_out = x_mid + w_down(f): from dx (N, D), the gradient of x_out, through
+// The FFN branch of x_out = x_mid + w_down(ffn_act): from dx (N, D), the gradient of x_out, through
 // w_down (df (N, F)), SubLN, SwiGLU or relu^2 (dgate, dup (N, F)), w_gate and w_up (dh (N, D)),
 // and the FFN norm; dx_mid (N, D) = that plus the residual path's dx.
 void Model::ffn_backward(Block& b) {
@@ -401,10 +401,10 @@ void Model::ffn_backward(Block& b) {
   Scratch& s = scratch_;
   BlockActivations& r = block_activations(b);
   ensure_matrix(s.df_normed, N, F);
-  linear_backward(s.dx, r.f_used, b.w_down, &s.df_normed, false);
+  linear_backward(s.dx, r.f_tilde, b.w_down, &s.df_normed, false);
   Tensor* df = &s.df_normed;
   if (config_.subln) {
-    rmsnorm_backward(s.df_normed, r.f, *b.ffn_sub_norm, r.f_rinv, nullptr, s.df);
+    rmsnorm_backward(s.df_normed, r.ffn_act, *b.ffn_sub_norm, r.f_rinv, nullptr, s.df);
     df = &s.df;
   }
   ensure_matrix(s.dup, N, F);
@@ -416,11 +416,11 @@ void Model::ffn_backward(Block& b) {
     const float* gate = r.gate.data<float>();
     float* dgate = s.dgate.data<float>();
     kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::swiglu_backward(gate, up, dfp, dgate, dup, i0, i1); });
-    linear_backward(s.dgate, r.h2_used, b.w_gate, &s.dh, false);
-    linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, true);
+    linear_backward(s.dgate, r.h2_tilde, b.w_gate, &s.dh, false);
+    linear_backward(s.dup, r.h2_tilde, b.w_up, &s.dh, true);
   } else {
     kernels::for_elements(d_, N * F, [&](int64_t i0, int64_t i1) { kernels::relu2_backward(up, dfp, dup, i0, i1); });
-    linear_backward(s.dup, r.h2_used, b.w_up, &s.dh, false);
+    linear_backward(s.dup, r.h2_tilde, b.w_up, &s.dh, false);
   }
   rmsnorm_backward(s.dh, r.x_mid, *b.ffn_norm, r.h2_rinv, &s.dx, s.dx_mid);
 }
@@ -435,7 +435,7 @@ void Model::attention_backward(Block& b) {
   AttentionActivations& a = attention_activations(b);
   if (recompute_ == Recompute::attention) attention_sublayer(b, r, a);  // refills the shared buffers, same bits
   ensure_matrix(s.datt_normed, N, H * hd);
-  linear_backward(s.dx_mid, a.att_used, b.wo, &s.datt_normed, false);
+  linear_backward(s.dx_mid, a.att_tilde, b.wo, &s.datt_normed, false);
   Tensor* datt = &s.datt_normed;
   if (config_.subln) {
     rmsnorm_backward(s.datt_normed, a.att, *b.attn_sub_norm, a.att_rinv, nullptr, s.datt);
@@ -445,9 +445,9 @@ void Model::attention_backward(Block& b) {
   d_.attention_backward(a.q, a.k, a.v, a.att, *datt, a.lse, attention_shape(), s.dq, s.dk, s.dv);
   rope(s.dq, H, -1.0f);
   rope(s.dk, KV, -1.0f);
-  linear_backward(s.dq, r.h1_used, b.wq, &s.dh, false);
-  linear_backward(s.dk, r.h1_used, b.wk, &s.dh, true);
-  linear_backward(s.dv, r.h1_used, b.wv, &s.dh, true);
+  linear_backward(s.dq, r.h1_tilde, b.wq, &s.dh, false);
+  linear_backward(s.dk, r.h1_tilde, b.wk, &s.dh, true);
+  linear_backward(s.dv, r.h1_tilde, b.wv, &s.dh, true);
   rmsnorm_backward(s.dh, b.x_in, *b.attn_norm, r.h1_rinv, &s.dx_mid, s.dx);
 }
 

@@ -93,22 +93,23 @@ class Model {
  private:
   struct Linear {
     const ParamSlice* weight = nullptr;
-    Tensor w_used;  // the weights the forward multiplied by: ternary * scale, or the latent ones
+    Tensor w_tilde;  // the weights the forward multiplied by: ternary * scale, or the latent ones
   };
   // Activations kept for backward, (rows, width) each; lse is (batch, heads, seq). No
   // (seq x seq) attention matrix: the attention backward recomputes it from q, k and lse.
-  // With quant none the *_used tensors share storage with what they quantize.
-  struct AttentionActivations {  // what the attention sublayer makes from h1_used
+  // x~ (the *_tilde tensors): the fake-quantized input a BitLinear multiplies, int8 levels times
+  // the row scale (as the docs write it: dW = dy^T x~); with quant none it shares storage with x.
+  struct AttentionActivations {  // what the attention sublayer makes from h1_tilde
     Tensor q, k, v;        // (N, heads x head_dim), (N, kv_heads x head_dim) x 2, after RoPE
     Tensor att, lse;       // the attention output (N, heads x head_dim) and each row's log-sum-exp (batch, heads, seq)
-    Tensor att_rinv, att_normed, att_used;  // SubLN's 1/rms per row, its output, and what wo multiplies (int8-quantized)
+    Tensor att_rinv, att_normed, att_tilde;  // SubLN's 1/rms per row, its output, and what wo multiplies (int8-quantized)
   };
   struct BlockActivations {  // the rest of a block, from its input to its output
-    Tensor h1, h1_rinv, h1_used;  // the attention norm of x_in (N, D), its 1/rms per row, what wq/wk/wv multiply
+    Tensor h1, h1_rinv, h1_tilde;  // the attention norm of x_in (N, D), its 1/rms per row, what wq/wk/wv multiply
     Tensor x_mid;                 // x_in + wo(att): the FFN's input (N, D)
-    Tensor h2, h2_rinv, h2_used;  // the FFN norm of x_mid, its 1/rms, what w_gate/w_up multiply
-    Tensor gate, up, f;           // (N, F): w_gate h2, w_up h2, and swiglu(gate, up) or relu(up)^2
-    Tensor f_rinv, f_normed, f_used;  // SubLN of f: 1/rms, output, and what w_down multiplies
+    Tensor h2, h2_rinv, h2_tilde;  // the FFN norm of x_mid, its 1/rms, what w_gate/w_up multiply
+    Tensor gate, up, ffn_act;     // (N, F): w_gate h2, w_up h2, and swiglu(gate, up) or relu(up)^2
+    Tensor f_rinv, f_normed, f_tilde;  // SubLN of ffn_act: 1/rms, output, and what w_down multiplies
   };
   struct Block {
     const ParamSlice *attn_norm, *attn_sub_norm = nullptr, *ffn_norm, *ffn_sub_norm = nullptr;
@@ -126,8 +127,8 @@ class Model {
   // The activations a BitLinear multiplies, into `out`: q / s per row from the absmax quantizer,
   // or x itself (out then shares x's storage).
   void quantize_activations(const Tensor& x, Tensor& out);
-  void linear_forward(const Tensor& x_used, Linear& l, Tensor& y, bool accumulate = false);
-  void linear_backward(const Tensor& dy, const Tensor& x_used, const Linear& l, Tensor* dx, bool accumulate_dx);
+  void linear_forward(const Tensor& x_tilde, Linear& l, Tensor& y, bool accumulate = false);
+  void linear_backward(const Tensor& dy, const Tensor& x_tilde, const Linear& l, Tensor* dx, bool accumulate_dx);
   void rmsnorm(const Tensor& x, const ParamSlice& gain, Tensor& y, Tensor& rinv);
   // dx = the RMSNorm backward of dy (+ residual); the gain's gradient is added to the table.
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const ParamSlice& gain, const Tensor& rinv, const Tensor* residual, Tensor& dx);
@@ -139,14 +140,14 @@ class Model {
   BlockActivations& block_activations(Block& b) { return recompute_ == Recompute::block ? shared_rest_ : b.rest; }
   // The forward and backward, one pair per piece (llm.c's layout), with their shapes in the .cpp:
   //   embedding_forward / embedding_backward      tokens -> x_embed; dx -> the embedding's gradient
-  //   attention_sublayer / attention_backward     h1_used -> att_used; dx_mid -> dx (through the norm)
-  //   ffn_sublayer / ffn_backward                 x_mid -> f_used; dx -> dx_mid
+  //   attention_sublayer / attention_backward     h1_tilde -> att_tilde; dx_mid -> dx (through the norm)
+  //   ffn_sublayer / ffn_backward                 x_mid -> f_tilde; dx -> dx_mid
   //   head_forward / head_backward                x -> logits, loss; loss -> dx
   // block_forward chains the two sublayers with their residual adds; backward() runs the
   // backward pieces in reverse, block by block, handing over finished gradient ranges.
   void embedding_forward();
   void embedding_backward();
-  // The attention sublayer from r.h1_used: q, k, v, RoPE, attention, SubLN, quantization.
+  // The attention sublayer from r.h1_tilde: q, k, v, RoPE, attention, SubLN, quantization.
   void attention_sublayer(Block& b, const BlockActivations& r, AttentionActivations& a);
   void attention_backward(Block& b);
   // The FFN sublayer from r.x_mid: norm, quantization, up (and gate), SwiGLU or relu^2, SubLN, quantization.
