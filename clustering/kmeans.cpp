@@ -260,7 +260,8 @@ KMeansResult kmeans(Dispatcher& disp, const Tensor& x, const KMeansOptions& o, C
       train.sum(counts.data<int64_t>(), k);
       // Empty clusters move to the points farthest from their centroids (scikit-learn's repair).
       int64_t empty = 0;
-      for (int64_t j = 0; j < k; ++j) empty += counts.data<int64_t>()[j] == 0;
+      const int64_t* count_of = counts.data<int64_t>();
+      for (int64_t j = 0; j < k; ++j) empty += count_of[j] == 0;
       const Tensor far = empty ? train.rows_at(farthest_points(train, dist, empty)) : Tensor();
       Tensor next = Tensor::empty({k, d}, DType::f32);
       float* np_ = next.data<float>();

@@ -170,8 +170,9 @@ Selection select_records(Dispatcher& dispatcher, const Tensor& x, const KMeansRe
   // Every record's cluster and distance to its centroid, on every rank (each rank fills in its
   // own records and adds zeros to the others': exact).
   std::vector<int64_t> label_of(static_cast<size_t>(n), 0);
+  const int32_t* local_labels = clusters.labels.data<int32_t>();
   for (int64_t i = 0; i < local; ++i) {
-    const int32_t c = clusters.labels.data<int32_t>()[i];
+    const int32_t c = local_labels[i];
     if (c < 0 || c >= k) fail(ErrorKind::invalid_argument, "select_records: label ", c, " of record ", first + i, " is outside [0, ", k, ")");
     label_of[size_t(first + i)] = c;
     double dist = 0;

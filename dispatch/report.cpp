@@ -70,7 +70,8 @@ OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
     case Op::unpack_ternary: {
       auto q = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::i8));
       Rng rng(7, 3);
-      for (int64_t i = 0; i < q->numel(); ++i) q->data<int8_t>()[i] = int8_t(int(rng.below(3)) - 1);
+      int8_t* codes = q->data<int8_t>();
+      for (int64_t i = 0; i < q->numel(); ++i) codes[i] = int8_t(int(rng.below(3)) - 1);
       auto p = std::make_shared<Tensor>(Tensor::empty({a, (b + 3) / 4}, DType::ternary2));
       make_c_backend(SimdLevel::scalar)->pack_ternary(*q, *p);  // valid codes for unpack
       if (op == Op::pack_ternary) both([q, p](auto& be) { be.pack_ternary(*q, *p); });
@@ -89,9 +90,12 @@ OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
       auto scales = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
       auto w = std::make_shared<Tensor>(Tensor::empty({b, (c + 3) / 4}, DType::ternary2));
       Rng rng(11, 4);
-      for (int64_t i = 0; i < xq->numel(); ++i) xq->data<int8_t>()[i] = int8_t(int(rng.below(255)) - 127);
-      for (int64_t i = 0; i < a; ++i) scales->data<float>()[i] = 1.0f + rng.uniform();
-      for (int64_t i = 0; i < w->numel(); ++i) w->data<uint8_t>()[i] = uint8_t(rng.below(3) | rng.below(3) << 2 | rng.below(3) << 4 | rng.below(3) << 6);
+      int8_t* xq_values = xq->data<int8_t>();
+      float* scale_values = scales->data<float>();
+      uint8_t* w_codes = w->data<uint8_t>();
+      for (int64_t i = 0; i < xq->numel(); ++i) xq_values[i] = int8_t(int(rng.below(255)) - 127);
+      for (int64_t i = 0; i < a; ++i) scale_values[i] = 1.0f + rng.uniform();
+      for (int64_t i = 0; i < w->numel(); ++i) w_codes[i] = uint8_t(rng.below(3) | rng.below(3) << 2 | rng.below(3) << 4 | rng.below(3) << 6);
       auto y = std::make_shared<Tensor>(Tensor::empty({a, b}, DType::f32));
       both([xq, scales, w, y](auto& be) { be.matmul_ternary(*xq, *scales, *w, 0.5f, *y); });
       break;
@@ -123,7 +127,8 @@ OpCase make_op_case(Op op, int64_t a, int64_t b, int64_t c) {
       auto cen = std::make_shared<Tensor>(random_tensor({b, c}, 7));
       auto labels = std::make_shared<Tensor>(Tensor::empty({a}, DType::i32));
       Rng rng(9, 9);
-      for (int64_t i = 0; i < a; ++i) labels->data<int32_t>()[i] = int32_t(rng.below(uint64_t(b)));
+      int32_t* label_values = labels->data<int32_t>();
+      for (int64_t i = 0; i < a; ++i) label_values[i] = int32_t(rng.below(uint64_t(b)));
       if (op == Op::kmeans_assign) {
         auto dist = std::make_shared<Tensor>(Tensor::empty({a}, DType::f32));
         both([x, cen, labels, dist](auto& be) { be.kmeans_assign(*x, *cen, *labels, *dist); });

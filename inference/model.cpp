@@ -217,7 +217,9 @@ InferenceModel::InferenceModel(Dispatcher& dispatcher, const std::string& checkp
       // f32 weights holding the ternary values times the scale: the training forward's weights.
       const Tensor q = ternary_codes(name, {rows, cols}, l.scale);
       l.weights = Tensor::empty({rows, cols}, DType::f32);
-      for (int64_t i = 0; i < q.numel(); ++i) l.weights.data<float>()[i] = float(q.data<int8_t>()[i]) * l.scale;
+      const int8_t* codes = q.data<int8_t>();
+      float* weights = l.weights.data<float>();
+      for (int64_t i = 0; i < q.numel(); ++i) weights[i] = float(codes[i]) * l.scale;
     }
     weight_bytes_ += packed_ ? l.packed.nbytes() : l.weights.nbytes();
     return l;
