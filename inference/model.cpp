@@ -126,32 +126,47 @@ void add_into(Tensor& x, const Tensor& y) {
   for (int64_t i = 0; i < x.numel(); ++i) xp[i] += yp[i];
 }
 
-// One query head over the cached positions 0..pos of its KV head, block by block, with an online
-// softmax: a running max and sum rescale the accumulator, so no score matrix is ever formed.
-void attend(const float* qv, int64_t pos, const std::vector<int32_t>& table, KvCache& cache, int64_t layer, int64_t kv_head, int64_t hd, float scale,
-            float* out) {
-  std::fill(out, out + hd, 0.0f);
-  float run_max = -INFINITY;
-  double run_sum = 0;
-  for (int64_t s = 0; s <= pos; ++s) {
-    const int32_t block = table[size_t(s / kKvBlockTokens)];
-    const float* ks = cache.key(block, layer, s % kKvBlockTokens) + kv_head * hd;
-    float dot = 0;
-    for (int64_t c = 0; c < hd; ++c) dot += qv[c] * ks[c];
-    dot *= scale;
-    if (dot > run_max) {
-      const float shrink = std::exp(run_max - dot);  // exp(-inf) = 0 on the first position
-      run_sum *= shrink;
-      for (int64_t c = 0; c < hd; ++c) out[c] *= shrink;
-      run_max = dot;
+// Query heads of one KV head attended together, at most this many per call: each key and value
+// row is read once for all of them (grouped-query attention shares them).
+constexpr int64_t kAttendHeads = 8;
+
+// The `heads` query rows q (heads x hd, contiguous) of one KV head, at position `pos`, against
+// positions 0..pos of their sequence in the paged cache, into out (heads x hd). A KV block
+// (kKvBlockTokens positions) at a time: its scores (kernels::attention_block_scores), one
+// online-softmax update per head and block, the block's exponentials in one call, then its values
+// weighted in. The order of every sum is fixed by the position alone, never by the thread count.
+void attend(const float* q, int64_t heads, int64_t pos, const std::vector<int32_t>& table, KvCache& cache, int64_t layer, int64_t kv_head,
+            int64_t hd, float scale, float* out) {
+  float scores[kAttendHeads * kKvBlockTokens], p[kAttendHeads * kKvBlockTokens], run_max[kAttendHeads];
+  double run_sum[kAttendHeads];
+  std::fill(out, out + heads * hd, 0.0f);
+  std::fill(run_max, run_max + heads, -INFINITY);
+  std::fill(run_sum, run_sum + heads, 0.0);
+  const int64_t stride = cache.row();
+  for (int64_t start = 0; start <= pos; start += kKvBlockTokens) {
+    const int32_t block = table[size_t(start / kKvBlockTokens)];
+    const int64_t n = std::min<int64_t>(kKvBlockTokens, pos + 1 - start);
+    kernels::attention_block_scores(q, heads, cache.key(block, layer, 0) + kv_head * hd, stride, n, hd, scale, scores);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sh = scores + h * n;
+      const float block_max = *std::max_element(sh, sh + n);
+      if (block_max > run_max[h]) {
+        const float shrink = std::exp(run_max[h] - block_max);  // exp(-inf) = 0 on the first block
+        run_sum[h] *= shrink;
+        for (int64_t c = 0; c < hd; ++c) out[h * hd + c] *= shrink;
+        run_max[h] = block_max;
+      }
+      for (int64_t j = 0; j < n; ++j) sh[j] -= run_max[h];
     }
-    const float p = std::exp(dot - run_max);
-    run_sum += p;
-    const float* vs = cache.value(block, layer, s % kKvBlockTokens) + kv_head * hd;
-    for (int64_t c = 0; c < hd; ++c) out[c] += p * vs[c];
+    kernels::exp_values(scores, p, heads * n);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < n; ++j) run_sum[h] += p[h * n + j];
+    kernels::attention_block_values(p, heads, cache.value(block, layer, 0) + kv_head * hd, stride, n, hd, out);
   }
-  const float inv = float(1.0 / run_sum);
-  for (int64_t c = 0; c < hd; ++c) out[c] *= inv;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float inv = float(1.0 / run_sum[h]);
+    for (int64_t c = 0; c < hd; ++c) out[h * hd + c] *= inv;
+  }
 }
 
 }  // namespace
@@ -331,11 +346,15 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
-    maybe_parallel(d_, N * H, attention_work, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t rh = begin; rh < end; ++rh) {
-        const int64_t r = rh / H, hh = rh % H;
-        attend(q.data<float>() + (r * H + hh) * hd, rows[size_t(r)].pos, *slices[size_t(rows[size_t(r)].slice)].block_table, cache, li, hh / group, hd,
-               scale, att.data<float>() + (r * H + hh) * hd);
+    // Units of work: (row, KV head, up to kAttendHeads of its query heads); query head hh uses KV
+    // head hh / group, so a unit's heads are adjacent in q and att.
+    const int64_t head_chunks = (group + kAttendHeads - 1) / kAttendHeads, units_per_row = KV * head_chunks;
+    maybe_parallel(d_, N * units_per_row, attention_work, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t r = unit / units_per_row, kvh = unit % units_per_row / head_chunks, chunk = unit % head_chunks;
+        const int64_t first = kvh * group + chunk * kAttendHeads, heads = std::min(kAttendHeads, (kvh + 1) * group - first);
+        attend(q.data<float>() + (r * H + first) * hd, heads, rows[size_t(r)].pos, *slices[size_t(rows[size_t(r)].slice)].block_table, cache, li, kvh,
+               hd, scale, att.data<float>() + (r * H + first) * hd);
       }
     });
     Tensor att_in = att;

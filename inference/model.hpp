@@ -37,8 +37,11 @@ class KvCache {
   // Blocks allocate() could hand out now (free plus cached-but-unreferenced).
   int64_t available() const { return int64_t(free_.size() + evictable_.size()); }
 
+  // A slot's keys (values): kv_heads x head_dim floats; a block's slots follow each other, row()
+  // floats apart.
   float* key(int32_t block, int64_t layer, int64_t slot) { return data_.data() + offset(block, layer, slot, 0); }
   float* value(int32_t block, int64_t layer, int64_t slot) { return data_.data() + offset(block, layer, slot, 1); }
+  int64_t row() const { return row_; }
 
   struct Stats {
     int64_t blocks = 0, in_use = 0, cached = 0, free = 0;

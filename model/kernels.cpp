@@ -110,6 +110,39 @@ HYBRIT_MULTIVERSION void swiglu_backward(const float* gate, const float* up, con
   }
 }
 
+HYBRIT_MULTIVERSION void attention_block_scores(const float* q, int64_t heads, const float* keys, int64_t stride, int64_t n, int64_t hd,
+                                                float scale, float* scores) {
+  constexpr int kLanes = 16;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* qh = q + h * hd;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kj = keys + j * stride;
+      float lanes[kLanes] = {};
+      int64_t c = 0;
+      for (; c + kLanes <= hd; c += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += qh[c + l] * kj[c + l];
+      for (int l = 0; c < hd; ++c, ++l) lanes[l] += qh[c] * kj[c];
+      for (int width = kLanes / 2; width >= 1; width /= 2)
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      scores[h * n + j] = lanes[0] * scale;
+    }
+  }
+}
+
+HYBRIT_MULTIVERSION void attention_block_values(const float* p, int64_t heads, const float* values, int64_t stride, int64_t n, int64_t hd,
+                                                float* out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* oh = out + h * hd;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[h * n + j];
+      const float* vj = values + j * stride;
+      for (int64_t c = 0; c < hd; ++c) oh[c] += pj * vj[c];
+    }
+  }
+}
+
+HYBRIT_MULTIVERSION void exp_values(const float* x, float* y, int64_t n) { hybrit_exp_poly(x, y, n); }
+
 void relu2(const float* up, float* f, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) f[i] = up[i] > 0 ? up[i] * up[i] : 0.0f;
 }

@@ -37,9 +37,12 @@ def generator(ternary):
 PROMPTS = ["The ", "A man walks into a bar", "Q: What is the meaning of life?\nA:", "x", "Never", "You will", "It is", "%"]
 
 
+# The second shape: a head_dim (10) that is no multiple of the attention kernel's 16 lanes, and 12
+# query heads on one KV head (more than the 8 the decode attention takes per call).
 @pytest.mark.parametrize("quant", ["ternary", "none"])
-def test_logits_match_the_training_forward(tmp_path_factory, rng, quant):
-    trainer, path = trained(tmp_path_factory, quant, subln=bool(rng.integers(2)))
+@pytest.mark.parametrize("shape", [{}, {"dim": 120, "n_heads": 12, "n_kv_heads": 1}], ids=["gqa2", "gqa12-hd10"])
+def test_logits_match_the_training_forward(tmp_path_factory, rng, quant, shape):
+    trainer, path = trained(tmp_path_factory, quant, subln=bool(rng.integers(2)), **shape)
     model = hybrit.Model(yaml.safe_load(trainer.config_yaml())["model"])
     params = model.parameters()
     for name, values in trainer.parameters().items():
