@@ -56,6 +56,11 @@ typedef struct {
   /* y[i] = exp(x[i]) (in place when y == x); x < -87.3 gives 0. The scalar reference calls expf;
    * the SIMD variants run a polynomial (core/vexp.h) within 2 ulp of it. */
   void (*exp_n)(const float* x, float* y, int64_t n);
+  /* Four packed weight rows at once (w_stride bytes apart, nbytes each) against `rows` (1 to 4)
+   * activation rows: acc[i * 4 + r] = sum_j code_rj * x_i[j]. Each weight block is loaded once for
+   * all the activation rows and each activation block once for all four weight rows. NULL where an
+   * ISA has none: the caller runs ternary_dot per weight row (the same integers either way). */
+  void (*ternary_dot4w)(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w, int64_t w_stride, int64_t nbytes, int64_t* acc);
 } hybrit_c_kernels;
 
 /* Kernel table of a given ISA. Calling an ISA the CPU lacks is the caller's mistake: the C++

@@ -436,7 +436,20 @@ void hybrit_c_ternary_rows(const hybrit_c_kernels* kr, const int8_t* x_blocked, 
   for (int64_t base = 0; base < m; base += 64) {
     const int64_t group = m - base < 64 ? m - base : 64;
     for (int64_t i = 0; i < group; ++i) factor[i] = (double)w_scale / (double)x_scales[base + i];
-    for (int64_t r = n_begin; r < n_end; ++r) {
+    int64_t r = n_begin;
+    if (kr->ternary_dot4w) {
+      int64_t acc16[16];
+      for (; r + 4 <= n_end; r += 4) {
+        for (int64_t i0 = 0; i0 < group; i0 += 4) {
+          const int rows = group - i0 < 4 ? (int)(group - i0) : 4;
+          kr->ternary_dot4w(x_blocked + (base + i0) * kp, rows, kp, w + r * nbytes, nbytes, nbytes, acc16);
+          for (int i = 0; i < rows; ++i)
+            for (int c = 0; c < 4; ++c)
+              y[(base + i0 + i) * ldy + r + c] = (float)((double)(acc16[i * 4 + c] - x_sums[base + i0 + i]) * factor[i0 + i]);
+        }
+      }
+    }
+    for (; r < n_end; ++r) {
       const uint8_t* wr = w + r * nbytes;
       for (int64_t i0 = 0; i0 < group; i0 += 4) {
         const int rows = group - i0 < 4 ? (int)(group - i0) : 4;

@@ -197,6 +197,57 @@ __attribute__((target("avx512vnni"))) static void ternary_dot_avx512vnni(const i
   }
 }
 
+/* Four weight rows against ROWS activation rows with VNNI: per 64-byte block, the four rows' packed
+ * bytes are loaded once (the last, partial block through a mask, so no copy and no read past the
+ * row), and for each of the block's four 2-bit fields the four code vectors meet each activation
+ * row's 64 bytes: 16 accumulators, every load used four times. ROWS is a constant at each call
+ * (the switch below), so the loops unroll and the accumulators stay in registers. */
+#define PREFETCH_ROWS 8
+__attribute__((target("avx512vnni"), always_inline)) static inline void ternary_4w_vnni(const int8_t* x, const int ROWS, int64_t x_stride,
+                                                                                       const uint8_t* w, int64_t w_stride, int64_t nbytes,
+                                                                                       int64_t* acc) {
+  const int64_t blocks = (nbytes + 63) / 64;
+  const __m512i three = _mm512_set1_epi8(3);
+  __m512i a[4][4];
+  for (int i = 0; i < ROWS; ++i)
+    for (int r = 0; r < 4; ++r) {
+      a[i][r] = _mm512_setzero_si512();
+      acc[i * 4 + r] = 0;
+    }
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t left = nbytes - blk * 64;
+    const __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+    __m512i p[4];
+    for (int r = 0; r < 4; ++r) p[r] = _mm512_maskz_loadu_epi8(mask, (const void*)(w + r * w_stride + blk * 64));
+    for (int r = 0; r < 4; ++r) _mm_prefetch((const char*)(w + (r + PREFETCH_ROWS) * w_stride + blk * 64), _MM_HINT_T0);
+    for (int t = 0; t < 4; ++t) {
+      __m512i c[4];
+      for (int r = 0; r < 4; ++r) c[r] = _mm512_and_si512(_mm512_srli_epi16(p[r], (unsigned)(2 * t)), three);
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512i xv = _mm512_loadu_si512((const void*)(x + i * x_stride + blk * 256 + t * 64));
+        for (int r = 0; r < 4; ++r) a[i][r] = _mm512_dpbusd_epi32(a[i][r], c[r], xv);
+      }
+    }
+    if ((blk & 4095) == 4095 || blk + 1 == blocks) {
+      for (int i = 0; i < ROWS; ++i)
+        for (int r = 0; r < 4; ++r) {
+          acc[i * 4 + r] += _mm512_reduce_add_epi32(a[i][r]);
+          a[i][r] = _mm512_setzero_si512();
+        }
+    }
+  }
+}
+
+__attribute__((target("avx512vnni"))) static void ternary_dot4w_avx512vnni(const int8_t* x, int rows, int64_t x_stride, const uint8_t* w,
+                                                                            int64_t w_stride, int64_t nbytes, int64_t* acc) {
+  switch (rows) {
+    case 1: ternary_4w_vnni(x, 1, x_stride, w, w_stride, nbytes, acc); break;
+    case 2: ternary_4w_vnni(x, 2, x_stride, w, w_stride, nbytes, acc); break;
+    case 3: ternary_4w_vnni(x, 3, x_stride, w, w_stride, nbytes, acc); break;
+    default: ternary_4w_vnni(x, 4, x_stride, w, w_stride, nbytes, acc); break;
+  }
+}
+
 static void exp_avx512(const float* x, float* y, int64_t n) { hybrit_exp_poly(x, y, n); }
 
 static const hybrit_c_kernels avx512_kernels = {
@@ -208,6 +259,7 @@ static pthread_once_t vnni_once = PTHREAD_ONCE_INIT;
 static void pick_vnni(void) {
   avx512_vnni_kernels = avx512_kernels;
   avx512_vnni_kernels.ternary_dot = ternary_dot_avx512vnni;
+  avx512_vnni_kernels.ternary_dot4w = ternary_dot4w_avx512vnni;
   __builtin_cpu_init();
   with_vnni = __builtin_cpu_supports("avx512vnni");
 }

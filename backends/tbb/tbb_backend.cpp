@@ -29,6 +29,9 @@ namespace {
 constexpr int64_t kElementGrain = 1 << 16;  // elements per task for streaming ops
 constexpr int64_t kAssignGrain = 1024;       // points per task; a multiple of the C kernel's block (256)
 
+// matmul_ternary's pieces: bytes of packed weights (times activation rows) per task.
+constexpr int64_t kTernaryTaskBytes = int64_t(1) << 15;
+
 // Runs body(begin, end) over [0, n) in pieces of `grain` (the last may be shorter). Each piece
 // has fixed bounds, so which thread runs it does not change any result.
 template <class Body>
@@ -182,8 +185,12 @@ class TbbBackend final : public Backend {
     const int64_t kp = hybrit_ternary_padded(k);
     std::vector<int8_t> blocked(size_t(m * kp) + 64);
     std::vector<int64_t> sums(size_t(std::max<int64_t>(m, 1)));
-    // Weight rows per task: about 64 KiB of packed weights times the activation rows.
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, hybrit_packed_cols(k) * std::min<int64_t>(m, 4)));
+    // Weight rows per task: about kTernaryTaskBytes of packed weights times the activation rows (at
+    // most 4 counted), in whole groups of 4 rows (the kernels' tile). Small pieces, so a decode
+    // step's matrices (a few hundred KiB each) keep every thread streaming weights to the end; the
+    // pieces cannot change a result (each output is its own integer dot product).
+    const int64_t per_row = std::max<int64_t>(1, hybrit_packed_cols(k) * std::min<int64_t>(m, 4));
+    const int64_t grain = std::max<int64_t>(4, kTernaryTaskBytes / per_row / 4 * 4);
     arena_.execute([&] {
       for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
         hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
