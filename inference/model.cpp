@@ -146,7 +146,7 @@ void attend(const float* q, int64_t heads, int64_t pos, const std::vector<int32_
   for (int64_t start = 0; start <= pos; start += kKvBlockTokens) {
     const int32_t block = table[size_t(start / kKvBlockTokens)];
     const int64_t n = std::min<int64_t>(kKvBlockTokens, pos + 1 - start);
-    kernels::attention_block_scores(q, heads, cache.key(block, layer, 0) + kv_head * hd, stride, n, hd, scale, scores);
+    kernels::attention_block_scores(q, heads, cache.keys(block, layer) + kv_head * hd * kKvBlockTokens, n, hd, scale, scores);
     for (int64_t h = 0; h < heads; ++h) {
       float* sh = scores + h * n;
       const float block_max = *std::max_element(sh, sh + n);
@@ -343,7 +343,9 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       for (int64_t hh = 0; hh < KV; ++hh) rotate(k.data<float>() + (r * KV + hh) * hd, pos);
       const auto& table = *slices[size_t(rows[size_t(r)].slice)].block_table;
       const int32_t block = table[size_t(pos / kKvBlockTokens)];
-      std::memcpy(cache.key(block, li, pos % kKvBlockTokens), k.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
+      float* keys = cache.keys(block, li) + pos % kKvBlockTokens;  // transposed: slot-minor
+      const float* k_row = k.data<float>() + r * KV * hd;
+      for (int64_t e = 0; e < KV * hd; ++e) keys[e * kKvBlockTokens] = k_row[e];
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
     // Units of work: (row, KV head, up to kAttendHeads of its query heads); query head hh uses KV

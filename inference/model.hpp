@@ -13,10 +13,11 @@
 #include <vector>
 
 #include "model/checkpoint.hpp"
+#include "model/kernels.hpp"
 
 namespace hybrit {
 
-inline constexpr int64_t kKvBlockTokens = 16;
+inline constexpr int64_t kKvBlockTokens = kernels::kAttentionBlock;  // positions per KV block
 
 // The pool of KV blocks. A block holds K and V of 16 positions for every layer and KV head.
 // Blocks are reference-counted; a full block can be registered under the chained hash of the
@@ -37,9 +38,11 @@ class KvCache {
   // Blocks allocate() could hand out now (free plus cached-but-unreferenced).
   int64_t available() const { return int64_t(free_.size() + evictable_.size()); }
 
-  // A slot's keys (values): kv_heads x head_dim floats; a block's slots follow each other, row()
-  // floats apart.
-  float* key(int32_t block, int64_t layer, int64_t slot) { return data_.data() + offset(block, layer, slot, 0); }
+  // A block's keys for one layer, transposed: key c of KV head h at slot s is
+  // keys[(h * head_dim + c) * kKvBlockTokens + s], so one query's 16 scores against a block are
+  // 16-wide vector products with no horizontal sums (kernels::attention_block_scores).
+  float* keys(int32_t block, int64_t layer) { return data_.data() + offset(block, layer, 0, 0); }
+  // A slot's values: kv_heads x head_dim floats; a block's slots follow each other, row() floats apart.
   float* value(int32_t block, int64_t layer, int64_t slot) { return data_.data() + offset(block, layer, slot, 1); }
   int64_t row() const { return row_; }
 

@@ -110,33 +110,55 @@ HYBRIT_MULTIVERSION void swiglu_backward(const float* gate, const float* up, con
   }
 }
 
-HYBRIT_MULTIVERSION void attention_block_scores(const float* q, int64_t heads, const float* keys, int64_t stride, int64_t n, int64_t hd,
-                                                float scale, float* scores) {
-  constexpr int kLanes = 16;
+namespace {
+// 16 floats as one value: GCC lowers it to one AVX-512 register, two AVX2 or four SSE ones per
+// clone, with the same per-lane arithmetic (so the same bits) in each. Plain loops over arrays
+// here were vectorized across the wrong loop.
+// (Loads and stores are memcpy in place: a helper returning the vector type would change the
+// calling convention between the clones.)
+typedef float Lanes16 __attribute__((vector_size(64)));
+static_assert(kAttentionBlock == 16, "attention_block_scores keeps one Lanes16 of scores per block");
+}  // namespace
+
+HYBRIT_MULTIVERSION void attention_block_scores(const float* q, int64_t heads, const float* keys_t, int64_t n, int64_t hd, float scale,
+                                                float* scores) {
+  // Every slot's lane is computed (a slot past n holds an earlier sequence's finite key or zero)
+  // so each step is one full vector; only the first n are kept.
   for (int64_t h = 0; h < heads; ++h) {
     const float* qh = q + h * hd;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* kj = keys + j * stride;
-      float lanes[kLanes] = {};
-      int64_t c = 0;
-      for (; c + kLanes <= hd; c += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += qh[c + l] * kj[c + l];
-      for (int l = 0; c < hd; ++c, ++l) lanes[l] += qh[c] * kj[c];
-      for (int width = kLanes / 2; width >= 1; width /= 2)
-        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-      scores[h * n + j] = lanes[0] * scale;
+    Lanes16 acc = {};
+    for (int64_t c = 0; c < hd; ++c) {
+      Lanes16 key_c;
+      std::memcpy(&key_c, keys_t + c * kAttentionBlock, sizeof key_c);
+      acc += qh[c] * key_c;
     }
+    acc *= scale;
+    float out[kAttentionBlock];
+    std::memcpy(out, &acc, sizeof acc);
+    for (int64_t j = 0; j < n; ++j) scores[h * n + j] = out[j];
   }
 }
 
 HYBRIT_MULTIVERSION void attention_block_values(const float* p, int64_t heads, const float* values, int64_t stride, int64_t n, int64_t hd,
                                                 float* out) {
+  // 16 output values at a time stay in registers over the block's slots.
   for (int64_t h = 0; h < heads; ++h) {
     float* oh = out + h * hd;
-    for (int64_t j = 0; j < n; ++j) {
-      const float pj = p[h * n + j];
-      const float* vj = values + j * stride;
-      for (int64_t c = 0; c < hd; ++c) oh[c] += pj * vj[c];
+    const float* ph = p + h * n;
+    int64_t c0 = 0;
+    for (; c0 + 16 <= hd; c0 += 16) {
+      Lanes16 acc, value;
+      std::memcpy(&acc, oh + c0, sizeof acc);
+      for (int64_t j = 0; j < n; ++j) {
+        std::memcpy(&value, values + j * stride + c0, sizeof value);
+        acc += ph[j] * value;
+      }
+      std::memcpy(oh + c0, &acc, sizeof acc);
+    }
+    for (int64_t c = c0; c < hd; ++c) {
+      float acc = oh[c];
+      for (int64_t j = 0; j < n; ++j) acc += ph[j] * values[j * stride + c];
+      oh[c] = acc;
     }
   }
 }

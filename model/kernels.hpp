@@ -57,11 +57,14 @@ void cross_entropy_rows(const float* logits, const int32_t* targets, double* lse
 void cross_entropy_backward_rows(const float* logits, const int32_t* targets, const double* lse, float inv_n, float* dlogits, int64_t r0,
                                  int64_t r1, int64_t v);
 
-// Decode attention (the inference forward's), one KV block at a time. `heads` query rows of hd
-// values, contiguous in q, against a block's n keys (key j at keys + j * stride):
-// scores[h * n + j] = scale * (q_h . k_j), each dot summed in 16 fixed lanes then a fixed tree.
-void attention_block_scores(const float* q, int64_t heads, const float* keys, int64_t stride, int64_t n, int64_t hd, float scale, float* scores);
-// out_h (hd values, contiguous over h) += sum over j in order of p[h * n + j] v_j.
+// Decode attention (the inference forward's), one KV block of kAttentionBlock positions at a time.
+// `heads` query rows of hd values, contiguous in q, against the block's keys stored transposed
+// (key c of slot j at keys_t[c * kAttentionBlock + j]): scores[h * n + j] = scale * (q_h . k_j)
+// for j < n, each dot summed over c in order.
+inline constexpr int64_t kAttentionBlock = 16;
+void attention_block_scores(const float* q, int64_t heads, const float* keys_t, int64_t n, int64_t hd, float scale, float* scores);
+// out_h (hd values, contiguous over h) += sum over j in order of p[h * n + j] v_j (value j at
+// values + j * stride).
 void attention_block_values(const float* p, int64_t heads, const float* values, int64_t stride, int64_t n, int64_t hd, float* out);
 // y = exp(x) over n values (core/vexp.h's polynomial).
 void exp_values(const float* x, float* y, int64_t n);
