@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
       for (const auto& mode : modes) register_op(Op(o), dims, mode);
   // matmul_ternary at the decode shapes of a 595M-parameter model (dim 1536, FFN 4096): one
   // sequence, eight, and a 512-token prompt (filter: --benchmark_filter=op/matmul_ternary).
-  for (int64_t m : {1, 8, 512})
+  for (int64_t m : {1, 8, 16, 512})
     for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1536, 1536}, {4096, 1536}, {1536, 4096}, {65536, 4096}, {262144, 4096}})
       for (const auto& mode : modes)
         if (mode != "auto") register_op(Op::matmul_ternary, {m, n, k}, mode);

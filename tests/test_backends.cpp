@@ -167,6 +167,39 @@ TEST(KernelTables, TernaryDotAgreesAcrossIsaVariantsWithAndWithoutVnni) {
   if (variants.empty()) GTEST_SKIP() << "this CPU has no AVX2: only the scalar kernel ran, nothing to compare it with";
 }
 
+// matmul_ternary on AMX tiles against the same product through the VNNI kernels (AMX turned off)
+// and the scalar table, bit for bit: activation rows in whole and partial tiles of 16, weight rows
+// in whole and partial panels of 32, widths ending in a partial block.
+TEST(KernelTables, AmxTilesGiveTheBitsOfTheOtherKernels) {
+  if (!hybrit_c_amx_usable()) GTEST_SKIP() << "no AMX-INT8 here (or Linux did not grant the tile state): the AMX path cannot run";
+  const hybrit_c_kernels* vnni = hybrit_c_kernels_avx512_variant(1);
+  ASSERT_NE(vnni, nullptr) << "a CPU with AMX has AVX-512 VNNI";
+  const int64_t shapes[][3] = {{HYBRIT_AMX_MIN_ROWS, 1, 1}, {40, 70, 1000}, {33, 35, 257}, {64, 33, 4099}, {100, 96, 256}};
+  for (const auto& s : shapes) {
+    const int64_t m = s[0], n = s[1], k = s[2];
+    SCOPED_TRACE(cat("m, n, k = ", m, ", ", n, ", ", k));
+    Rng rng(run_seed(), 31 + m * 7 + k);
+    std::vector<int8_t> xq(size_t(m * k)), q(size_t(n * k));
+    for (auto& v : xq) v = int8_t(int(rng.below(256)) - 128);
+    for (auto& v : q) v = int8_t(int(rng.below(3)) - 1);
+    std::vector<float> scales(static_cast<size_t>(m));
+    for (auto& v : scales) v = 0.5f + 200.0f * rng.uniform();
+    std::vector<uint8_t> packed(size_t(n * hybrit_packed_cols(k)));
+    int64_t bad = -1;
+    ASSERT_EQ(hybrit_c_pack_ternary(q.data(), n, k, packed.data(), &bad), HYBRIT_C_OK);
+    auto run = [&](const hybrit_c_kernels* kr, bool amx) {
+      hybrit_c_set_amx(amx);
+      std::vector<float> y(size_t(m * n));
+      EXPECT_EQ(hybrit_c_matmul_ternary(kr, xq.data(), scales.data(), m, k, packed.data(), n, 0.7f, y.data()), HYBRIT_C_OK);
+      hybrit_c_set_amx(1);
+      return y;
+    };
+    const std::vector<float> tiles = run(vnni, true);
+    EXPECT_EQ(tiles, run(vnni, false));
+    EXPECT_EQ(tiles, run(hybrit_c_kernels_for(HYBRIT_ISA_SCALAR), true));
+  }
+}
+
 TEST_P(AgainstScalarTest, QuantizeInt8RowsMatchesReferenceBitForBit) {
   SCOPED_TRACE(cat("seed ", run_seed()));
   const std::pair<int64_t, int64_t> shapes[] = {{0, 5}, {3, 0}, {1, 1}, {7, 7}, {1, 1023}, {4097, 7}, {5, 4097}, {1024, 4096}};
@@ -289,8 +322,9 @@ TEST_P(BackendTest, MatmulMatchesDoublePrecisionReference) {
 // (the SIMD kernels' zero-padded last block) and batches that are not a multiple of 4.
 TEST_P(BackendTest, MatmulTernaryMatchesTheIntegerReferenceExactly) {
   SCOPED_TRACE(cat("seed ", run_seed()));
+  // {40, 70, 1000} and {33, 35, 257}: enough activation rows for the AMX tiles where the CPU has them.
   const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {3, 5, 255}, {4, 9, 256}, {5, 17, 257}, {8, 33, 704}, {13, 64, 1000}, {2, 3, 4099},
-                               {70000, 3, 9}};  // more rows than a CUDA grid dimension holds (65,535)
+                               {40, 70, 1000}, {33, 35, 257}, {70000, 3, 9}};  // more rows than a CUDA grid dimension holds (65,535)
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     SCOPED_TRACE(cat("m, n, k = ", m, ", ", n, ", ", k));

@@ -119,6 +119,24 @@ static inline int64_t hybrit_ternary_whole_blocks(const uint8_t* w, int64_t nbyt
 int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
                             int64_t n, float w_scale, float* y);
 
+/* AMX-INT8 (ops_amx.c). Usable when the CPU has AMX-TILE and AMX-INT8 and Linux granted the tile
+ * state (checked once) and hybrit_c_set_amx has not turned it off (tests compare both paths).
+ * matmul_ternary takes it for at least HYBRIT_AMX_MIN_ROWS activation rows with the AVX-512 table:
+ * below that, streaming the weights through VNNI costs less than decoding them into tiles. */
+#define HYBRIT_AMX_MIN_ROWS 32
+int hybrit_c_amx_usable(void);
+void hybrit_c_set_amx(int enabled);
+/* Bytes of the activations in AMX layout: ceil(m / 16) tiles of 16 rows (missing rows zero), each
+ * as padded(k) / 64 B tiles of 1 KiB: byte g * 64 + i * 4 + e of chunk kk is row i's blocked
+ * activation kk * 64 + 4 g + e. */
+int64_t hybrit_ternary_amx_bytes(int64_t m, int64_t k);
+/* Activation tiles [tile_begin, tile_end) of x_blocked (from hybrit_c_ternary_prepare) into x_amx. */
+void hybrit_c_ternary_amx_layout(const int8_t* x_blocked, int64_t m, int64_t k, int8_t* x_amx, int64_t tile_begin, int64_t tile_end);
+/* hybrit_c_ternary_rows on AMX tiles: weight rows [n_begin, n_end) in panels of 32 against every
+ * activation row, the same bits. HYBRIT_C_NOMEM if its panel buffer cannot be allocated. */
+int hybrit_c_ternary_rows_amx(const int8_t* x_amx, const int64_t* x_sums, const float* x_scales, int64_t m, int64_t k, const uint8_t* w,
+                              float w_scale, int64_t n_begin, int64_t n_end, float* y, int64_t ldy);
+
 /* Row-major C[M x N] = alpha * op(A) * op(B) + beta * C; op(A) is M x K. With beta == 0, C is not
  * read (a NaN there does not leak), as in BLAS. */
 int hybrit_c_sgemm(const hybrit_c_kernels* kr, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,

@@ -103,7 +103,7 @@ static void exp_scalar(const float* x, float* y, int64_t n) {
 static const hybrit_c_kernels scalar_kernels = {
     HYBRIT_ISA_SCALAR, chunk_abs_sums_scalar, ternary_pass_scalar, absmax_scalar, int8_pass_scalar, argmin_update_scalar,
     SCALAR_MR,         SCALAR_NR,             128,                 256,           1024,             gemm_ukr_scalar,
-    ternary_dot_scalar, exp_scalar};
+    ternary_dot_scalar, exp_scalar, NULL};
 
 /* ---------------- selection ---------------- */
 
@@ -470,8 +470,20 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
     return HYBRIT_C_NOMEM;
   }
   hybrit_c_ternary_prepare(xq, m, k, xb, sums);
-  hybrit_c_ternary_rows(kr, xb, sums, x_scales, m, k, w, w_scale, 0, n, y, n);
+  int status = HYBRIT_C_OK;
+  if (kr->isa == HYBRIT_ISA_AVX512 && m >= HYBRIT_AMX_MIN_ROWS && hybrit_c_amx_usable()) {
+    int8_t* xa = (int8_t*)malloc((size_t)hybrit_ternary_amx_bytes(m, k));
+    if (xa) {
+      hybrit_c_ternary_amx_layout(xb, m, k, xa, 0, (m + 15) / 16);
+      status = hybrit_c_ternary_rows_amx(xa, sums, x_scales, m, k, w, w_scale, 0, n, y, n);
+    } else {
+      status = HYBRIT_C_NOMEM;
+    }
+    free(xa);
+  } else {
+    hybrit_c_ternary_rows(kr, xb, sums, x_scales, m, k, w, w_scale, 0, n, y, n);
+  }
   free(xb);
   free(sums);
-  return HYBRIT_C_OK;
+  return status;
 }

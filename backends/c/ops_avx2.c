@@ -198,6 +198,6 @@ static void exp_avx2(const float* x, float* y, int64_t n) { hybrit_exp_poly(x, y
 
 static const hybrit_c_kernels avx2_kernels = {
     HYBRIT_ISA_AVX2, chunk_abs_sums_avx2, ternary_pass_avx2, absmax_avx2, int8_pass_avx2, argmin_update_avx2, MR, NR, 144, 256,
-    2048, gemm_ukr_avx2, ternary_dot_avx2, exp_avx2};
+    2048, gemm_ukr_avx2, ternary_dot_avx2, exp_avx2, NULL};
 
 const hybrit_c_kernels* hybrit_c_kernels_avx2(void) { return &avx2_kernels; }

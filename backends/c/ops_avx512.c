@@ -252,7 +252,7 @@ static void exp_avx512(const float* x, float* y, int64_t n) { hybrit_exp_poly(x,
 
 static const hybrit_c_kernels avx512_kernels = {
     HYBRIT_ISA_AVX512, chunk_abs_sums_avx512, ternary_pass_avx512, absmax_avx512, int8_pass_avx512, argmin_update_avx512, MR, NR,
-    144, 256, 2048, gemm_ukr_avx512, ternary_dot_avx512, exp_avx512};
+    144, 256, 2048, gemm_ukr_avx512, ternary_dot_avx512, exp_avx512, NULL};
 static hybrit_c_kernels avx512_vnni_kernels;
 static int with_vnni;
 static pthread_once_t vnni_once = PTHREAD_ONCE_INIT;

@@ -8,6 +8,7 @@
 #include <tbb/task_arena.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -191,6 +192,26 @@ class TbbBackend final : public Backend {
     // pieces cannot change a result (each output is its own integer dot product).
     const int64_t per_row = std::max<int64_t>(1, hybrit_packed_cols(k) * std::min<int64_t>(m, 4));
     const int64_t grain = std::max<int64_t>(4, kTernaryTaskBytes / per_row / 4 * 4);
+    if (level_ == SimdLevel::avx512 && m >= HYBRIT_AMX_MIN_ROWS && hybrit_c_amx_usable()) {
+      // AMX tiles: activations into tile layout once, then panels of 32 weight rows (the
+      // kernel's unit) in pieces of about kTernaryTaskBytes of weights.
+      std::vector<int8_t> tiled(size_t(hybrit_ternary_amx_bytes(m, k)));
+      const int64_t tiles = (m + 15) / 16, panel_grain = std::max<int64_t>(32, kTernaryTaskBytes / hybrit_packed_cols(k) / 32 * 32);
+      std::atomic<int> status{HYBRIT_C_OK};
+      arena_.execute([&] {
+        for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
+          hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
+        });
+        for_chunks(tiles, 1, [&](int64_t t0, int64_t t1) { hybrit_c_ternary_amx_layout(blocked.data(), m, k, tiled.data(), t0, t1); });
+        for_chunks(n, panel_grain, [&](int64_t r0, int64_t r1) {
+          const int s = hybrit_c_ternary_rows_amx(tiled.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0,
+                                                  r1, y.data<float>(), n);
+          if (s != HYBRIT_C_OK) status = s;
+        });
+      });
+      if (status != HYBRIT_C_OK) raise_kernel_status(status, Op::matmul_ternary, 0);
+      return;
+    }
     arena_.execute([&] {
       for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
         hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
