@@ -169,12 +169,14 @@ TEST(KernelTables, TernaryDotAgreesAcrossIsaVariantsWithAndWithoutVnni) {
 
 // matmul_ternary on AMX tiles against the same product through the VNNI kernels (AMX turned off)
 // and the scalar table, bit for bit: activation rows in whole and partial tiles of 16, weight rows
-// in whole and partial panels of 32, widths ending in a partial block.
+// in whole and partial panels of 32, widths ending in a partial block, both AMX paths.
 TEST(KernelTables, AmxTilesGiveTheBitsOfTheOtherKernels) {
   if (!hybrit_c_amx_usable()) GTEST_SKIP() << "no AMX-INT8 here (or Linux did not grant the tile state): the AMX path cannot run";
   const hybrit_c_kernels* vnni = hybrit_c_kernels_avx512_variant(1);
   ASSERT_NE(vnni, nullptr) << "a CPU with AMX has AVX-512 VNNI";
-  const int64_t shapes[][3] = {{HYBRIT_AMX_MIN_ROWS, 1, 1}, {40, 70, 1000}, {33, 35, 257}, {64, 33, 4099}, {100, 96, 256}};
+  // Up to 32 rows: the streaming path (a weight block decoded right before it is used); more: panels.
+  const int64_t shapes[][3] = {{HYBRIT_AMX_MIN_ROWS, 1, 1}, {HYBRIT_AMX_MIN_ROWS, 40, 300}, {20, 33, 4099}, {32, 17, 256},
+                               {40, 70, 1000},           {33, 35, 257},                {64, 33, 4099}, {100, 96, 256}};
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     SCOPED_TRACE(cat("m, n, k = ", m, ", ", n, ", ", k));

@@ -122,8 +122,9 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
 /* AMX-INT8 (ops_amx.c). Usable when the CPU has AMX-TILE and AMX-INT8 and Linux granted the tile
  * state (checked once) and hybrit_c_set_amx has not turned it off (tests compare both paths).
  * matmul_ternary takes it for at least HYBRIT_AMX_MIN_ROWS activation rows with the AVX-512 table:
- * below that, streaming the weights through VNNI costs less than decoding them into tiles. */
-#define HYBRIT_AMX_MIN_ROWS 32
+ * below that, VNNI's decode in registers costs as little (measured on a Xeon with AMX, 2 threads, at
+ * the shapes of a 595M model: equal at 8 rows, AMX 1.4-1.6x faster at 16 and 2-2.8x at 512). */
+#define HYBRIT_AMX_MIN_ROWS 12
 int hybrit_c_amx_usable(void);
 void hybrit_c_set_amx(int enabled);
 /* Bytes of the activations in AMX layout: ceil(m / 16) tiles of 16 rows (missing rows zero), each
