@@ -129,44 +129,57 @@ void add_into(Tensor& x, const Tensor& y) {
 // Query heads of one KV head attended together, at most this many per call: each key and value
 // row is read once for all of them (grouped-query attention shares them).
 constexpr int64_t kAttendHeads = 8;
+// Consecutive query rows of one sequence (a prefill chunk) attended together, at most this many
+// per call: each KV block is read once for all of them while it sits in L1.
+constexpr int64_t kAttendRows = 8;
 
-// The `heads` query rows q (heads x hd, contiguous) of one KV head, at position `pos`, against
-// positions 0..pos of their sequence in the paged cache, into out (heads x hd). A KV block
-// (kKvBlockTokens positions) at a time: its scores (kernels::attention_block_scores), one
+// Query rows i in [0, rows) of one sequence at positions first_pos + i, each with `heads` query
+// heads of one KV head (heads x hd values, contiguous, at q + i * row_stride), against positions
+// 0..(its position) in the paged cache, into out (same layout). A KV block (kKvBlockTokens
+// positions) at a time, and within it each row: its scores (kernels::attention_block_scores), one
 // online-softmax update per head and block, the block's exponentials in one call, then its values
-// weighted in. The order of every sum is fixed by the position alone, never by the thread count.
-void attend(const float* q, int64_t heads, int64_t pos, const std::vector<int32_t>& table, KvCache& cache, int64_t layer, int64_t kv_head,
-            int64_t hd, float scale, float* out) {
-  float scores[kAttendHeads * kKvBlockTokens], p[kAttendHeads * kKvBlockTokens], run_max[kAttendHeads];
-  double run_sum[kAttendHeads];
-  std::fill(out, out + heads * hd, 0.0f);
-  std::fill(run_max, run_max + heads, -INFINITY);
-  std::fill(run_sum, run_sum + heads, 0.0);
-  const int64_t stride = cache.row();
-  for (int64_t start = 0; start <= pos; start += kKvBlockTokens) {
+// weighted in. Each row's sums run in an order fixed by its position alone, so its result does not
+// depend on the rows it is grouped with or on the thread count.
+void attend(const float* q, int64_t row_stride, int64_t rows, int64_t heads, int64_t first_pos, const std::vector<int32_t>& table, KvCache& cache,
+            int64_t layer, int64_t kv_head, int64_t hd, float scale, float* out) {
+  float scores[kAttendHeads * kKvBlockTokens], p[kAttendHeads * kKvBlockTokens], run_max[kAttendRows][kAttendHeads];
+  double run_sum[kAttendRows][kAttendHeads];
+  for (int64_t i = 0; i < rows; ++i) {
+    std::fill(out + i * row_stride, out + i * row_stride + heads * hd, 0.0f);
+    std::fill(run_max[i], run_max[i] + heads, -INFINITY);
+    std::fill(run_sum[i], run_sum[i] + heads, 0.0);
+  }
+  const int64_t stride = cache.row(), last_pos = first_pos + rows - 1;
+  for (int64_t start = 0; start <= last_pos; start += kKvBlockTokens) {
     const int32_t block = table[size_t(start / kKvBlockTokens)];
-    const int64_t n = std::min<int64_t>(kKvBlockTokens, pos + 1 - start);
-    kernels::attention_block_scores(q, heads, cache.keys(block, layer) + kv_head * hd * kKvBlockTokens, n, hd, scale, scores);
-    for (int64_t h = 0; h < heads; ++h) {
-      float* sh = scores + h * n;
-      const float block_max = *std::max_element(sh, sh + n);
-      if (block_max > run_max[h]) {
-        const float shrink = std::exp(run_max[h] - block_max);  // exp(-inf) = 0 on the first block
-        run_sum[h] *= shrink;
-        for (int64_t c = 0; c < hd; ++c) out[h * hd + c] *= shrink;
-        run_max[h] = block_max;
+    const float* keys = cache.keys(block, layer) + kv_head * hd * kKvBlockTokens;
+    const float* values = cache.value(block, layer, 0) + kv_head * hd;
+    for (int64_t i = std::max<int64_t>(0, start - first_pos); i < rows; ++i) {
+      const int64_t n = std::min<int64_t>(kKvBlockTokens, first_pos + i + 1 - start);
+      float* out_i = out + i * row_stride;
+      kernels::attention_block_scores(q + i * row_stride, heads, keys, n, hd, scale, scores);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* sh = scores + h * n;
+        const float block_max = *std::max_element(sh, sh + n);
+        if (block_max > run_max[i][h]) {
+          const float shrink = std::exp(run_max[i][h] - block_max);  // exp(-inf) = 0 on the first block
+          run_sum[i][h] *= shrink;
+          for (int64_t c = 0; c < hd; ++c) out_i[h * hd + c] *= shrink;
+          run_max[i][h] = block_max;
+        }
+        for (int64_t j = 0; j < n; ++j) sh[j] -= run_max[i][h];
       }
-      for (int64_t j = 0; j < n; ++j) sh[j] -= run_max[h];
+      kernels::exp_values(scores, p, heads * n);
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t j = 0; j < n; ++j) run_sum[i][h] += p[h * n + j];
+      kernels::attention_block_values(p, heads, values, stride, n, hd, out_i);
     }
-    kernels::exp_values(scores, p, heads * n);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t j = 0; j < n; ++j) run_sum[h] += p[h * n + j];
-    kernels::attention_block_values(p, heads, cache.value(block, layer, 0) + kv_head * hd, stride, n, hd, out);
   }
-  for (int64_t h = 0; h < heads; ++h) {
-    const float inv = float(1.0 / run_sum[h]);
-    for (int64_t c = 0; c < hd; ++c) out[h * hd + c] *= inv;
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float inv = float(1.0 / run_sum[i][h]);
+      for (int64_t c = 0; c < hd; ++c) out[i * row_stride + h * hd + c] *= inv;
+    }
 }
 
 }  // namespace
@@ -327,6 +340,16 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       vec[i + half] = a0 * s + b0 * c;
     }
   };
+  // Consecutive rows of one slice (consecutive positions), up to kAttendRows a group.
+  struct RowGroup {
+    int64_t row, count;
+  };
+  std::vector<RowGroup> row_groups;
+  for (int64_t r = 0; r < N; ++r) {
+    RowGroup* last = row_groups.empty() ? nullptr : &row_groups.back();
+    if (last && last->count < kAttendRows && rows[size_t(last->row)].slice == rows[size_t(r)].slice) ++last->count;
+    else row_groups.push_back({r, 1});
+  }
   int64_t attention_work = 0;  // multiply-adds per layer: every row attends to positions 0..pos
   for (const Row& row : rows) attention_work += 2 * (row.pos + 1) * H * hd;
   for (int64_t li = 0; li < config_.n_layers; ++li) {
@@ -348,15 +371,17 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       for (int64_t e = 0; e < KV * hd; ++e) keys[e * kKvBlockTokens] = k_row[e];
       std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
     }
-    // Units of work: (row, KV head, up to kAttendHeads of its query heads); query head hh uses KV
-    // head hh / group, so a unit's heads are adjacent in q and att.
-    const int64_t head_chunks = (group + kAttendHeads - 1) / kAttendHeads, units_per_row = KV * head_chunks;
-    maybe_parallel(d_, N * units_per_row, attention_work, 1, [&](int64_t begin, int64_t end) {
+    // Units of work: (a group of up to kAttendRows consecutive rows of one slice, a KV head, up to
+    // kAttendHeads of its query heads); query head hh uses KV head hh / group, so a unit's heads
+    // are adjacent in q and att.
+    const int64_t head_chunks = (group + kAttendHeads - 1) / kAttendHeads, units_per_group = KV * head_chunks;
+    maybe_parallel(d_, int64_t(row_groups.size()) * units_per_group, attention_work, 1, [&](int64_t begin, int64_t end) {
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t r = unit / units_per_row, kvh = unit % units_per_row / head_chunks, chunk = unit % head_chunks;
+        const RowGroup& g = row_groups[size_t(unit / units_per_group)];
+        const int64_t kvh = unit % units_per_group / head_chunks, chunk = unit % head_chunks;
         const int64_t first = kvh * group + chunk * kAttendHeads, heads = std::min(kAttendHeads, (kvh + 1) * group - first);
-        attend(q.data<float>() + (r * H + first) * hd, heads, rows[size_t(r)].pos, *slices[size_t(rows[size_t(r)].slice)].block_table, cache, li, kvh,
-               hd, scale, att.data<float>() + (r * H + first) * hd);
+        attend(q.data<float>() + (g.row * H + first) * hd, H * hd, g.count, heads, rows[size_t(g.row)].pos,
+               *slices[size_t(rows[size_t(g.row)].slice)].block_table, cache, li, kvh, hd, scale, att.data<float>() + (g.row * H + first) * hd);
       }
     });
     Tensor att_in = att;
