@@ -1,4 +1,5 @@
 #include "cli/commands.hpp"
+#include "backends/c/hybrit_c.h"
 #include "core/comm.hpp"
 
 #include <unistd.h>
@@ -31,11 +32,13 @@ std::vector<std::string> split_commas(const std::string& text) {
 
 void print_info(const HardwareInfo& hw) {
   std::string isa;
-  for (auto [name, on] : {std::pair{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw},
-                          {"avx512vl", hw.avx512vl}, {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}})
+  for (auto [name, on] : hw.isa_flags())
     if (on) isa += std::string(isa.empty() ? "" : " ") + name;
   std::printf("CPU            %s\n", hw.cpu_model.c_str());
-  std::printf("ISA            %s (kernels use %s)\n", isa.empty() ? "baseline x86-64 only" : isa.c_str(), to_string(hw.best_simd()));
+  std::printf("ISA            %s (kernels use %s%s)\n", isa.empty() ? "baseline x86-64 only" : isa.c_str(), to_string(hw.best_simd()),
+              hw.best_simd() == SimdLevel::avx512 && hybrit_c_amx_usable()
+                  ? cat("; matmul_ternary on AMX tiles from ", HYBRIT_AMX_MIN_ROWS, " activation rows").c_str()
+                  : hw.amx_int8 ? "; AMX: the kernel did not grant the tile state" : "");
   std::printf("cores          %d granted to this process (%d physical cores, %d logical CPUs)\n", hw.granted_cpus, hw.physical_cores, hw.logical_cpus);
   std::printf("caches         L1d %s, L2 %s, L3 %s\n", format_bytes(double(hw.l1d_bytes)).c_str(), format_bytes(double(hw.l2_bytes)).c_str(),
               format_bytes(double(hw.l3_bytes)).c_str());

@@ -120,6 +120,8 @@ HardwareInfo probe_cpu() {
   {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     hw.avxvnni = hw.avx2 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4));
+    // AMX-TILE and AMX-INT8: CPUID leaf 7, sub-leaf 0, EDX bits 24 and 25.
+    hw.amx_int8 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 24)) && (edx & (1u << 25));
   }
 
   cpu_set_t set;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hybrit {
@@ -25,6 +26,12 @@ struct HardwareInfo {
   std::string cpu_model;
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false,
        avx512dq = false, avx512vnni = false, avxvnni = false;
+  bool amx_int8 = false;  // AMX-TILE and AMX-INT8 (the OS must still grant the tile state: backends/c)
+  // The flags above by name, in this order: what `hybrit info`, the report and Python list.
+  std::vector<std::pair<const char*, bool>> isa_flags() const {
+    return {{"avx2", avx2},         {"fma", fma},         {"avx512f", avx512f}, {"avx512bw", avx512bw}, {"avx512vl", avx512vl},
+            {"avx512dq", avx512dq}, {"avx512vnni", avx512vnni}, {"avxvnni", avxvnni}, {"amx-int8", amx_int8}};
+  }
   int logical_cpus = 1;   // what the OS reports
   int physical_cores = 1;
   // The affinity mask, capped by a cgroup CPU quota; when an MPI launcher started several of a

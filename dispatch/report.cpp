@@ -254,13 +254,14 @@ nlohmann::json metrics_json(const Metrics& metrics) {
 }
 
 json hardware_json(const HardwareInfo& hw) {
+  json isa = json::object();
+  for (auto [name, on] : hw.isa_flags()) isa[name] = on;
   json gpus = json::array();
   for (const auto& d : hw.cuda_devices)
     gpus.push_back({{"index", d.index}, {"name", d.name}, {"compute_capability", cat(d.compute_major, ".", d.compute_minor)},
                     {"memory_bytes", d.memory_bytes}, {"multiprocessors", d.multiprocessors}});
   return {{"cpu", hw.cpu_model},
-          {"isa", {{"avx2", hw.avx2}, {"fma", hw.fma}, {"avx512f", hw.avx512f}, {"avx512bw", hw.avx512bw}, {"avx512vl", hw.avx512vl},
-                   {"avx512dq", hw.avx512dq}, {"avx512vnni", hw.avx512vnni}, {"avxvnni", hw.avxvnni}}},
+          {"isa", isa},
           {"simd", to_string(hw.best_simd())},
           {"logical_cpus", hw.logical_cpus},
           {"physical_cores", hw.physical_cores},

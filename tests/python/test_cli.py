@@ -22,6 +22,14 @@ def test_info_prints_the_probe(cli):
         assert field in out
     data = json.loads(run(cli, "info", "--json", check=True).stdout)
     assert data["granted_cpus"] >= 1
+    # The ISA flags agree with the kernel's view of the CPU (/proc/cpuinfo), AMX included.
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    isa_line = next(line for line in out.splitlines() if line.startswith("ISA"))
+    for name, proc_names in (("avx2", {"avx2"}), ("avx512f", {"avx512f"}), ("avx512vnni", {"avx512_vnni"}), ("amx-int8", {"amx_tile", "amx_int8"})):
+        assert data["isa"][name] == (proc_names <= flags), name
+        assert (f" {name} " in f" {isa_line} ") == data["isa"][name], (name, isa_line)
+    if data["isa"]["amx-int8"] and data["simd"] == "avx512":
+        assert "matmul_ternary on AMX tiles" in isa_line or "did not grant the tile state" in isa_line
 
 
 def test_dispatch_report_json_and_save(cli, tmp_path):
