@@ -664,45 +664,53 @@ InferenceExport read_gguf_model(Dispatcher& d, const std::string& path) {
     if (st->type != 0) r.bad(cat("tensor ", gguf_name, ".scale must be F32"));
     float scale;
     std::memcpy(&scale, sp, 4);
-    // Values: code x block scale; every non-zero block scale of the tensor must be the same.
-    std::vector<float> values;
+    // Codes straight from the blocks (no f32 copy of the tensor): a value is code x block scale, and
+    // every non-zero value of the tensor must have the same magnitude (one scale, as hybrit writes).
     const int64_t n = rows * cols;
+    std::vector<int8_t> codes(static_cast<size_t>(n));
+    float common = 0;
+    auto check_magnitude = [&](float magnitude) {
+      if (common == 0) common = magnitude;
+      else if (magnitude != common) r.bad(cat("tensor ", gguf_name, ".weight holds ", magnitude, " and ", common, ": not ternary codes times one scale"));
+    };
     if (t->type == 35 || t->type == 34) {
       const int64_t block_bytes = t->type == 35 ? 66 : 54;
       for (int64_t b = 0; b < n / 256; ++b) {
         const uint8_t* q = p + b * block_bytes;
         const float dblock = half_at(q + block_bytes - 2, 0);
+        if (!std::isfinite(dblock)) r.bad(cat("tensor ", gguf_name, ".weight has block scale ", dblock));
+        int8_t* out = codes.data() + b * 256;
         if (t->type == 35) {
           for (int j = 0; j < 64; j += 32)
             for (int l = 0; l < 4; ++l)
-              for (int mm = 0; mm < 32; ++mm) values.push_back(float(((q[j + mm] >> (2 * l)) & 3) - 1) * dblock);
+              for (int mm = 0; mm < 32; ++mm) *out++ = int8_t(((q[j + mm] >> (2 * l)) & 3) - 1);
         } else {
           const uint8_t pow3[6] = {1, 3, 9, 27, 81, 243};
-          auto trit = [&](uint8_t byte, int k) { return float(((uint16_t(uint8_t(byte * pow3[k])) * 3) >> 8) - 1) * dblock; };
+          auto trit = [&](uint8_t byte, int k) { return int8_t(((uint16_t(uint8_t(byte * pow3[k])) * 3) >> 8) - 1); };
           for (int k = 0; k < 5; ++k)
-            for (int mm = 0; mm < 32; ++mm) values.push_back(trit(q[mm], k));
+            for (int mm = 0; mm < 32; ++mm) *out++ = trit(q[mm], k);
           for (int k = 0; k < 5; ++k)
-            for (int mm = 0; mm < 16; ++mm) values.push_back(trit(q[32 + mm], k));
+            for (int mm = 0; mm < 16; ++mm) *out++ = trit(q[32 + mm], k);
           for (int k = 0; k < 4; ++k)
-            for (int j = 0; j < 4; ++j) values.push_back(trit(q[48 + j], k));
+            for (int j = 0; j < 4; ++j) *out++ = trit(q[48 + j], k);
         }
+        // Code x block scale: a zero scale zeroes the block, a negative one flips its codes.
+        bool any = false;
+        for (int8_t* c = out - 256; c != out; ++c) {
+          *c = dblock == 0 ? int8_t(0) : dblock < 0 ? int8_t(-*c) : *c;
+          any = any || *c != 0;
+        }
+        if (any) check_magnitude(std::fabs(dblock));
       }
     } else if (t->type == 1 || t->type == 0) {
       for (int64_t i = 0; i < n; ++i) {
         float v;
         if (t->type == 1) v = half_at(p, i);
         else std::memcpy(&v, p + 4 * i, 4);
-        values.push_back(v);
+        if (v != 0) check_magnitude(std::fabs(v));
+        codes[size_t(i)] = int8_t(v > 0 ? 1 : v < 0 ? -1 : 0);
       }
     }
-    float common = 0;
-    for (float v : values)
-      if (v != 0) {
-        if (common == 0) common = std::fabs(v);
-        else if (std::fabs(v) != common) r.bad(cat("tensor ", gguf_name, ".weight holds ", std::fabs(v), " and ", common, ": not ternary codes times one scale"));
-      }
-    std::vector<int8_t> codes(values.size());
-    for (size_t i = 0; i < values.size(); ++i) codes[i] = int8_t(values[i] > 0 ? 1 : values[i] < 0 ? -1 : 0);
     Tensor qt = Tensor::wrap(codes.data(), {rows, cols}, DType::i8, nullptr);
     Tensor packed = Tensor::empty({rows, (cols + 3) / 4}, DType::ternary2);
     d.pack_ternary(qt, packed);

@@ -366,10 +366,7 @@ Tensor InferenceModel::forward(const std::vector<ForwardSlice>& slices, KvCache&
       for (int64_t hh = 0; hh < KV; ++hh) rotate(k.data<float>() + (r * KV + hh) * hd, pos);
       const auto& table = *slices[size_t(rows[size_t(r)].slice)].block_table;
       const int32_t block = table[size_t(pos / kKvBlockTokens)];
-      float* keys = cache.keys(block, li) + pos % kKvBlockTokens;  // transposed: slot-minor
-      const float* k_row = k.data<float>() + r * KV * hd;
-      for (int64_t e = 0; e < KV * hd; ++e) keys[e * kKvBlockTokens] = k_row[e];
-      std::memcpy(cache.value(block, li, pos % kKvBlockTokens), v.data<float>() + r * KV * hd, size_t(KV * hd) * sizeof(float));
+      cache.store(block, li, pos % kKvBlockTokens, k.data<float>() + r * KV * hd, v.data<float>() + r * KV * hd);
     }
     // Units of work: (a group of up to kAttendRows consecutive rows of one slice, a KV head, up to
     // kAttendHeads of its query heads); query head hh uses KV head hh / group, so a unit's heads

@@ -5,6 +5,7 @@
 // sequences in one pass; every row is computed independently of the others, so a sequence's
 // logits do not depend on what it is batched with.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -45,6 +46,12 @@ class KvCache {
   // A slot's values: kv_heads x head_dim floats; a block's slots follow each other, row() floats apart.
   float* value(int32_t block, int64_t layer, int64_t slot) { return data_.data() + offset(block, layer, slot, 1); }
   int64_t row() const { return row_; }
+  // One position's K and V (kv_heads x head_dim floats each) into its slot, keys transposed.
+  void store(int32_t block, int64_t layer, int64_t slot, const float* k, const float* v) {
+    float* keys_at = keys(block, layer) + slot;
+    for (int64_t e = 0; e < row_; ++e) keys_at[e * kKvBlockTokens] = k[e];
+    std::copy_n(v, row_, value(block, layer, slot));
+  }
 
   struct Stats {
     int64_t blocks = 0, in_use = 0, cached = 0, free = 0;

@@ -127,6 +127,8 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
 #define HYBRIT_AMX_MIN_ROWS 12
 int hybrit_c_amx_usable(void);
 void hybrit_c_set_amx(int enabled);
+/* Whether matmul_ternary with table kr runs m activation rows on AMX tiles (both backends ask). */
+int hybrit_c_ternary_uses_amx(const hybrit_c_kernels* kr, int64_t m);
 /* Bytes of the activations in AMX layout: ceil(m / 16) tiles of 16 rows (missing rows zero), each
  * as padded(k) / 64 B tiles of 1 KiB: byte g * 64 + i * 4 + e of chunk kk is row i's blocked
  * activation kk * 64 + 4 g + e. */

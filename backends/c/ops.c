@@ -471,7 +471,7 @@ int hybrit_c_matmul_ternary(const hybrit_c_kernels* kr, const int8_t* xq, const 
   }
   hybrit_c_ternary_prepare(xq, m, k, xb, sums);
   int status = HYBRIT_C_OK;
-  if (kr->isa == HYBRIT_ISA_AVX512 && m >= HYBRIT_AMX_MIN_ROWS && hybrit_c_amx_usable()) {
+  if (hybrit_c_ternary_uses_amx(kr, m)) {
     int8_t* xa = (int8_t*)malloc((size_t)hybrit_ternary_amx_bytes(m, k));
     if (xa) {
       hybrit_c_ternary_amx_layout(xb, m, k, xa, 0, (m + 15) / 16);

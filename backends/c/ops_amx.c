@@ -42,6 +42,10 @@ int hybrit_c_amx_usable(void) {
 
 void hybrit_c_set_amx(int enabled) { amx_enabled = enabled; }
 
+int hybrit_c_ternary_uses_amx(const hybrit_c_kernels* kr, int64_t m) {
+  return kr->isa == HYBRIT_ISA_AVX512 && m >= HYBRIT_AMX_MIN_ROWS && hybrit_c_amx_usable();
+}
+
 int64_t hybrit_ternary_amx_bytes(int64_t m, int64_t k) { return (m + 15) / 16 * 16 * hybrit_ternary_padded(k); }
 
 void hybrit_c_ternary_amx_layout(const int8_t* x_blocked, int64_t m, int64_t k, int8_t* x_amx, int64_t tile_begin, int64_t tile_end) {
@@ -142,7 +146,8 @@ int hybrit_c_ternary_rows_amx(const int8_t* x_amx, const int64_t* x_sums, const 
    * four chunks are multiplied (8 KiB staged in L1). More rows: a 32-row panel decoded whole, then
    * multiplied by every pair of activation tiles. */
   const int streaming = tiles <= 2;
-  uint8_t* staged = (uint8_t*)malloc((size_t)(2 * (streaming ? 4 : chunks) * 1024));
+  const int64_t staged_chunks = streaming ? 4 : chunks; /* chunks held per weight tile */
+  uint8_t* staged = (uint8_t*)malloc((size_t)(2 * staged_chunks * 1024));
   if (!staged) return HYBRIT_C_NOMEM;
   /* Tiles 0-3: the int32 sums of (weight tile, activation tile) (0, 0), (0, 1), (1, 0), (1, 1);
    * 4-5: weight codes; 6-7: activations. Every tile 16 rows of 64 bytes. */
@@ -156,34 +161,19 @@ int hybrit_c_ternary_rows_amx(const int8_t* x_amx, const int64_t* x_sums, const 
     const int64_t rows = n_end - r0 < 32 ? n_end - r0 : 32;
     const int two_w = rows > 16;
     const uint8_t* panel = w + r0 * nbytes;
-    if (streaming) {
-      const int two_a = tiles == 2;
-      memset(totals, 0, sizeof totals);
-      zero_sum_tiles();
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        decode_blocks(panel, nbytes, rows, blk, blk + 1, staged, 4);
-        for (int t = 0; t < 4; ++t) {
-          const int64_t kk = blk * 4 + t;
-          chunk_product(staged + t * 1024, staged + (4 + t) * 1024, x_amx + kk * 1024, x_amx + (chunks + kk) * 1024, two_w, two_a);
-        }
-        if ((blk + 1) % (AMX_SEGMENT_CHUNKS / 4) == 0 || blk + 1 == blocks) {
-          add_sum_tiles(totals);
-          zero_sum_tiles();
-        }
-      }
-      write_rows(totals, x_sums, x_scales, m, w_scale, r0, rows, 0, two_a, y, ldy);
-      continue;
-    }
-    decode_blocks(panel, nbytes, rows, 0, blocks, staged, chunks);
-    for (int64_t t0 = 0; t0 < tiles; t0 += 2) {
+    if (!streaming) decode_blocks(panel, nbytes, rows, 0, blocks, staged, chunks);
+    for (int64_t t0 = 0; t0 < tiles; t0 += 2) { /* streaming: one pass, so each block is decoded once */
       const int two_a = t0 + 1 < tiles;
       memset(totals, 0, sizeof totals);
-      for (int64_t seg = 0; seg < chunks; seg += AMX_SEGMENT_CHUNKS) {
+      for (int64_t seg = 0; seg < chunks; seg += AMX_SEGMENT_CHUNKS) { /* a multiple of 4: blocks stay whole */
         const int64_t seg_end = chunks - seg < AMX_SEGMENT_CHUNKS ? chunks : seg + AMX_SEGMENT_CHUNKS;
         zero_sum_tiles();
-        for (int64_t kk = seg; kk < seg_end; ++kk)
-          chunk_product(staged + kk * 1024, staged + (chunks + kk) * 1024, x_amx + (t0 * chunks + kk) * 1024,
-                        x_amx + ((t0 + 1) * chunks + kk) * 1024, two_w, two_a);
+        for (int64_t kk = seg; kk < seg_end; ++kk) {
+          if (streaming && kk % 4 == 0) decode_blocks(panel, nbytes, rows, kk / 4, kk / 4 + 1, staged, 4);
+          const uint8_t* codes = staged + (streaming ? kk % 4 : kk) * 1024;
+          chunk_product(codes, codes + staged_chunks * 1024, x_amx + (t0 * chunks + kk) * 1024, x_amx + ((t0 + 1) * chunks + kk) * 1024, two_w,
+                        two_a);
+        }
         add_sum_tiles(totals);
       }
       write_rows(totals, x_sums, x_scales, m, w_scale, r0, rows, t0, two_a, y, ldy);

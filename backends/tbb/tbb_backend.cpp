@@ -186,41 +186,33 @@ class TbbBackend final : public Backend {
     const int64_t kp = hybrit_ternary_padded(k);
     std::vector<int8_t> blocked(size_t(m * kp) + 64);
     std::vector<int64_t> sums(size_t(std::max<int64_t>(m, 1)));
+    const bool amx = hybrit_c_ternary_uses_amx(kr_, m);
+    std::vector<int8_t> tiled(amx ? size_t(hybrit_ternary_amx_bytes(m, k)) : 0);
     // Weight rows per task: about kTernaryTaskBytes of packed weights times the activation rows (at
-    // most 4 counted), in whole groups of 4 rows (the kernels' tile). Small pieces, so a decode
-    // step's matrices (a few hundred KiB each) keep every thread streaming weights to the end; the
-    // pieces cannot change a result (each output is its own integer dot product).
-    const int64_t per_row = std::max<int64_t>(1, hybrit_packed_cols(k) * std::min<int64_t>(m, 4));
-    const int64_t grain = std::max<int64_t>(4, kTernaryTaskBytes / per_row / 4 * 4);
-    if (level_ == SimdLevel::avx512 && m >= HYBRIT_AMX_MIN_ROWS && hybrit_c_amx_usable()) {
-      // AMX tiles: activations into tile layout once, then panels of 32 weight rows (the
-      // kernel's unit) in pieces of about kTernaryTaskBytes of weights.
-      std::vector<int8_t> tiled(size_t(hybrit_ternary_amx_bytes(m, k)));
-      const int64_t tiles = (m + 15) / 16, panel_grain = std::max<int64_t>(32, kTernaryTaskBytes / hybrit_packed_cols(k) / 32 * 32);
-      std::atomic<int> status{HYBRIT_C_OK};
-      arena_.execute([&] {
-        for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
-          hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
-        });
-        for_chunks(tiles, 1, [&](int64_t t0, int64_t t1) { hybrit_c_ternary_amx_layout(blocked.data(), m, k, tiled.data(), t0, t1); });
-        for_chunks(n, panel_grain, [&](int64_t r0, int64_t r1) {
-          const int s = hybrit_c_ternary_rows_amx(tiled.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0,
-                                                  r1, y.data<float>(), n);
-          if (s != HYBRIT_C_OK) status = s;
-        });
-      });
-      if (status != HYBRIT_C_OK) raise_kernel_status(status, Op::matmul_ternary, 0);
-      return;
-    }
+    // most 4 counted), in whole units of the kernel (4-row tiles; 32-row panels on AMX). Small
+    // pieces, so a decode step's matrices (a few hundred KiB each) keep every thread streaming
+    // weights to the end; the pieces cannot change a result (each output is its own integer dot).
+    const int64_t unit = amx ? 32 : 4, per_row = std::max<int64_t>(1, hybrit_packed_cols(k) * (amx ? 1 : std::min<int64_t>(m, 4)));
+    const int64_t grain = std::max<int64_t>(unit, kTernaryTaskBytes / per_row / unit * unit);
+    std::atomic<int> status{HYBRIT_C_OK};
     arena_.execute([&] {
       for_chunks(m, 16, [&](int64_t i0, int64_t i1) {
         hybrit_c_ternary_prepare(xq.data<int8_t>() + i0 * k, i1 - i0, k, blocked.data() + i0 * kp, sums.data() + i0);
       });
+      if (amx)  // the activations into tile layout once, 16 rows a tile
+        for_chunks((m + 15) / 16, 1, [&](int64_t t0, int64_t t1) { hybrit_c_ternary_amx_layout(blocked.data(), m, k, tiled.data(), t0, t1); });
       for_chunks(n, grain, [&](int64_t r0, int64_t r1) {
-        hybrit_c_ternary_rows(kr_, blocked.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0, r1,
-                              y.data<float>(), n);
+        if (amx) {
+          const int s = hybrit_c_ternary_rows_amx(tiled.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0,
+                                                  r1, y.data<float>(), n);
+          if (s != HYBRIT_C_OK) status = s;
+        } else {
+          hybrit_c_ternary_rows(kr_, blocked.data(), sums.data(), x_scales.data<float>(), m, k, w_packed.data<uint8_t>(), w_scale, r0, r1,
+                                y.data<float>(), n);
+        }
       });
     });
+    if (status != HYBRIT_C_OK) raise_kernel_status(status, Op::matmul_ternary, 0);
   }
   void run_kmeans_update(const Tensor& xt, const Tensor& lt, Tensor& st, Tensor& ctt) override {
     const float* x = xt.data<float>();
