@@ -340,6 +340,61 @@ TEST(Gguf, DamagedFilesAreOneLineErrors) {
   }
 }
 
+// A TQ2_0 block's scale (the f16 after its 64 code bytes): not finite, or another magnitude than the
+// tensor's other blocks, is refused naming the tensor; a negated one negates the block's codes.
+TEST(Gguf, BlockScalesAreCheckedAndApplied) {
+  TempDir tmp;
+  const std::string dir = tmp.path.string();
+  export_small_model(dir, {"model.dim=256", "model.n_layers=1", "model.n_heads=2", "model.subln=true", "model.tied_embeddings=true",
+                           "model.ffn_hidden=256", "model.context=16", "train.batch=2"},
+                     "tq2_0");
+  std::string bytes;
+  {
+    std::ifstream in(dir + "/model.gguf", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  Dispatcher d;
+  auto error_of = [&](const std::string& content) -> std::string {
+    const std::string path = dir + "/bad.gguf";
+    std::ofstream(path, std::ios::binary) << content;
+    try {
+      read_gguf_model(d, path);
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+      return e.what();
+    }
+    return "no error";
+  };
+  const GgufFile parsed = read_gguf(dir + "/model.gguf");
+  const GgufFile::Tensor& wq = parsed.tensors.at("blk.0.attn_q.weight");
+  ASSERT_EQ(wq.type, 35u);
+  const size_t scale_at = size_t(wq.data - reinterpret_cast<const uint8_t*>(parsed.bytes.data())) + 64;
+  auto with_block_scale = [&](uint16_t half) {
+    std::string patched = bytes;
+    patched[scale_at] = char(half & 0xff), patched[scale_at + 1] = char(half >> 8);
+    return patched;
+  };
+  EXPECT_NE(error_of(with_block_scale(0x7e00)).find("blk.0.attn_q.weight has block scale nan"), std::string::npos)
+      << error_of(with_block_scale(0x7e00));
+  EXPECT_NE(error_of(with_block_scale(0x4000)).find("blk.0.attn_q.weight holds 1 and 2: not ternary codes times one scale"), std::string::npos)
+      << error_of(with_block_scale(0x4000));
+  {
+    const std::string path = dir + "/negated.gguf";
+    std::ofstream(path, std::ios::binary) << with_block_scale(0xbc00);  // -1.0
+    const InferenceExport negated = read_gguf_model(d, path), original = read_gguf_model(d, dir + "/model.gguf");
+    const auto& a = negated.packed.at("blocks.0.wq").codes;
+    const auto& b = original.packed.at("blocks.0.wq").codes;
+    ASSERT_EQ(a.size(), b.size());
+    // Packed codes are weight + 1 per 2 bits: negating a weight maps code c to 2 - c.
+    const int64_t row_bytes = (negated.packed.at("blocks.0.wq").cols + 3) / 4;
+    for (int64_t i = 0; i < int64_t(a.size()); ++i)
+      for (int f = 0; f < 4; ++f) {
+        const int ca = (a[size_t(i)] >> (2 * f)) & 3, cb = (b[size_t(i)] >> (2 * f)) & 3;
+        EXPECT_EQ(ca, i < row_bytes ? 2 - cb : cb) << "byte " << i << " field " << f;  // the first block is the first 256 weights of row 0
+      }
+  }
+}
+
 TEST(Gguf, RefusesModelsLlamaCppHasNoGraphFor) {
   TempDir tmp;
   const std::string dir = tmp.path.string();
