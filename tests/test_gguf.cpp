@@ -292,27 +292,30 @@ TEST(Gguf, ABpeTokenizerTravelsWithTheModel) {
   EXPECT_EQ(from_gguf.last_logits(a), from_ckpt.last_logits(a));
 }
 
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// `content` written to `path` and read as a GGUF model: the one-line error, or "no error".
+std::string read_error(Dispatcher& d, const std::string& path, const std::string& content) {
+  std::ofstream(path, std::ios::binary) << content;
+  try {
+    read_gguf_model(d, path);
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    return e.what();
+  }
+  return "no error";
+}
+
 TEST(Gguf, DamagedFilesAreOneLineErrors) {
   TempDir tmp;
   const std::string dir = tmp.path.string();
   export_small_model(dir, {"model.dim=64", "model.n_layers=1", "model.subln=true", "model.tied_embeddings=true", "model.context=16", "train.batch=2"}, "tq2_0");
-  std::string bytes;
-  {
-    std::ifstream in(dir + "/model.gguf", std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  const std::string bytes = file_bytes(dir + "/model.gguf");
   Dispatcher d;
-  auto error_of = [&](const std::string& content) -> std::string {
-    const std::string path = dir + "/bad.gguf";
-    std::ofstream(path, std::ios::binary) << content;
-    try {
-      read_gguf_model(d, path);
-    } catch (const Error& e) {
-      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
-      return e.what();
-    }
-    return "no error";
-  };
+  auto error_of = [&](const std::string& content) { return read_error(d, dir + "/bad.gguf", content); };
   // Every truncation is refused (never read past the end).
   for (size_t cut : {size_t(4), size_t(10), size_t(30), bytes.size() / 3, bytes.size() / 2, bytes.size() - 40})  // the last 32 bytes may be padding
     EXPECT_NE(error_of(bytes.substr(0, cut)).find("bad.gguf"), std::string::npos) << cut;
@@ -348,23 +351,9 @@ TEST(Gguf, BlockScalesAreCheckedAndApplied) {
   export_small_model(dir, {"model.dim=256", "model.n_layers=1", "model.n_heads=2", "model.subln=true", "model.tied_embeddings=true",
                            "model.ffn_hidden=256", "model.context=16", "train.batch=2"},
                      "tq2_0");
-  std::string bytes;
-  {
-    std::ifstream in(dir + "/model.gguf", std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), {});
-  }
+  const std::string bytes = file_bytes(dir + "/model.gguf");
   Dispatcher d;
-  auto error_of = [&](const std::string& content) -> std::string {
-    const std::string path = dir + "/bad.gguf";
-    std::ofstream(path, std::ios::binary) << content;
-    try {
-      read_gguf_model(d, path);
-    } catch (const Error& e) {
-      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
-      return e.what();
-    }
-    return "no error";
-  };
+  auto error_of = [&](const std::string& content) { return read_error(d, dir + "/bad.gguf", content); };
   const GgufFile parsed = read_gguf(dir + "/model.gguf");
   const GgufFile::Tensor& wq = parsed.tensors.at("blk.0.attn_q.weight");
   ASSERT_EQ(wq.type, 35u);
